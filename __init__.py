@@ -1,0 +1,19 @@
+"""NoiseCraft: ComfyUI entry point.
+
+ComfyUI imports this folder as a package. The node glue (``nodes/``) needs ComfyUI; the core
+library (``noisecraft/``) does not. Importing this file outside ComfyUI (tests, tools) must not
+fail, so the nodes are only loaded when ComfyUI's V3 API is importable.
+"""
+
+import logging
+
+WEB_DIRECTORY = "./js"
+
+try:  # ComfyUI present?
+    import comfy_api.latest  # noqa: F401
+except ImportError:  # imported outside ComfyUI: expose nothing to register
+    logging.getLogger(__name__).debug("ComfyUI not found; NoiseCraft nodes not loaded")
+else:
+    from .nodes import comfy_entrypoint  # noqa: F401
+
+__all__ = ["WEB_DIRECTORY", "comfy_entrypoint"]

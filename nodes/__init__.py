@@ -1,0 +1,15 @@
+"""ComfyUI glue for NoiseCraft: thin V3 nodes over the ``noisecraft`` core.
+
+Only imported when ComfyUI is present (see the package ``__init__``).
+"""
+
+from comfy_api.latest import ComfyExtension, io
+
+
+class NoiseCraftExtension(ComfyExtension):
+    async def get_node_list(self) -> list[type[io.ComfyNode]]:
+        return []
+
+
+async def comfy_entrypoint() -> NoiseCraftExtension:
+    return NoiseCraftExtension()

@@ -1,0 +1,320 @@
+"""Inversion-stability score, noise selection and noise optimization.
+
+Paper: Qi, Bai, Xiong, Xie, "Not All Noises Are Created Equally: Diffusion Noise Selection and
+Optimization" (arXiv:2407.14041).
+
+* stability ``s(e) = cos(e, e')`` with ``e' = F(e) = invert(sample(e))`` (Def. 1), the cosine
+  over all latent elements of one sample.
+* :func:`select` (Alg. 1): score K candidate noises, keep the most stable one. Candidates go
+  through in micro-batches, so memory is bounded by ``micro_batch`` whatever K is.
+* :func:`optimize` (Alg. 2): gradient descent on ``J(e) = 1 - cos(e, e')`` with ``e'`` held
+  constant at each step (so no gradient flows through the model), momentum ``beta`` and a
+  cosine-annealed learning rate; plus our faster ``fixed_point`` method.
+
+Cost, in denoiser calls, for a schedule of N steps: one round trip = N sampling calls + N
+inversion calls. With CFG in the sampling denoiser and cfg 1 in the inversion denoiser (the
+usual choice) that is 2N + N = 3N model passes. Selection costs K round trips; every
+optimization step costs one round trip, plus one round trip to score the final noise.
+
+Our choices where the paper is silent (measured by ``benchmarks/bench_stability.py``):
+
+* Learning-rate units. ``|grad J| = sin(angle) / |e|`` and ``|e| ~ sqrt(d)``, so a fixed lr is a
+  step of ``lr * sin / d`` relative to ``|e|``: the paper's lr = 100 for SDXL latents
+  (d = 4*128*128 = 65,536) would be a 1000x larger relative step on an 8x8 latent. We scale the
+  step by ``d / 65,536`` (``REFERENCE_NUMEL``), so lr = 100 means the paper's relative step at
+  every latent size and equals the paper exactly on SDXL.
+* ``fixed_point`` (default for speed): the paper's gradient with ``e'`` constant points from ``e``
+  towards ``e'`` (orthogonal part). We move along ``e' - e`` directly,
+  ``e <- e + alpha (e'|e|/|e'| - e)`` (alpha = 1 is plain fixed-point iteration ``e <- F(e)``;
+  alpha > 1 over-relaxes), starting at ``alpha = lr`` (default 2), and backtrack per sample: a
+  step that lowers that sample's stability is undone and its alpha halved; a step that raises
+  it grows alpha by 1.5x (capped at 4). Same cost per step as the paper's method. (Measured on
+  a Gaussian mixture: alpha0 = 1 can stall on a plateau that alpha0 = 2 passes.)
+* Both methods return the most stable noise seen (the paper returns the last one); the history
+  lists the stability of every iterate.
+* Stop rule: stop when every sample reaches ``target`` stability, or when no sample improved by
+  more than ``tol`` for ``patience`` consecutive steps.
+* ``renormalize``: rescale each sample to unit second moment (``|e| = sqrt(d)``) after each step,
+  so the optimized noise keeps a Gaussian's scale.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from enum import Enum
+from typing import Callable, Optional
+
+import torch
+
+from .ode import Denoiser, as_sigmas, invert, sample
+from .sigmas import ModelKind, noise_to_x, x_to_noise
+
+__all__ = [
+    "REFERENCE_NUMEL",
+    "OptimizeMethod",
+    "RoundTrip",
+    "SelectResult",
+    "OptimizeResult",
+    "stability_score",
+    "round_trip",
+    "round_trip_passes",
+    "select",
+    "optimize",
+    "check_noise",
+]
+
+REFERENCE_NUMEL = 4 * 128 * 128  # SDXL 1024px latent: where the paper's lr = 100 was set
+FIXED_POINT_MAX_ALPHA = 4.0
+
+
+class OptimizeMethod(str, Enum):
+    MOMENTUM = "momentum"  # the paper's Algorithm 2
+    FIXED_POINT = "fixed_point"  # ours: backtracking steps along e' - e
+
+
+DEFAULT_LR = {OptimizeMethod.MOMENTUM: 100.0, OptimizeMethod.FIXED_POINT: 2.0}
+
+
+def check_noise(e: torch.Tensor, what: str = "noise") -> None:
+    """Raise a clear error for NaN/inf or empty noise."""
+    if e.numel() == 0 or e.dim() < 2:
+        raise ValueError(f"{what} must be a batch [B, ...] with at least one element, got shape {tuple(e.shape)}")
+    if not bool(torch.all(torch.isfinite(e))):
+        bad = int((~torch.isfinite(e)).sum())
+        raise ValueError(f"{what} contains {bad} NaN/inf values: check the node or seed that produced it")
+
+
+def stability_score(e: torch.Tensor, e_inv: torch.Tensor) -> torch.Tensor:
+    """Cosine similarity of ``e`` and ``e_inv`` over all elements of each sample -> [B] (float32)."""
+    if e.shape != e_inv.shape:
+        raise ValueError(f"shape mismatch: noise {tuple(e.shape)} vs inverted noise {tuple(e_inv.shape)}")
+    a = e.reshape(e.shape[0], -1).to(torch.float64)
+    b = e_inv.reshape(e_inv.shape[0], -1).to(torch.float64)
+    return torch.nn.functional.cosine_similarity(a, b, dim=1, eps=1e-12).to(torch.float32)
+
+
+@dataclass
+class RoundTrip:
+    x0: torch.Tensor  # the sample generated from e
+    e_inv: torch.Tensor  # unit noise recovered by inversion
+    score: torch.Tensor  # [B] stability
+
+
+def round_trip(
+    denoiser: Denoiser,
+    e: torch.Tensor,
+    sigmas,
+    kind: ModelKind | str,
+    inverse_denoiser: Optional[Denoiser] = None,
+) -> RoundTrip:
+    """``e -> x0 -> e'``: sample from unit noise ``e`` over ``sigmas``, invert back, score.
+
+    ``sigmas`` is the descending sampling schedule; ``sigmas[0]`` is the start sigma (sigma_max
+    for a full denoise). ``inverse_denoiser`` defaults to ``denoiser`` (pass an unguided one for
+    the usual cfg-1 inversion).
+    """
+    s = as_sigmas(sigmas)
+    sigma_max = float(s[0])
+    x0 = sample(denoiser, noise_to_x(e, kind, sigma_max), s)
+    xt = invert(inverse_denoiser or denoiser, x0, s)
+    e_inv = x_to_noise(xt, kind, sigma_max)
+    return RoundTrip(x0=x0, e_inv=e_inv, score=stability_score(e, e_inv))
+
+
+def round_trip_passes(steps: int, cfg_sampling: bool = True, cfg_inversion: bool = False) -> int:
+    """Model passes per sample of one round trip with ``steps`` steps each way."""
+    return steps * (2 if cfg_sampling else 1) + steps * (2 if cfg_inversion else 1)
+
+
+@dataclass
+class SelectResult:
+    best_index: int
+    scores: torch.Tensor  # [K]
+    x0: Optional[torch.Tensor]  # [K, ...] on CPU, or None when keep_x0=False
+    order: torch.Tensor = field(default=None)  # indices sorted by score, best first
+
+    def top(self, k: int) -> list[int]:
+        return [int(i) for i in self.order[:k]]
+
+
+def select(
+    denoiser: Denoiser,
+    candidates: torch.Tensor,
+    sigmas,
+    kind: ModelKind | str,
+    *,
+    micro_batch: int = 8,
+    inverse_denoiser: Optional[Denoiser] = None,
+    keep_x0: bool = True,
+    callback: Optional[Callable[[int, int], None]] = None,
+) -> SelectResult:
+    """Score K candidate unit noises ``candidates`` [K, ...] and return the most stable.
+
+    Runs ``ceil(K / micro_batch)`` round trips of at most ``micro_batch`` samples each; the
+    round-trip x0s are moved to the CPU as they come. ``callback(done, K)`` runs after each
+    micro-batch (raise from it to interrupt). Cost: K round trips (see module docstring).
+    """
+    check_noise(candidates, "candidate noise")
+    k = candidates.shape[0]
+    if k < 1:
+        raise ValueError("select() needs at least one candidate (K >= 1)")
+    if int(micro_batch) < 1:
+        raise ValueError(f"micro_batch must be >= 1, got {micro_batch}")
+    micro_batch = int(micro_batch)
+    scores = torch.empty(k, dtype=torch.float32)
+    x0s = [] if keep_x0 else None
+    for start in range(0, k, micro_batch):
+        chunk = candidates[start : start + micro_batch]
+        rt = round_trip(denoiser, chunk, sigmas, kind, inverse_denoiser)
+        scores[start : start + chunk.shape[0]] = rt.score.detach().cpu()
+        if keep_x0:
+            x0s.append(rt.x0.detach().cpu())
+        if callback is not None:
+            callback(min(start + micro_batch, k), k)
+    order = torch.argsort(scores, descending=True, stable=True)
+    return SelectResult(
+        best_index=int(order[0]),
+        scores=scores,
+        x0=torch.cat(x0s) if keep_x0 else None,
+        order=order,
+    )
+
+
+@dataclass
+class OptimizeResult:
+    noise: torch.Tensor  # the most stable iterate per sample
+    history: torch.Tensor  # [iterates, B] stability of every iterate (row 0: the input noise)
+    best_score: torch.Tensor  # [B]
+    x0: torch.Tensor  # sample generated from the returned noise
+    steps: int  # update steps taken
+    round_trips: int  # round trips run (cost: see module docstring)
+
+
+def _flat_norm(v: torch.Tensor) -> torch.Tensor:
+    return v.reshape(v.shape[0], -1).norm(dim=1).reshape(-1, *([1] * (v.dim() - 1)))
+
+
+def _renorm(e: torch.Tensor) -> torch.Tensor:
+    d = e[0].numel()
+    return e * (math.sqrt(d) / _flat_norm(e).clamp_min(1e-12))
+
+
+def _stability_grad(e: torch.Tensor, e_inv: torch.Tensor) -> torch.Tensor:
+    """Gradient of ``1 - cos(e, e')`` w.r.t. ``e`` with ``e'`` constant (closed form)."""
+    ne = _flat_norm(e).clamp_min(1e-12)
+    ni = _flat_norm(e_inv).clamp_min(1e-12)
+    cos = (e * e_inv).reshape(e.shape[0], -1).sum(1).reshape(ne.shape) / (ne * ni)
+    return -(e_inv / (ne * ni) - cos * e / (ne * ne))
+
+
+def optimize(
+    denoiser: Denoiser,
+    e: torch.Tensor,
+    sigmas,
+    kind: ModelKind | str,
+    *,
+    method: OptimizeMethod | str = OptimizeMethod.MOMENTUM,
+    steps: int = 100,
+    lr: Optional[float] = None,
+    momentum: float = 0.5,
+    cosine_lr: bool = True,
+    renormalize: bool = False,
+    target: Optional[float] = None,
+    patience: int = 0,
+    tol: float = 1e-6,
+    inverse_denoiser: Optional[Denoiser] = None,
+    reference_numel: int = REFERENCE_NUMEL,
+    callback: Optional[Callable[[int, int, torch.Tensor], None]] = None,
+) -> OptimizeResult:
+    """Raise the inversion stability of the unit noise ``e`` [B, ...].
+
+    ``method="momentum"`` is the paper's Algorithm 2: ``m = momentum * m + grad``,
+    ``e -= lr_t * (d / reference_numel) * m`` with ``lr_t`` cosine-annealed from ``lr`` to 0
+    (``cosine_lr=False`` keeps it constant). ``method="fixed_point"`` moves along ``e' - e`` with
+    per-sample backtracking; there ``lr`` is the initial fraction alpha of the way to ``e'``
+    (default 2, capped at ``FIXED_POINT_MAX_ALPHA`` = 4) and ``momentum`` is unused. ``lr=None``
+    takes the method's default (100 for momentum, the paper's value).
+
+    Every step costs one round trip (see module docstring); the returned noise is the most
+    stable iterate seen per sample. ``callback(step, steps, scores)`` runs after each step's
+    round trip (raise from it to interrupt). ``steps=0`` only scores ``e``.
+    """
+    check_noise(e, "noise")
+    method = OptimizeMethod(method) if not isinstance(method, OptimizeMethod) else method
+    if lr is None:
+        lr = DEFAULT_LR[method]
+    if int(steps) != steps or steps < 0:
+        raise ValueError(f"steps must be an integer >= 0, got {steps!r}")
+    if not math.isfinite(lr) or lr <= 0:
+        raise ValueError(f"lr must be a positive number, got {lr}")
+    if not 0.0 <= momentum < 1.0:
+        raise ValueError(f"momentum must be in [0, 1), got {momentum}")
+    steps = int(steps)
+    d = e[0].numel()
+    scale = d / float(reference_numel)
+
+    cur = e.detach().clone()
+    if renormalize:
+        cur = _renorm(cur)
+    rt = round_trip(denoiser, cur, sigmas, kind, inverse_denoiser)
+    history = [rt.score.clone()]
+    best, best_score, best_x0 = cur.clone(), rt.score.clone(), rt.x0.detach().clone()
+    m = torch.zeros_like(cur)
+    alpha = torch.full((cur.shape[0],), min(float(lr), FIXED_POINT_MAX_ALPHA), dtype=torch.float32, device=cur.device)
+    prev, prev_score, prev_inv = cur, rt.score, rt.e_inv
+    stale = 0
+    taken = 0
+    trips = 1
+    for i in range(steps):
+        if target is not None and bool(torch.all(best_score >= target)):
+            break
+        if method is OptimizeMethod.MOMENTUM:
+            g = _stability_grad(prev, prev_inv)
+            m = momentum * m + g
+            lr_t = lr * (0.5 * (1.0 + math.cos(math.pi * i / steps)) if cosine_lr else 1.0)
+            cur = prev - (lr_t * scale) * m
+        else:
+            a = alpha.reshape(-1, *([1] * (prev.dim() - 1))).to(prev)
+            toward = prev_inv * (_flat_norm(prev) / _flat_norm(prev_inv).clamp_min(1e-12))
+            cur = prev + a * (toward - prev)
+        if renormalize:
+            cur = _renorm(cur)
+        rt = round_trip(denoiser, cur, sigmas, kind, inverse_denoiser)
+        trips += 1
+        taken += 1
+        score = rt.score
+        history.append(score.clone())
+        improved = score > best_score + tol
+        if bool(torch.any(improved)):
+            stale = 0
+        else:
+            stale += 1
+        better = score > best_score
+        if bool(torch.any(better)):
+            sel = better.reshape(-1, *([1] * (cur.dim() - 1)))
+            best = torch.where(sel, cur, best)
+            best_x0 = torch.where(sel, rt.x0.detach(), best_x0)
+            best_score = torch.where(better, score, best_score)
+        if method is OptimizeMethod.FIXED_POINT:
+            up = score >= prev_score
+            alpha = torch.where(up, (alpha * 1.5).clamp(max=FIXED_POINT_MAX_ALPHA), alpha * 0.5)
+            keep = up.reshape(-1, *([1] * (cur.dim() - 1)))
+            # accept improving steps; undo the others (retry from the previous iterate)
+            prev = torch.where(keep, cur, prev)
+            prev_inv = torch.where(keep, rt.e_inv, prev_inv)
+            prev_score = torch.where(up, score, prev_score)
+        else:
+            prev, prev_score, prev_inv = cur, score, rt.e_inv
+        if callback is not None:
+            callback(i + 1, steps, score)
+        if patience and stale >= patience:
+            break
+    return OptimizeResult(
+        noise=best,
+        history=torch.stack(history),
+        best_score=best_score,
+        x0=best_x0,
+        steps=taken,
+        round_trips=trips,
+    )

@@ -1,0 +1,82 @@
+"""Contract tests: determinism, global RNG untouched, and the core never imports ComfyUI."""
+
+import ast
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+
+from noisecraft import rng
+from noisecraft import stability as st
+from noisecraft.analytic import GaussianMixture
+from noisecraft.sigmas import SigmaTable, get_sigmas
+
+CORE = Path(__file__).resolve().parents[2] / "noisecraft"
+COMFY_MODULES = {"comfy", "comfy_extras", "comfy_api", "folder_paths", "server", "nodes", "execution", "latent_preview"}
+
+
+def test_seeded_noise_matches_torch_manual_seed_and_leaves_global_rng_alone():
+    state = torch.get_rng_state()
+    ours = rng.seeded_noise(1234, (2, 4, 8, 8))
+    assert torch.equal(torch.get_rng_state(), state)
+    torch.manual_seed(1234)  # what ComfyUI's prepare_noise does
+    theirs = torch.randn((2, 4, 8, 8))
+    torch.set_rng_state(state)
+    assert torch.equal(ours, theirs)
+
+
+def test_candidates_are_per_batch_index_slices_of_comfyui_noise():
+    c = rng.candidate_noises(7, 3, (2, 1, 4, 4), batch_index=1)
+    assert c.shape == (3, 1, 4, 4)
+    for i in range(3):
+        assert torch.equal(c[i], rng.seeded_noise(7 + i, (2, 1, 4, 4))[1])
+
+
+def test_same_inputs_same_outputs_and_no_global_rng_use():
+    means = torch.randn((4, 1, 6, 6), generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    D = GaussianMixture(means, 0.3).denoiser("eps")
+    s = get_sigmas(SigmaTable.scaled_linear(), "karras", 5)
+    cands = rng.candidate_noises(3, 5, (1, 1, 6, 6))
+    state = torch.get_rng_state()
+    a = st.select(D, cands, s, "eps", micro_batch=2)
+    o1 = st.optimize(D, cands[:2], s, "eps", method="fixed_point", steps=3)
+    o2 = st.optimize(D, cands[:2], s, "eps", method="momentum", steps=3)
+    assert torch.equal(torch.get_rng_state(), state)
+    b = st.select(D, cands, s, "eps", micro_batch=2)
+    assert torch.equal(a.scores, b.scores) and torch.equal(a.x0, b.x0)
+    assert torch.equal(o1.noise, st.optimize(D, cands[:2], s, "eps", method="fixed_point", steps=3).noise)
+    assert torch.equal(o2.noise, st.optimize(D, cands[:2], s, "eps", method="momentum", steps=3).noise)
+
+
+def test_core_source_never_imports_comfyui():
+    offenders = []
+    for path in CORE.rglob("*.py"):
+        tree = ast.parse(path.read_text(), filename=str(path))
+        for node in ast.walk(tree):
+            names = []
+            if isinstance(node, ast.Import):
+                names = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+                names = [node.module]
+            offenders += [f"{path.name}: {n}" for n in names if n.split(".")[0] in COMFY_MODULES]
+    assert offenders == []
+    assert len(list(CORE.rglob("*.py"))) >= 6
+
+
+def test_core_imports_with_comfyui_blocked():
+    code = (
+        "import sys, importlib, pkgutil\n"
+        "class Block:\n"
+        "    def find_spec(self, name, path=None, target=None):\n"
+        f"        if name.split('.')[0] in {sorted(COMFY_MODULES)!r}: raise ImportError('blocked ' + name)\n"
+        "sys.meta_path.insert(0, Block())\n"
+        "import noisecraft\n"
+        "for m in pkgutil.walk_packages(noisecraft.__path__, 'noisecraft.'):\n"
+        "    if m.name.endswith('__main__'): continue\n"
+        "    importlib.import_module(m.name)\n"
+        "print('ok', len([k for k in sys.modules if k.startswith('noisecraft')]))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=CORE.parent)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.startswith("ok")
