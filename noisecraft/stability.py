@@ -129,13 +129,19 @@ def round_trip_passes(steps: int, cfg_sampling: bool = True, cfg_inversion: bool
 
 @dataclass
 class SelectResult:
-    best_index: int
-    scores: torch.Tensor  # [K]
-    x0: Optional[torch.Tensor]  # [K, ...] on CPU, or None when keep_x0=False
-    order: torch.Tensor = field(default=None)  # indices sorted by score, best first
+    best_index: torch.Tensor  # [B] the winning candidate per batch item
+    scores: torch.Tensor  # [K, B]
+    x0: Optional[torch.Tensor]  # [K, B, ...] on CPU, or None when keep_x0=False
+    order: torch.Tensor  # [K, B] candidate indices sorted by score, best first
 
-    def top(self, k: int) -> list[int]:
-        return [int(i) for i in self.order[:k]]
+    def best_noise(self, candidates: torch.Tensor) -> torch.Tensor:
+        """The winning candidate of every batch item -> [B, ...]."""
+        b = torch.arange(candidates.shape[1])
+        return candidates[self.best_index.to(candidates.device), b]
+
+    def top(self, k: int, item: int = 0) -> list[int]:
+        """The ``k`` best candidate indices of batch item ``item``."""
+        return [int(i) for i in self.order[:k, item]]
 
 
 def select(
@@ -149,32 +155,42 @@ def select(
     keep_x0: bool = True,
     callback: Optional[Callable[[int, int], None]] = None,
 ) -> SelectResult:
-    """Score K candidate unit noises ``candidates`` [K, ...] and return the most stable.
+    """Score K candidate unit noises per batch item and pick the most stable of each item.
 
-    Runs ``ceil(K / micro_batch)`` round trips of at most ``micro_batch`` samples each; the
-    round-trip x0s are moved to the CPU as they come. ``callback(done, K)`` runs after each
-    micro-batch (raise from it to interrupt). Cost: K round trips (see module docstring).
+    ``candidates`` is [K, B, ...]: K candidates for each of B batch items (B = 1 for a single
+    image). The denoisers see batches of ``m * B`` samples laid out candidate-major (sample
+    ``j * B + b`` is candidate j of item b), so a condition of batch B tiled m times lines up
+    (ComfyUI and :class:`~noisecraft.hosts.diffusers.DiffusersDenoiser` both tile).
+
+    ``micro_batch`` is how many candidates run at once (``micro_batch * B`` samples), so memory is
+    bounded whatever K is; round-trip x0s move to the CPU as they come. ``callback(done, K)``
+    runs after each micro-batch (raise from it to interrupt). Cost: K round trips per item.
     """
+    if candidates.dim() < 3:
+        raise ValueError(
+            f"candidates must be [K, B, ...] (K candidates per batch item), got shape {tuple(candidates.shape)}"
+        )
     check_noise(candidates, "candidate noise")
-    k = candidates.shape[0]
+    k, b = candidates.shape[0], candidates.shape[1]
     if k < 1:
         raise ValueError("select() needs at least one candidate (K >= 1)")
     if int(micro_batch) < 1:
         raise ValueError(f"micro_batch must be >= 1, got {micro_batch}")
     micro_batch = int(micro_batch)
-    scores = torch.empty(k, dtype=torch.float32)
+    scores = torch.empty(k, b, dtype=torch.float32)
     x0s = [] if keep_x0 else None
     for start in range(0, k, micro_batch):
         chunk = candidates[start : start + micro_batch]
-        rt = round_trip(denoiser, chunk, sigmas, kind, inverse_denoiser)
-        scores[start : start + chunk.shape[0]] = rt.score.detach().cpu()
+        m = chunk.shape[0]
+        rt = round_trip(denoiser, chunk.reshape(m * b, *chunk.shape[2:]), sigmas, kind, inverse_denoiser)
+        scores[start : start + m] = rt.score.detach().cpu().reshape(m, b)
         if keep_x0:
-            x0s.append(rt.x0.detach().cpu())
+            x0s.append(rt.x0.detach().cpu().reshape(m, b, *chunk.shape[2:]))
         if callback is not None:
-            callback(min(start + micro_batch, k), k)
-    order = torch.argsort(scores, descending=True, stable=True)
+            callback(start + m, k)
+    order = torch.argsort(scores, dim=0, descending=True, stable=True)
     return SelectResult(
-        best_index=int(order[0]),
+        best_index=order[0].clone(),
         scores=scores,
         x0=torch.cat(x0s) if keep_x0 else None,
         order=order,

@@ -37,16 +37,16 @@ def test_same_inputs_same_outputs_and_no_global_rng_use():
     means = torch.randn((4, 1, 6, 6), generator=torch.Generator().manual_seed(0), dtype=torch.float64)
     D = GaussianMixture(means, 0.3).denoiser("eps")
     s = get_sigmas(SigmaTable.scaled_linear(), "karras", 5)
-    cands = rng.candidate_noises(3, 5, (1, 1, 6, 6))
+    cands = rng.candidate_noises(3, 5, (1, 1, 6, 6))[:, None]
     state = torch.get_rng_state()
     a = st.select(D, cands, s, "eps", micro_batch=2)
-    o1 = st.optimize(D, cands[:2], s, "eps", method="fixed_point", steps=3)
-    o2 = st.optimize(D, cands[:2], s, "eps", method="momentum", steps=3)
+    o1 = st.optimize(D, cands[:2, 0], s, "eps", method="fixed_point", steps=3)
+    o2 = st.optimize(D, cands[:2, 0], s, "eps", method="momentum", steps=3)
     assert torch.equal(torch.get_rng_state(), state)
     b = st.select(D, cands, s, "eps", micro_batch=2)
     assert torch.equal(a.scores, b.scores) and torch.equal(a.x0, b.x0)
-    assert torch.equal(o1.noise, st.optimize(D, cands[:2], s, "eps", method="fixed_point", steps=3).noise)
-    assert torch.equal(o2.noise, st.optimize(D, cands[:2], s, "eps", method="momentum", steps=3).noise)
+    assert torch.equal(o1.noise, st.optimize(D, cands[:2, 0], s, "eps", method="fixed_point", steps=3).noise)
+    assert torch.equal(o2.noise, st.optimize(D, cands[:2, 0], s, "eps", method="momentum", steps=3).noise)
 
 
 def test_core_source_never_imports_comfyui():

@@ -52,7 +52,7 @@ def test_round_trip_with_fine_steps_is_stable_and_x0_matches_sampling():
 
 def test_select_picks_the_most_stable_and_is_micro_batch_invariant():
     D = _mixture()
-    cands = _noise(10, seed=4)
+    cands = _noise(10, seed=4)[:, None]  # K=10 candidates for one item
     seen = []
 
     def counting(x, sigma):
@@ -63,19 +63,44 @@ def test_select_picks_the_most_stable_and_is_micro_batch_invariant():
     b = st.select(D, cands, _sched(), "eps", micro_batch=10)
     assert max(seen) <= 3  # bounded memory: never more than micro_batch samples at once
     assert torch.allclose(a.scores, b.scores, atol=1e-6)
-    assert a.best_index == int(torch.argmax(b.scores))
+    assert a.scores.shape == (10, 1)
+    assert int(a.best_index[0]) == int(torch.argmax(b.scores[:, 0]))
     assert a.x0.shape == cands.shape
-    direct = st.round_trip(D, cands, _sched(), "eps").score
-    assert torch.allclose(a.scores, direct, atol=1e-6)
+    direct = st.round_trip(D, cands[:, 0], _sched(), "eps").score
+    assert torch.allclose(a.scores[:, 0], direct, atol=1e-6)
     assert a.top(3) == torch.argsort(direct, descending=True)[:3].tolist()
+    assert torch.equal(a.best_noise(cands), cands[int(a.best_index[0]), [0]])
+
+
+def test_select_scores_each_batch_item_separately():
+    """K candidates for each of B items: candidate-major batches, per-item winners."""
+    means = torch.randn((6, *SHAPE), generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    mixes = [GaussianMixture(means, 0.3), GaussianMixture(means * 0.5, 0.6)]
+    Ds = [m.denoiser("eps") for m in mixes]
+
+    def per_item(x, sigma):  # a "condition" per batch item, tiled candidate-major
+        out = torch.empty_like(x)
+        for i in range(x.shape[0]):
+            out[i : i + 1] = Ds[i % 2](x[i : i + 1], sigma[i : i + 1])
+        return out
+
+    cands = _noise(10, seed=6).reshape(5, 2, *SHAPE)
+    res = st.select(per_item, cands, _sched(), "eps", micro_batch=2)
+    for item in range(2):
+        alone = st.select(Ds[item], cands[:, item : item + 1], _sched(), "eps")
+        assert torch.allclose(res.scores[:, item], alone.scores[:, 0], atol=1e-6)
+        assert int(res.best_index[item]) == int(alone.best_index[0])
+    assert res.best_noise(cands).shape == (2, *SHAPE)
 
 
 def test_select_rejects_bad_input():
     D = _mixture()
     with pytest.raises(ValueError, match="NaN"):
-        st.select(D, torch.full((2, *SHAPE), float("nan")), _sched(), "eps")
+        st.select(D, torch.full((2, 1, *SHAPE), float("nan")), _sched(), "eps")
     with pytest.raises(ValueError, match="micro_batch"):
-        st.select(D, _noise(2), _sched(), "eps", micro_batch=0)
+        st.select(D, _noise(2)[:, None], _sched(), "eps", micro_batch=0)
+    with pytest.raises(ValueError, match="K, B"):
+        st.select(D, torch.zeros(3, 4), _sched(), "eps")
 
 
 @pytest.mark.parametrize("kind", ["eps", "flow"])
