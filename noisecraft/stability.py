@@ -34,6 +34,10 @@ Our choices where the paper is silent (measured by ``benchmarks/bench_stability.
   lists the stability of every iterate.
 * Stop rule: stop when every sample reaches ``target`` stability, or when no sample improved by
   more than ``tol`` for ``patience`` consecutive steps.
+* Trust region (``max_change``, fixed_point default 0.5): measured on the toy model, fixed-point
+  iteration without a limit reaches stability 0.9999 but moves the noise twice its own norm
+  away and saturates the samples; within 0.5 it reaches 0.70 (paper's method at lr 100 after
+  100 steps: 0.63) in 4 steps with better classifier scores than the input noise.
 * ``renormalize``: rescale each sample to unit second moment (``|e| = sqrt(d)``) after each step,
   so the optimized noise keeps a Gaussian's scale.
 """
@@ -74,6 +78,8 @@ class OptimizeMethod(str, Enum):
 
 
 DEFAULT_LR = {OptimizeMethod.MOMENTUM: 100.0, OptimizeMethod.FIXED_POINT: 2.0}
+# Trust region: the largest distance |e - e_input| / |e_input| an iterate may reach.
+DEFAULT_MAX_CHANGE = {OptimizeMethod.MOMENTUM: None, OptimizeMethod.FIXED_POINT: 0.5}
 
 
 def check_noise(e: torch.Tensor, what: str = "noise") -> None:
@@ -216,6 +222,14 @@ def _renorm(e: torch.Tensor) -> torch.Tensor:
     return e * (math.sqrt(d) / _flat_norm(e).clamp_min(1e-12))
 
 
+def _project(e: torch.Tensor, center: torch.Tensor, radius: float) -> torch.Tensor:
+    """Pull each sample back into the ball ``|e - center| <= radius * |center|``."""
+    delta = e - center
+    limit = radius * _flat_norm(center)
+    n = _flat_norm(delta)
+    return center + delta * torch.clamp(limit / n.clamp_min(1e-12), max=1.0)
+
+
 def _stability_grad(e: torch.Tensor, e_inv: torch.Tensor) -> torch.Tensor:
     """Gradient of ``1 - cos(e, e')`` w.r.t. ``e`` with ``e'`` constant (closed form)."""
     ne = _flat_norm(e).clamp_min(1e-12)
@@ -236,6 +250,7 @@ def optimize(
     momentum: float = 0.5,
     cosine_lr: bool = True,
     renormalize: bool = False,
+    max_change: Optional[float] | str = "default",
     target: Optional[float] = None,
     patience: int = 0,
     tol: float = 1e-6,
@@ -252,6 +267,11 @@ def optimize(
     (default 2, capped at ``FIXED_POINT_MAX_ALPHA`` = 4) and ``momentum`` is unused. ``lr=None``
     takes the method's default (100 for momentum, the paper's value).
 
+    ``max_change`` keeps every iterate within ``|e - e_input| <= max_change * |e_input|`` (a
+    projection after each step); ``None`` is no limit, ``"default"`` is the method's default (no
+    limit for the paper's method, 0.5 for fixed_point: unconstrained fixed-point iteration finds
+    near-perfectly stable noises far from the Gaussian shell that give saturated samples).
+
     Every step costs one round trip (see module docstring); the returned noise is the most
     stable iterate seen per sample. ``callback(step, steps, scores)`` runs after each step's
     round trip (raise from it to interrupt). ``steps=0`` only scores ``e``.
@@ -260,6 +280,10 @@ def optimize(
     method = OptimizeMethod(method) if not isinstance(method, OptimizeMethod) else method
     if lr is None:
         lr = DEFAULT_LR[method]
+    if isinstance(max_change, str):
+        if max_change != "default":
+            raise ValueError(f"max_change must be a number, None (no limit) or 'default', got {max_change!r}")
+        max_change = DEFAULT_MAX_CHANGE[method]
     if int(steps) != steps or steps < 0:
         raise ValueError(f"steps must be an integer >= 0, got {steps!r}")
     if not math.isfinite(lr) or lr <= 0:
@@ -273,6 +297,9 @@ def optimize(
     cur = e.detach().clone()
     if renormalize:
         cur = _renorm(cur)
+    start = cur
+    if max_change is not None and not (math.isfinite(max_change) and max_change > 0):
+        raise ValueError(f"max_change must be a positive number (or None for no limit), got {max_change}")
     rt = round_trip(denoiser, cur, sigmas, kind, inverse_denoiser)
     history = [rt.score.clone()]
     best, best_score, best_x0 = cur.clone(), rt.score.clone(), rt.x0.detach().clone()
@@ -294,6 +321,8 @@ def optimize(
             a = alpha.reshape(-1, *([1] * (prev.dim() - 1))).to(prev)
             toward = prev_inv * (_flat_norm(prev) / _flat_norm(prev_inv).clamp_min(1e-12))
             cur = prev + a * (toward - prev)
+        if max_change is not None:
+            cur = _project(cur, start, max_change)
         if renormalize:
             cur = _renorm(cur)
         rt = round_trip(denoiser, cur, sigmas, kind, inverse_denoiser)

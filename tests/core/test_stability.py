@@ -109,7 +109,7 @@ def test_both_optimizers_raise_stability(kind):
     e = _noise(6)
     s = _sched(kind)
     paper = st.optimize(D, e, s, kind, method="momentum", steps=100, lr=3000.0)
-    ours = st.optimize(D, e, s, kind, method="fixed_point", steps=20)
+    ours = st.optimize(D, e, s, kind, method="fixed_point", steps=20, max_change=None)
     start = paper.history[0]
     assert torch.allclose(ours.history[0], start)
     assert float(paper.best_score.mean()) > float(start.mean()) + 1e-3
@@ -128,6 +128,19 @@ def test_optimizer_returns_its_best_iterate_and_scores_match_a_fresh_round_trip(
     assert torch.allclose(fresh.score, r.best_score, atol=1e-6)
     assert torch.allclose(r.history.max(0).values, r.best_score)
     assert torch.allclose(fresh.x0, r.x0, atol=1e-6)
+
+
+def test_trust_region_bounds_the_distance_from_the_input():
+    D = _mixture("flow")
+    e, s = _noise(4), _sched("flow")
+    free = st.optimize(D, e, s, "flow", method="fixed_point", steps=10, max_change=None)
+    bound = st.optimize(D, e, s, "flow", method="fixed_point", steps=10)  # default: 0.5
+    dist = lambda r: ((r.noise - e).reshape(4, -1).norm(dim=1) / e.reshape(4, -1).norm(dim=1))
+    assert float(dist(bound).max()) <= 0.5 + 1e-5
+    assert float(dist(free).max()) > 0.5
+    assert float(bound.best_score.mean()) > float(bound.history[0].mean())
+    with pytest.raises(ValueError, match="max_change"):
+        st.optimize(D, e, s, "flow", max_change=-1.0)
 
 
 def test_lr_units_follow_latent_size():
