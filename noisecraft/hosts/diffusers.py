@@ -1,0 +1,315 @@
+"""``D(x, sigma) -> x0`` over a diffusers ``UNet2DConditionModel`` (CLI, tests, training).
+
+The adapter follows ComfyUI's conventions exactly (see :mod:`noisecraft.sigmas`), so an
+algorithm written against a denoiser behaves the same here and inside ComfyUI:
+
+* eps and v models: the network sees ``x / sqrt(sigma**2 + 1)`` at the *discrete* timestep
+  nearest to ``sigma`` in log-sigma (``SigmaTable.timestep``, ComfyUI's ``model_sampling``);
+  eps: ``x0 = x - sigma * eps``; v: ``x0 = x / (sigma**2 + 1) - v * sigma / sqrt(sigma**2 + 1)``.
+* flow models: the network sees ``x`` at timestep ``sigma * multiplier``; ``x0 = x - sigma * out``.
+* classifier-free guidance (``cfg != 1``): cond and uncond run in ONE batched forward of 2B and
+  combine as ``uncond + cfg * (cond - uncond)`` on the x0 prediction (the same as on eps, the
+  map being affine with equal coefficients for both halves).
+
+The adapter runs under the caller's grad mode (gradients flow to ``x`` and to any trainable
+weights, e.g. a LoRA) and counts model passes per sample in :attr:`DiffusersDenoiser.passes`.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from typing import Any, Mapping, Optional
+
+import torch
+
+from ..sigmas import ModelKind, SigmaTable
+
+__all__ = ["DiffusersDenoiser", "sigma_table_from_scheduler", "alphas_cumprod_from_config"]
+
+logger = logging.getLogger(__name__)
+
+# ComfyUI's ModelSamplingDiscrete floor for zero-terminal-SNR schedules (alphas_cumprod[-1] == 0).
+ZSNR_LAST_ALPHA_CUMPROD = 4.8973451890853435e-08
+
+
+def _module_device_dtype(module: torch.nn.Module) -> tuple[torch.device, torch.dtype]:
+    for p in module.parameters():
+        return p.device, p.dtype
+    return torch.device("cpu"), torch.float32
+
+
+def _batch(t: Optional[torch.Tensor], b: int, name: str) -> Optional[torch.Tensor]:
+    if t is None:
+        return None
+    n = t.shape[0]
+    if n == b:
+        return t
+    if n == 1:
+        return t.expand(b, *t.shape[1:])
+    if n > 0 and b % n == 0:  # tile like ComfyUI: sample j * n + i gets condition i
+        return t.repeat(b // n, *([1] * (t.ndim - 1)))
+    raise ValueError(
+        f"{name} has batch {n} but the latent batch is {b}: pass a {name} of batch 1 "
+        f"(shared by every sample) or a batch that divides {b} (it is tiled)"
+    )
+
+
+def _batch_kwargs(kw: Optional[Mapping[str, torch.Tensor]], b: int, name: str) -> Optional[dict]:
+    if kw is None:
+        return None
+    return {k: _batch(v, b, f"{name}[{k!r}]") for k, v in kw.items()}
+
+
+def _to(t: Optional[torch.Tensor], device, dtype) -> Optional[torch.Tensor]:
+    if t is None:
+        return None
+    return t.to(device=device, dtype=dtype) if t.is_floating_point() else t.to(device=device)
+
+
+class DiffusersDenoiser:
+    """A sigma-space denoiser over a diffusers UNet (any callable ``unet(sample, timestep,
+    encoder_hidden_states=..., return_dict=False)`` returning the prediction first).
+
+    Args:
+        unet: the network (``UNet2DConditionModel`` or compatible, e.g. wrapped by peft).
+        table: the model's :class:`~noisecraft.sigmas.SigmaTable`; ``table.kind`` (eps, v, flow)
+            chooses the parameterization. See :func:`sigma_table_from_scheduler`.
+        cond: ``encoder_hidden_states`` [n, L, D]. A batch n that divides the latent batch B is
+            tiled like ComfyUI does (sample ``j * n + i`` gets condition ``i``; n = 1 broadcasts),
+            so m candidates per item laid out candidate-major line up with a condition of batch n.
+        uncond: the unconditional states, same shape rules; required when ``cfg != 1``.
+        cfg: guidance scale; 1 means unguided (one pass per call, ``uncond`` unused).
+        added_cond_kwargs / uncond_added_cond_kwargs: optional extra conditioning
+            (SDXL ``text_embeds`` / ``time_ids``), same batch rules as ``cond``, passed through.
+
+    Calling ``D(x, sigma)`` with ``x`` [B, C, H, W] (any C, H, W) and ``sigma`` [B] (or a scalar)
+    returns x0 in ``x``'s dtype. The network runs in the unet's own dtype and device.
+    ``passes`` counts model passes per sample (2 per guided call, 1 per unguided call,
+    independent of the batch size); :meth:`reset_passes` zeroes it.
+    """
+
+    def __init__(
+        self,
+        unet: torch.nn.Module,
+        table: SigmaTable,
+        cond: torch.Tensor,
+        uncond: Optional[torch.Tensor] = None,
+        cfg: float = 1.0,
+        *,
+        added_cond_kwargs: Optional[Mapping[str, torch.Tensor]] = None,
+        uncond_added_cond_kwargs: Optional[Mapping[str, torch.Tensor]] = None,
+    ):
+        if not isinstance(table, SigmaTable):
+            raise TypeError(
+                f"table must be a noisecraft.sigmas.SigmaTable, got {type(table).__name__}: build one "
+                "with sigma_table_from_scheduler(pipe.scheduler)"
+            )
+        if cond is None or cond.ndim != 3:
+            raise ValueError(
+                "cond must be encoder_hidden_states of shape [batch, tokens, width], got "
+                f"{None if cond is None else tuple(cond.shape)}"
+            )
+        if uncond is not None and uncond.ndim != 3:
+            raise ValueError(f"uncond must have shape [batch, tokens, width], got {tuple(uncond.shape)}")
+        self.unet = unet
+        self.table = table
+        self.cond = cond
+        self.uncond = uncond
+        self.added_cond_kwargs = dict(added_cond_kwargs) if added_cond_kwargs is not None else None
+        self.uncond_added_cond_kwargs = (
+            dict(uncond_added_cond_kwargs) if uncond_added_cond_kwargs is not None else self.added_cond_kwargs
+        )
+        self.cfg = cfg
+        self.passes = 0
+
+    @property
+    def cfg(self) -> float:
+        return self._cfg
+
+    @cfg.setter
+    def cfg(self, value: float) -> None:
+        value = float(value)
+        if not math.isfinite(value):
+            raise ValueError(f"cfg must be a finite number, got {value}")
+        if value != 1.0 and self.uncond is None:
+            raise ValueError(
+                f"cfg={value} needs an unconditional embedding: pass uncond=..., or use cfg=1.0 "
+                "for unguided sampling"
+            )
+        self._cfg = value
+
+    @property
+    def kind(self) -> ModelKind:
+        return self.table.kind
+
+    @property
+    def guided(self) -> bool:
+        return self._cfg != 1.0
+
+    def reset_passes(self) -> None:
+        self.passes = 0
+
+    # -- the network call -------------------------------------------------------------------
+    def _forward(self, xin: torch.Tensor, t: torch.Tensor, ehs: torch.Tensor, added: Optional[dict]) -> torch.Tensor:
+        kwargs: dict[str, Any] = {"encoder_hidden_states": ehs, "return_dict": False}
+        if added is not None:
+            kwargs["added_cond_kwargs"] = added
+        out = self.unet(xin, t, **kwargs)
+        if isinstance(out, (tuple, list)):
+            out = out[0]
+        elif hasattr(out, "sample"):
+            out = out.sample
+        c = xin.shape[1]
+        if out.shape[1] == 2 * c:  # learned variance (e.g. DeepFloyd IF): keep the mean prediction
+            out = out[:, :c]
+        if out.shape != xin.shape:
+            raise ValueError(
+                f"the network returned shape {tuple(out.shape)} for input {tuple(xin.shape)}: "
+                "expected a prediction of the latent's shape"
+            )
+        return out
+
+    def __call__(self, x: torch.Tensor, sigma: torch.Tensor | float) -> torch.Tensor:
+        b = x.shape[0]
+        sig = torch.as_tensor(sigma, dtype=torch.float32, device=x.device)
+        if sig.ndim == 0:
+            sig = sig.expand(b)
+        sig = sig.reshape(-1)
+        if sig.numel() != b:
+            raise ValueError(f"sigma must have one value per sample ({b}), got {sig.numel()}")
+        device, dtype = _module_device_dtype(self.unet)
+        sig = sig.to(device)
+        s = sig.view(b, *([1] * (x.ndim - 1)))
+        xf = x.to(device=device, dtype=torch.float32)
+
+        if self.kind.is_flow:
+            xin = xf
+            t = sig * self.table.multiplier
+        else:
+            xin = xf / torch.sqrt(s * s + 1.0)
+            t = self.table.timestep(sig.detach().cpu()).to(device)
+
+        cond = _to(_batch(self.cond, b, "cond"), device, dtype)
+        added = _batch_kwargs(self.added_cond_kwargs, b, "added_cond_kwargs")
+        added = None if added is None else {k: _to(v, device, dtype) for k, v in added.items()}
+        xin = xin.to(dtype)
+
+        if self.guided:
+            uncond = _to(_batch(self.uncond, b, "uncond"), device, dtype)
+            uadded = _batch_kwargs(self.uncond_added_cond_kwargs, b, "uncond_added_cond_kwargs")
+            uadded = None if uadded is None else {k: _to(v, device, dtype) for k, v in uadded.items()}
+            if cond.shape[1:] == uncond.shape[1:] and (added is None) == (uadded is None):
+                both = None
+                if added is not None:
+                    both = {k: torch.cat([added[k], uadded[k]]) for k in added}
+                out = self._forward(torch.cat([xin, xin]), torch.cat([t, t]), torch.cat([cond, uncond]), both)
+                out_c, out_u = out.float().chunk(2)
+            else:  # token counts differ: two passes of B instead of one of 2B (same cost per sample)
+                logger.debug("cond %s and uncond %s differ: running two forwards", tuple(cond.shape), tuple(uncond.shape))
+                out_c = self._forward(xin, t, cond, added).float()
+                out_u = self._forward(xin, t, uncond, uadded).float()
+            x0 = self._x0(xf, s, out_u)
+            x0 = x0 + self._cfg * (self._x0(xf, s, out_c) - x0)
+            self.passes += 2
+        else:
+            x0 = self._x0(xf, s, self._forward(xin, t, cond, added).float())
+            self.passes += 1
+        return x0.to(device=x.device, dtype=x.dtype)
+
+    def _x0(self, x: torch.Tensor, s: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        kind = self.kind
+        if kind is ModelKind.EPS or kind is ModelKind.FLOW:
+            return x - s * out
+        # v-prediction
+        return x / (s * s + 1.0) - out * s / torch.sqrt(s * s + 1.0)
+
+
+# -- schedules from diffusers configs ---------------------------------------------------------
+
+
+def _config_of(scheduler_or_config: Any) -> dict:
+    cfg = getattr(scheduler_or_config, "config", scheduler_or_config)
+    if not isinstance(cfg, Mapping):
+        raise TypeError(
+            "expected a diffusers scheduler or its config (a mapping), got "
+            f"{type(scheduler_or_config).__name__}"
+        )
+    return dict(cfg)
+
+
+def alphas_cumprod_from_config(config: Mapping[str, Any]) -> torch.Tensor:
+    """``alphas_cumprod`` (float64) from a diffusers DDPM-family scheduler config.
+
+    Supports ``trained_betas`` and the ``linear``, ``scaled_linear`` and ``squaredcos_cap_v2``
+    beta schedules, and ``rescale_betas_zero_snr`` (whose final 0 is floored like ComfyUI).
+    """
+    n = int(config.get("num_train_timesteps", 1000))
+    trained = config.get("trained_betas")
+    schedule = config.get("beta_schedule", "linear")
+    b0, b1 = float(config.get("beta_start", 0.0001)), float(config.get("beta_end", 0.02))
+    if trained is not None:
+        betas = torch.as_tensor(trained, dtype=torch.float64)
+    elif schedule == "linear":
+        betas = torch.linspace(b0, b1, n, dtype=torch.float64)
+    elif schedule == "scaled_linear":
+        betas = torch.linspace(b0**0.5, b1**0.5, n, dtype=torch.float64) ** 2
+    elif schedule == "squaredcos_cap_v2":
+
+        def abar(t: float) -> float:
+            return math.cos((t + 0.008) / 1.008 * math.pi / 2) ** 2
+
+        betas = torch.tensor([min(1 - abar((i + 1) / n) / abar(i / n), 0.999) for i in range(n)], dtype=torch.float64)
+    else:
+        raise ValueError(
+            f"unsupported beta_schedule {schedule!r}: expected linear, scaled_linear or squaredcos_cap_v2, "
+            "or pass the scheduler object itself (its alphas_cumprod is used)"
+        )
+    ac = torch.cumprod(1.0 - betas, dim=0)
+    if config.get("rescale_betas_zero_snr", False):
+        sq = ac.sqrt()
+        first, last = sq[0].clone(), sq[-1].clone()
+        sq = (sq - last) * first / (first - last)
+        ac = sq * sq
+    return ac
+
+
+def sigma_table_from_scheduler(scheduler_or_config: Any, kind: ModelKind | str | None = None) -> SigmaTable:
+    """A :class:`SigmaTable` for a diffusers scheduler (object or config dict).
+
+    The model kind comes from ``kind`` if given, else from the config: a ``FlowMatch*``
+    scheduler is a flow model (shift from ``shift``; ``num_train_timesteps`` is the timestep
+    multiplier), ``prediction_type`` ``epsilon`` / ``v_prediction`` otherwise. For VP models a
+    scheduler object's own ``alphas_cumprod`` is used when present, else it is rebuilt from the
+    config (:func:`alphas_cumprod_from_config`).
+    """
+    cfg = _config_of(scheduler_or_config)
+    cls_name = str(cfg.get("_class_name") or type(scheduler_or_config).__name__)
+    if kind is None:
+        if "FlowMatch" in cls_name:
+            kind = ModelKind.FLOW
+        else:
+            pred = cfg.get("prediction_type", "epsilon")
+            mapping = {"epsilon": ModelKind.EPS, "v_prediction": ModelKind.V, "flow_prediction": ModelKind.FLOW}
+            if pred not in mapping:
+                raise ValueError(
+                    f"unsupported prediction_type {pred!r} in {cls_name}: NoiseCraft handles epsilon, "
+                    "v_prediction and flow models; pass kind=... to override"
+                )
+            kind = mapping[pred]
+    kind = ModelKind.parse(kind)
+    n = int(cfg.get("num_train_timesteps", 1000))
+    if kind.is_flow:
+        if cfg.get("use_dynamic_shifting", False):
+            logger.warning(
+                "%s uses dynamic (resolution-dependent) shifting; using the static shift %s",
+                cls_name,
+                cfg.get("shift", 1.0),
+            )
+        return SigmaTable.flow(shift=float(cfg.get("shift", 1.0)), timesteps=n, multiplier=float(n))
+    ac = getattr(scheduler_or_config, "alphas_cumprod", None)
+    ac = alphas_cumprod_from_config(cfg) if ac is None else torch.as_tensor(ac, dtype=torch.float64)
+    ac = ac.clone()
+    if float(ac[-1]) <= 0.0:
+        ac[-1] = ZSNR_LAST_ALPHA_CUMPROD
+    return SigmaTable.from_alphas_cumprod(ac, kind)
