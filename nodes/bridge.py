@@ -1,0 +1,263 @@
+"""ComfyUI MODEL + CONDITIONING -> the core's denoiser ``D(x, sigma) -> x0``.
+
+The core algorithms (:mod:`noisecraft.ode`, :mod:`noisecraft.stability`) are written against a
+denoiser in sigma space. Inside ComfyUI that denoiser is the CFG'd ``model_wrap`` a sampler
+receives, so we run the core *inside* ``comfy.samplers.CFGGuider.sample(...)`` with a custom
+:class:`comfy.samplers.Sampler`: by the time its ``sample()`` runs, ComfyUI has loaded the model,
+processed the conditioning (SDXL size embeddings, masks, ControlNets) and applied the model's
+patches (LoRAs, PAG, ...). Nothing of that preparation is re-implemented here.
+
+Batching: the guider prepares the conditioning for the batch of the latent it is given (B), and
+ComfyUI tiles every condition to the batch of each model call (``repeat_to_batch_size``, and
+ControlNet's ``broadcast_image_to``), so a call on ``m * B`` samples laid out candidate-major
+(sample ``j * B + b`` is candidate j of item b, the layout of :func:`noisecraft.stability.select`)
+sees condition b for every sample of item b.
+
+Inversion runs with its own guidance scale: the inverse denoiser sets the guider's ``cfg`` for
+the duration of one call (``CFGGuider.predict_noise`` reads ``self.cfg`` at every call, and at
+cfg 1 ``sampling_function`` skips the negative pass, so a cfg-1 inversion costs one pass per step).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass
+from typing import Any, Callable, Optional
+
+import torch
+
+import comfy.model_management
+import comfy.model_sampling
+import comfy.sample
+import comfy.samplers
+import comfy.utils
+
+from ..noisecraft.ode import Denoiser
+from ..noisecraft.sigmas import ModelKind
+
+log = logging.getLogger(__name__)
+
+__all__ = [
+    "BridgeContext",
+    "Progress",
+    "model_kind",
+    "sigma_max",
+    "scheduler_names",
+    "get_sigmas",
+    "prepare_latent",
+    "run_core",
+]
+
+
+def _model_name(model) -> str:
+    inner = getattr(model, "model", None)
+    cfg = getattr(inner, "model_config", None)
+    return type(cfg).__name__ if cfg is not None else type(inner).__name__
+
+
+def model_kind(model) -> ModelKind:
+    """The core's model kind of a ComfyUI MODEL (a ``ModelPatcher``), from its ``model_sampling``.
+
+    ComfyUI's prediction types form a class tree (EDM < V_PREDICTION < EPS, X0 < EPS), so the
+    more specific classes are tested first. Anything but eps, v and CONST (flow) is refused.
+    """
+    ms = model.get_model_object("model_sampling")
+    unsupported = tuple(
+        getattr(comfy.model_sampling, n)
+        for n in ("EDM", "X0", "IMG_TO_IMG", "COSMOS_RFLOW")
+        if hasattr(comfy.model_sampling, n)
+    )
+    if isinstance(ms, unsupported):
+        pred = [c.__name__ for c in unsupported if isinstance(ms, c)][0]
+    elif isinstance(ms, comfy.model_sampling.V_PREDICTION):
+        return ModelKind.V
+    elif isinstance(ms, comfy.model_sampling.EPS):
+        return ModelKind.EPS
+    elif isinstance(ms, comfy.model_sampling.CONST):
+        return ModelKind.FLOW
+    else:
+        pred = type(ms).__name__
+    raise ValueError(
+        f"NoiseCraft supports eps, v-prediction and flow (CONST) models; this MODEL "
+        f"({_model_name(model)}) uses the {pred} prediction type. Use an SD1.x/SD2.x/SDXL or "
+        f"SD3/Flux-class model, or a ModelSampling node that sets eps, v_prediction or flow."
+    )
+
+
+def sigma_max(model) -> float:
+    """The model's largest sigma (14.6 for the SD1/SD2/SDXL schedule, 1 for flow models)."""
+    return float(model.get_model_object("model_sampling").sigma_max)
+
+
+def scheduler_names() -> list[str]:
+    return list(comfy.samplers.SCHEDULER_NAMES)
+
+
+def get_sigmas(model, scheduler: str, steps: int) -> torch.Tensor:
+    """ComfyUI's own schedule for this model: ``steps + 1`` descending sigmas (CPU float32)."""
+    names = scheduler_names()
+    if scheduler not in names:
+        raise ValueError(f"unknown scheduler {scheduler!r}: expected one of {names}")
+    if int(steps) != steps or steps < 1:
+        raise ValueError(f"steps must be an integer >= 1, got {steps!r}")
+    ms = model.get_model_object("model_sampling")
+    return comfy.samplers.calculate_sigmas(ms, scheduler, int(steps)).detach().cpu().to(torch.float32)
+
+
+def prepare_latent(model, latent: dict) -> dict:
+    """A copy of a LATENT dict whose samples fit ``model``; raises a clear error otherwise.
+
+    Empty latents get the model's channel count the way SamplerCustomAdvanced does
+    (``fix_empty_latent_channels``: SD3's 16 channels from a 4-channel EmptyLatentImage).
+    """
+    if not isinstance(latent, dict) or not torch.is_tensor(latent.get("samples")):
+        raise ValueError(
+            f"expected a LATENT (a dict with a 'samples' tensor), got {type(latent).__name__}: "
+            f"connect an Empty Latent Image or a VAE Encode output"
+        )
+    samples = latent["samples"]
+    if samples.dim() < 4 or samples.shape[0] < 1 or samples.numel() == 0:
+        raise ValueError(
+            f"expected LATENT samples of shape [batch, channels, height, width], got {tuple(samples.shape)}"
+        )
+    samples = comfy.sample.fix_empty_latent_channels(model, samples)
+    want = int(model.get_model_object("latent_format").latent_channels)
+    if samples.shape[1] != want:
+        raise ValueError(
+            f"LATENT from a different model family: this MODEL ({_model_name(model)}) uses "
+            f"{want}-channel latents, the LATENT has {samples.shape[1]} channels. Make the latent "
+            f"for this model (an empty latent node, or VAE Encode with this model's VAE)."
+        )
+    out = dict(latent)
+    out["samples"] = samples
+    return out
+
+
+def check_conditioning(cond, name: str) -> None:
+    if not isinstance(cond, list) or len(cond) == 0:
+        raise ValueError(
+            f"{name}: expected CONDITIONING (a non-empty list from a text encoder), got "
+            f"{type(cond).__name__}; connect a CLIP Text Encode output"
+        )
+
+
+class Progress:
+    """A ComfyUI progress bar that is also an interrupt point at every tick.
+
+    In the server, every ``ProgressBar`` update goes through a hook that raises ComfyUI's
+    ``InterruptProcessingException`` when the user pressed Cancel; we also check the flag
+    directly, so interrupts work where no hook is installed (scripts, tests).
+    """
+
+    def __init__(self, total: int, node_id: Optional[str] = None):
+        self.total = max(int(total), 1)
+        self.done = 0
+        self.bar = comfy.utils.ProgressBar(self.total, node_id=node_id)
+
+    def tick(self, n: int = 1) -> None:
+        comfy.model_management.throw_exception_if_processing_interrupted()
+        self.done = min(self.done + n, self.total)
+        self.bar.update_absolute(self.done, self.total)
+
+
+@dataclass
+class BridgeContext:
+    """What a core function gets inside the sampler: denoisers, device, schedule and model kind."""
+
+    denoiser: Denoiser  # CFG'd x0 prediction with the guider's cfg
+    inverse_denoiser: Denoiser  # the same with the inversion cfg
+    device: torch.device
+    sigmas: torch.Tensor  # CPU float32, the schedule passed to run_core
+    kind: ModelKind
+    model_wrap: Any  # the CFGGuider itself (for advanced use)
+
+
+class _CoreSampler(comfy.samplers.Sampler):
+    """A ComfyUI sampler that runs ``fn(ctx)`` and stashes its result on ``self.result``."""
+
+    def __init__(self, fn: Callable[[BridgeContext], Any], kind: ModelKind, sigmas: torch.Tensor,
+                 inversion_cfg: float, progress: Optional[Progress]):
+        self.fn = fn
+        self.kind = kind
+        self.sigmas = sigmas
+        self.inversion_cfg = float(inversion_cfg)
+        self.progress = progress
+        self.result = None
+        self.ran = False
+
+    def sample(self, model_wrap, sigmas, extra_args, callback, noise, latent_image=None, denoise_mask=None,
+               disable_pbar=False):
+        model_options = extra_args["model_options"]
+        seed = extra_args.get("seed")
+        device = noise.device
+        progress = self.progress
+
+        def denoiser(x, sigma):
+            out = model_wrap(x.to(device), sigma.to(device), model_options=model_options, seed=seed)
+            if progress is not None:
+                progress.tick()
+            return out
+
+        def inverse_denoiser(x, sigma):
+            old = model_wrap.cfg
+            model_wrap.cfg = self.inversion_cfg
+            try:
+                return denoiser(x, sigma)
+            finally:
+                model_wrap.cfg = old
+
+        ctx = BridgeContext(denoiser, inverse_denoiser, device, self.sigmas, self.kind, model_wrap)
+        # Like ComfyUI's own samplers: no autograd graph (inside the server this is inference mode
+        # anyway). A core function that needs gradients opts in with torch.enable_grad().
+        with torch.no_grad():
+            self.result = self.fn(ctx)
+        self.ran = True
+        if torch.is_tensor(self.result) and self.result.shape == noise.shape:
+            return self.result.to(device)  # e.g. a sample, so the guider's output is usable
+        return latent_image if latent_image is not None else torch.zeros_like(noise)
+
+
+def run_core(
+    model,
+    positive,
+    negative,
+    latent_samples: torch.Tensor,
+    fn: Callable[[BridgeContext], Any],
+    *,
+    sigmas: torch.Tensor,
+    cfg: float,
+    inversion_cfg: float = 1.0,
+    seed: Optional[int] = None,
+    progress: Optional[Progress] = None,
+    return_guider_output: bool = False,
+):
+    """Run ``fn(ctx)`` inside ``CFGGuider(model).sample(...)`` and return what it returned.
+
+    ``latent_samples`` (already through :func:`prepare_latent`) sets the batch B the conditioning
+    is prepared for; ``fn`` may call the denoisers on any multiple of B (candidate-major). The
+    latents the denoisers see and return live in the model's *inner* space (after
+    ``process_latent_in``); unit noise maps to the start latent with
+    :func:`noisecraft.sigmas.noise_to_x`. With ``return_guider_output`` the guider's output is
+    returned too: when ``fn`` returns a latent of B's shape it is that latent after
+    ``process_latent_out`` (a LATENT's samples), otherwise meaningless.
+
+    The MODEL passed in is not modified: the guider runs on a clone.
+    """
+    check_conditioning(positive, "positive")
+    check_conditioning(negative, "negative")
+    if not (math.isfinite(cfg) and math.isfinite(inversion_cfg)):
+        raise ValueError(f"cfg and inversion_cfg must be finite numbers, got {cfg} and {inversion_cfg}")
+    kind = model_kind(model)
+    guider = comfy.samplers.CFGGuider(model.clone())
+    guider.set_conds(positive, negative)
+    guider.set_cfg(float(cfg))
+    sampler = _CoreSampler(fn, kind, sigmas.detach().cpu().to(torch.float32), inversion_cfg, progress)
+    # The guider only needs a latent and a noise of the right shape; the core builds its own x.
+    zeros = torch.zeros_like(latent_samples, dtype=torch.float32, device="cpu")
+    out = guider.sample(zeros, zeros, sampler, sigmas.to(torch.float32), disable_pbar=True, seed=seed)
+    if not sampler.ran:
+        raise RuntimeError("ComfyUI's guider returned without running the NoiseCraft sampler (empty sigmas?)")
+    if return_guider_output:
+        return sampler.result, out
+    return sampler.result

@@ -1,0 +1,105 @@
+"""Test-only ComfyUI node pack: a checkpoint-free stand-in for loader, text encoder and VAE.
+
+Installed only into the end-to-end test server's ``custom_nodes`` (never shipped). The example
+workflows use CheckpointLoaderSimple / CLIPTextEncode / VAEDecode, as real users' graphs do; the
+e2e test swaps those three node types for the ones below when converting a workflow to the API
+format. Each stand-in has the same outputs and widget order as the node it replaces.
+
+Why not a random-weight checkpoint file: a full SD1.5-layout checkpoint (CLIP-L text encoder,
+VAE, UNet) is hundreds of MB to write on every run and makes each CPU generation take seconds to
+minutes; the tiny models here are built in well under a second and still run ComfyUI's real
+ModelPatcher, CFGGuider, samplers, conditioning handling, SaveImage and the HTTP API.
+"""
+
+from __future__ import annotations
+
+import hashlib
+
+import torch
+from comfy_api.latest import ComfyExtension, io
+
+from .tiny_models import build
+
+_MODEL_CACHE: dict = {}
+
+
+class TinyClip:
+    """What NC_Test_TextEncode needs: the text width of the tiny model's conditioning."""
+
+    context_dim = 768
+
+
+class TinyVae:
+    """Latent -> image by a fixed random 4 -> 3 projection and 8x nearest upsampling."""
+
+    downscale = 8
+
+    def __init__(self, seed: int = 0):
+        g = torch.Generator().manual_seed(seed)
+        self.proj = torch.randn(3, 4, generator=g) * 0.5
+
+    def decode(self, samples: torch.Tensor) -> torch.Tensor:
+        if not torch.isfinite(samples).all():
+            raise ValueError("NC_Test_VAEDecode: the latent contains NaN/inf")
+        rgb = torch.einsum("oc,bchw->bohw", self.proj, samples.float())
+        rgb = torch.nn.functional.interpolate(rgb, scale_factor=self.downscale, mode="nearest")
+        return torch.sigmoid(rgb).permute(0, 2, 3, 1).contiguous()  # IMAGE: [B, H, W, 3] in [0, 1]
+
+
+class TinyCheckpoint(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="NC_Test_TinyCheckpoint", display_name="NC Test Tiny Checkpoint", category="noisecraft/test",
+            inputs=[io.String.Input("ckpt_name", default="tiny", tooltip="Ignored (stands in for a checkpoint name).")],
+            outputs=[io.Model.Output(display_name="MODEL"), io.Clip.Output(display_name="CLIP"),
+                     io.Vae.Output(display_name="VAE")],
+        )
+
+    @classmethod
+    def execute(cls, ckpt_name) -> io.NodeOutput:
+        if "sd15" not in _MODEL_CACHE:
+            _MODEL_CACHE["sd15"] = build("sd15", seed=0)
+        return io.NodeOutput(_MODEL_CACHE["sd15"], TinyClip(), TinyVae())
+
+
+class TinyTextEncode(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="NC_Test_TextEncode", display_name="NC Test Text Encode", category="noisecraft/test",
+            inputs=[io.String.Input("text", multiline=True, tooltip="Hashed into a random conditioning."),
+                    io.Clip.Input("clip", tooltip="From NC Test Tiny Checkpoint.")],
+            outputs=[io.Conditioning.Output()],
+        )
+
+    @classmethod
+    def execute(cls, text, clip) -> io.NodeOutput:
+        seed = int.from_bytes(hashlib.sha256(text.encode()).digest()[:8], "little")
+        g = torch.Generator().manual_seed(seed)
+        ctx = torch.randn(1, 77, clip.context_dim, generator=g) if text.strip() else torch.zeros(1, 77, clip.context_dim)
+        return io.NodeOutput([[ctx, {}]])
+
+
+class TinyVAEDecode(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="NC_Test_VAEDecode", display_name="NC Test VAE Decode", category="noisecraft/test",
+            inputs=[io.Latent.Input("samples", tooltip="Latent to decode."),
+                    io.Vae.Input("vae", tooltip="From NC Test Tiny Checkpoint.")],
+            outputs=[io.Image.Output()],
+        )
+
+    @classmethod
+    def execute(cls, samples, vae) -> io.NodeOutput:
+        return io.NodeOutput(vae.decode(samples["samples"]))
+
+
+class TestPackExtension(ComfyExtension):
+    async def get_node_list(self) -> list[type[io.ComfyNode]]:
+        return [TinyCheckpoint, TinyTextEncode, TinyVAEDecode]
+
+
+async def comfy_entrypoint() -> TestPackExtension:
+    return TestPackExtension()

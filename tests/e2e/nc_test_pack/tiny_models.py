@@ -1,0 +1,104 @@
+"""Tiny random-weight ComfyUI models built from ComfyUI's own classes (test-only).
+
+No checkpoint exists on the test machines, so the tests build SD1.5-, SD2-v-, SDXL- and
+SD3-shaped models with a few million random parameters from ``comfy.supported_models`` and
+``comfy.model_base``, wrapped in a real ``ModelPatcher``. Needs ComfyUI on ``sys.path`` and
+``comfy.cli_args.args.cpu`` set by the caller before ``comfy.model_management`` is imported.
+
+Two ComfyUI behaviours shape this file: its layers (``comfy.ops.disable_weight_init``) skip
+``reset_parameters`` (weights start as uninitialised memory), so torch.nn's own initialisers are
+re-run here; and each model config overwrites parts of the unet config (heads), so those are set
+again after the config is built.
+"""
+
+from __future__ import annotations
+
+import torch
+
+import comfy.model_base as model_base
+import comfy.model_management as mm
+import comfy.model_patcher
+import comfy.supported_models as supported
+
+FAMILIES = ("sd15", "sd2v", "sdxl", "sd3")
+LATENT_CHANNELS = {"sd15": 4, "sd2v": 4, "sdxl": 4, "sd3": 16}
+
+
+def _unet(context_dim: int, linear: bool, **extra) -> dict:
+    cfg = dict(
+        image_size=32, in_channels=4, out_channels=4, model_channels=32, num_res_blocks=[1, 1],
+        channel_mult=[1, 2], transformer_depth=[1, 1], transformer_depth_output=[1, 1, 1, 1],
+        transformer_depth_middle=1, use_spatial_transformer=True, legacy=False, use_checkpoint=False,
+        use_linear_in_transformer=linear, context_dim=context_dim, adm_in_channels=None,
+        use_temporal_attention=False, use_temporal_resblock=False, dtype=torch.float32,
+    )
+    cfg.update(extra)
+    return cfg
+
+
+def _init(module: torch.nn.Module, seed: int) -> None:
+    gen_state = torch.get_rng_state()
+    torch.manual_seed(seed)
+    try:
+        for m in module.modules():
+            for klass in type(m).__mro__:
+                if klass.__module__.startswith("torch.nn") and "reset_parameters" in klass.__dict__:
+                    klass.reset_parameters(m)
+                    break
+        with torch.no_grad():
+            for _, t in list(module.named_parameters()) + list(module.named_buffers()):
+                if t.is_floating_point() and t.numel() and (not torch.isfinite(t).all() or t.abs().max() > 1e4):
+                    t.normal_(0, 0.02)
+    finally:
+        torch.set_rng_state(gen_state)
+
+
+def _patcher(model, seed: int):
+    _init(model.diffusion_model, seed)
+    model.eval()
+    return comfy.model_patcher.ModelPatcher(model, load_device=mm.get_torch_device(), offload_device=mm.unet_offload_device())
+
+
+def build(family: str, seed: int = 0):
+    """A ModelPatcher of the named family with random weights."""
+    off = mm.unet_offload_device()
+    if family == "sd15":
+        cfg = supported.SD15(_unet(768, False))
+        cfg.unet_config["num_heads"] = 2
+        return _patcher(model_base.BaseModel(cfg, model_type=model_base.ModelType.EPS, device=off), seed)
+    if family == "sd2v":
+        cfg = supported.SD20(_unet(1024, True))
+        cfg.unet_config["num_head_channels"] = 16
+        return _patcher(model_base.BaseModel(cfg, model_type=model_base.ModelType.V_PREDICTION, device=off), seed)
+    if family == "sdxl":
+        cfg = supported.SDXL(_unet(2048, True, adm_in_channels=2816, num_classes="sequential", num_head_channels=16))
+        cfg.unet_config["num_head_channels"] = 16
+        return _patcher(model_base.SDXL(cfg, model_type=model_base.ModelType.EPS, device=off), seed)
+    if family == "sd3":
+        cfg = supported.SD3(dict(
+            in_channels=16, out_channels=16, patch_size=2, depth=2, input_size=None, adm_in_channels=2048,
+            pos_embed_scaling_factor=None, pos_embed_max_size=32, num_patches=32 * 32,
+            context_embedder_config={"target": "torch.nn.Linear", "params": {"in_features": 4096, "out_features": 128}},
+            x_block_self_attn_layers=[], dtype=torch.float32,
+        ))
+        return _patcher(model_base.SD3(cfg, device=off), seed)
+    raise ValueError(f"unknown family {family!r}: expected one of {FAMILIES}")
+
+
+def conditioning(family: str, seed: int = 0, batch: int = 1, empty: bool = False) -> list:
+    """Hand-made CONDITIONING for ``family`` (what its text encoder would output, random)."""
+    g = torch.Generator().manual_seed(seed)
+
+    def rnd(*shape):
+        t = torch.randn(*shape, generator=g)
+        return torch.zeros_like(t) if empty else t
+
+    if family == "sd15":
+        return [[rnd(batch, 77, 768), {}]]
+    if family == "sd2v":
+        return [[rnd(batch, 77, 1024), {}]]
+    if family == "sdxl":
+        return [[rnd(batch, 77, 2048), {"pooled_output": rnd(batch, 1280), "width": 1024, "height": 1024}]]
+    if family == "sd3":
+        return [[rnd(batch, 77, 4096), {"pooled_output": rnd(batch, 2048)}]]
+    raise ValueError(f"unknown family {family!r}: expected one of {FAMILIES}")
