@@ -5,7 +5,9 @@ Everything is measured side by side in this one run, and printed as ratios:
 
 1. ``select`` wall time for K candidates and several micro-batch sizes, relative to one
    20-step cfg generation of the same batch (the cost a user compares against).
-2. For both optimizers (the paper's momentum GD, our fixed-point steps): the stability after
+2. The rank correlation (Spearman) of the cheap N-step score with the 20-step score, over
+   ``--seeds`` seeds for three digit classes, with best-of-8's cost at N steps.
+3. For both optimizers (the paper's momentum GD, our fixed-point steps): the stability after
    each step, and the number of steps each needs to reach the stability the paper's method has
    after its full 100 steps.
 """
@@ -33,12 +35,20 @@ def _time(fn, repeat=3):
     return best
 
 
+def _spearman(a: torch.Tensor, b: torch.Tensor) -> float:
+    ra = torch.argsort(torch.argsort(a)).double()
+    rb = torch.argsort(torch.argsort(b)).double()
+    ra, rb = ra - ra.mean(), rb - rb.mean()
+    return float((ra * rb).sum() / (ra.norm() * rb.norm()))
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("--batch", type=int, default=4, help="latent batch (items) per run")
     p.add_argument("--score-steps", type=int, default=10)
     p.add_argument("--cfg", type=float, default=3.0)
     p.add_argument("--paper-lr", type=float, default=100.0)
+    p.add_argument("--seeds", type=int, default=48, help="seeds per class for the rank correlation")
     args = p.parse_args()
 
     torch.set_grad_enabled(False)
@@ -67,7 +77,30 @@ def main() -> None:
         passes = k * st.round_trip_passes(args.score_steps) / 40
         print(f"{k:>4} " + " ".join(cells) + f"   {passes:8.2f}")
 
-    print("\n2. optimizer: mean stability after each step")
+    print(f"\n2. cheap score vs the 20-step score: Spearman over {args.seeds} seeds, classes 1, 3, 8; "
+          "best-of-8 cost at N steps (8 candidates in one micro-batch, batch 1)")
+    print(f"{'N':>4} {'class 1':>8} {'class 3':>8} {'class 8':>8} {'passes/gen':>11} {'wall/gen':>9}")
+    ref, table = {}, {}
+    for lab in (1, 3, 8):
+        g1, u1 = toy.denoiser(torch.tensor([lab]), cfg=args.cfg), toy.denoiser(torch.tensor([lab]), cfg=1.0)
+        cands = torch.stack([seeded_noise(s, (1, *toy.latent_shape)) for s in range(args.seeds)])
+        for n in (20, 2, 3, 4, 6, 10):
+            sc = st.select(g1, cands, get_sigmas(toy.table, "normal", n), kind, micro_batch=args.seeds,
+                           inverse_denoiser=u1, keep_x0=False).scores[:, 0]
+            if n == 20:
+                ref[lab] = sc
+            else:
+                table.setdefault(n, []).append(_spearman(sc, ref[lab]))
+    g1, u1 = toy.denoiser(torch.tensor([3]), cfg=args.cfg), toy.denoiser(torch.tensor([3]), cfg=1.0)
+    one = seeded_noise(0, (1, *toy.latent_shape))
+    gen1 = _time(lambda: ode.sample(g1, noise_to_x(one, kind, float(gen_sigmas[0])), gen_sigmas))
+    c8 = torch.stack([seeded_noise(s, (1, *toy.latent_shape)) for s in range(8)])
+    for n, rhos in table.items():
+        sig = get_sigmas(toy.table, "normal", n)
+        t8 = _time(lambda: st.select(g1, c8, sig, kind, micro_batch=8, inverse_denoiser=u1, keep_x0=False))
+        print(f"{n:>4} " + " ".join(f"{r:8.3f}" for r in rhos) + f" {8 * st.round_trip_passes(n) / 40:11.2f} {t8 / gen1:9.2f}")
+
+    print("\n3. optimizer: mean stability after each step")
     paper = st.optimize(guided, base, score_sigmas, kind, method="momentum", steps=100, lr=args.paper_lr,
                         inverse_denoiser=unguided)
     paper_x = st.optimize(guided, base, score_sigmas, kind, method="momentum", steps=100, lr=args.paper_lr * 30,
