@@ -4,6 +4,7 @@
 ``python -m noisecraft fetch NAME [--dest DIR] [--comfyui DIR] [--url URL]``: download a weight file
 from the manifest (resumable, sha256-checked) into the right ComfyUI folder.
 ``python -m noisecraft fetch --list``: the known weight files.
+``python -m noisecraft convert SRC DST [--preset P]``: an NPNet .pth as safetensors with metadata.
 """
 
 from __future__ import annotations
@@ -128,6 +129,18 @@ def _fetch(args: argparse.Namespace) -> int:
     return 0
 
 
+def _convert(args: argparse.Namespace) -> int:
+    from .npnet import convert_pth_to_safetensors
+
+    try:
+        out = convert_pth_to_safetensors(args.src, args.dst, preset=args.preset, overwrite=args.overwrite)
+    except (ValueError, FileExistsError, FileNotFoundError) as exc:
+        sys.stderr.write(f"noisecraft convert: {exc}\n")
+        return 2
+    sys.stdout.write(f"{out}\n")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="noisecraft", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -151,6 +164,16 @@ def main(argv: list[str] | None = None) -> int:
                        help="resume a broken transfer this many times before giving up (default 3; 0: never)")
     fetch.add_argument("--timeout", type=float, default=30, help="network timeout in seconds (default 30)")
     fetch.set_defaults(func=_fetch)
+    convert = sub.add_parser(
+        "convert", help="convert an NPNet .pth (official layout) to safetensors with metadata",
+        description="Read an NPNet checkpoint (official .pth via torch.load(weights_only=True), or a safetensors "
+                    "repack), check it strictly, and write it as safetensors with noisecraft.* metadata.")
+    convert.add_argument("src", help="the .pth or .safetensors to read")
+    convert.add_argument("dst", help="the .safetensors to write (must not exist unless --overwrite)")
+    convert.add_argument("--preset", choices=["sdxl", "dreamshaper", "dit"],
+                         help="which official NPNet this is (SDXL and DreamShaper files have the same shapes)")
+    convert.add_argument("--overwrite", action="store_true", help="replace dst if it exists")
+    convert.set_defaults(func=_convert)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     return args.func(args)
