@@ -5,6 +5,8 @@
 from the manifest (resumable, sha256-checked) into the right ComfyUI folder.
 ``python -m noisecraft fetch --list``: the known weight files.
 ``python -m noisecraft convert SRC DST [--preset P]``: an NPNet .pth as safetensors with metadata.
+``python -m noisecraft train-refiner (--toy | --model DIR --prompts FILE) [--out DIR] [--resume] ...``:
+train a NoiseRefine refiner LoRA with MSD (teacher cache first, then the trainer).
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ from pathlib import Path
 
 
 def _demo(args: argparse.Namespace) -> int:
-    from .demo import DemoConfig, format_table, run_demo
+    from .demo import DemoConfig, format_gap, format_table, gap_summary, run_demo
 
     config = DemoConfig()
     if args.quick:
@@ -26,6 +28,7 @@ def _demo(args: argparse.Namespace) -> int:
     rows = run_demo(Path(args.out), config)
     total = time.perf_counter() - t0
     sys.stdout.write(format_table(rows) + "\n")
+    sys.stdout.write(format_gap(gap_summary(rows)) + "\n")
     sys.stdout.write(f"\nwrote {Path(args.out) / 'results.json'} and {Path(args.out) / 'samples.png'} "
                      f"({total:.1f} s in all)\n")
     return 0
@@ -141,6 +144,89 @@ def _convert(args: argparse.Namespace) -> int:
     return 0
 
 
+# -- train-refiner --------------------------------------------------------------------------------
+
+
+def _train_refiner(args: argparse.Namespace) -> int:
+    import torch
+
+    from .sigmas import get_sigmas
+    from .train import RefinerTrainConfig, build_teacher_cache, diffusers_host, toy_host, train_refiner
+
+    log = logging.getLogger("noisecraft.train-refiner")
+    if args.toy == bool(args.model):
+        sys.stderr.write("noisecraft train-refiner: give either --toy or --model DIR (a local diffusers folder)\n")
+        return 2
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        if args.toy:
+            host = toy_host()
+            cfg_scale = 3.0 if args.cfg is None else args.cfg
+        else:
+            if not args.prompts:
+                sys.stderr.write("noisecraft train-refiner: --model needs --prompts FILE (one prompt per line)\n")
+                return 2
+            prompts = [ln.strip() for ln in Path(args.prompts).read_text(encoding="utf-8").splitlines() if ln.strip()]
+            host = diffusers_host(args.model, prompts, prompt_embeds=args.prompt_embeds,
+                                  negative_prompt=args.negative, device=device)
+            cfg_scale = 7.0 if args.cfg is None else args.cfg
+    except (ImportError, FileNotFoundError, ValueError, OSError) as exc:
+        sys.stderr.write(f"noisecraft train-refiner: {exc}\n")
+        return 2
+    out = Path(args.out)
+    cache_dir = Path(args.cache) if args.cache else out / "teacher_cache"
+    if (out / "checkpoint.safetensors").is_file() and not args.resume:
+        sys.stderr.write(f"noisecraft train-refiner: {out} already holds a checkpoint: add --resume to continue it, "
+                         "or choose another --out\n")
+        return 2
+    shape = tuple(int(v) for v in (args.latent_shape or ()))
+    if not shape:
+        c = int(host.unet.config.in_channels)
+        size = int(host.unet.config.sample_size)
+        shape = (c, size, size)
+    t0 = time.perf_counter()
+    last = [0.0]
+
+    def cache_progress(done, total):
+        if time.perf_counter() - last[0] > 5 or done == total:
+            last[0] = time.perf_counter()
+            log.info("teacher cache: %d / %d samples", done, total)
+
+    try:
+        cache = build_teacher_cache(
+            cache_dir, lambda c: host.denoiser(c, cfg=cfg_scale), shape=shape,
+            conds=host.cond_labels or list(range(host.conds.shape[0])), total=args.samples,
+            sigmas=get_sigmas(host.table, args.scheduler, args.teacher_steps), kind=host.table.kind.value,
+            base_seed=args.seed_base, meta={"model": host.base_model, "cfg": cfg_scale, "scheduler": args.scheduler,
+                                            "guidance": "cfg"},
+            shard_size=args.shard_size, batch_size=args.batch, progress=cache_progress)
+        log.info("teacher cache ready: %s (%d samples, %.0f s)", cache.root, cache.total, time.perf_counter() - t0)
+        config = RefinerTrainConfig(
+            steps=args.steps, rank=args.rank, alpha=args.alpha, lr=args.lr, batch_size=args.batch,
+            grad_accum=args.grad_accum, student_steps=args.student_steps, scheduler=args.scheduler,
+            precision=args.precision, seed=args.seed, checkpoint_every=args.checkpoint_every,
+            warmup=args.warmup, lr_schedule=args.lr_schedule)
+
+        def progress(step, total, rec):
+            if step % 10 == 0 or step == total:
+                log.info("step %d/%d  loss %.5f  residual rms %.4f  %.0f s", step, total, rec["loss"],
+                         rec["residual_rms"], rec["wall_s"])
+
+        result = train_refiner(host, cache, out, config, resume=args.resume, progress=progress)
+    except KeyboardInterrupt:
+        sys.stderr.write(f"noisecraft train-refiner: interrupted; run the same command with --resume to continue "
+                         f"from the last checkpoint in {out}\n")
+        return 130
+    except (ValueError, FileExistsError, FileNotFoundError) as exc:
+        sys.stderr.write(f"noisecraft train-refiner: {exc}\n")
+        return 2
+    result.lora.remove()
+    sys.stdout.write(f"{result.refiner_path}\n")
+    sys.stdout.write(f"({result.step} steps, final loss {result.losses[-1]:.5f}; loss log {out / 'loss.jsonl'}, "
+                     f"plot {out / 'loss.png'}, {time.perf_counter() - t0:.0f} s in all)\n")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="noisecraft", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -174,6 +260,45 @@ def main(argv: list[str] | None = None) -> int:
                          help="which official NPNet this is (SDXL and DreamShaper files have the same shapes)")
     convert.add_argument("--overwrite", action="store_true", help="replace dst if it exists")
     convert.set_defaults(func=_convert)
+    tr = sub.add_parser(
+        "train-refiner", help="train a NoiseRefine refiner LoRA (MSD) on the toy model or a local diffusers model",
+        description="Build a teacher cache (guided sampling, paid once; a killed build resumes) and train a refiner "
+                    "LoRA with multistep score distillation. Writes refiner.safetensors (a kohya LoRA that ComfyUI's "
+                    "LoRA loader reads), checkpoint.safetensors, loss.jsonl and loss.png into --out.")
+    src = tr.add_argument_group("model")
+    src.add_argument("--toy", action="store_true", help="the shipped toy digits model (the 10 class labels are the prompts)")
+    src.add_argument("--model", help="a local diffusers folder (unet/, scheduler/, and tokenizer/ + text_encoder/ "
+                                     "unless --prompt-embeds is given)")
+    src.add_argument("--prompts", help="text file, one prompt per line (with --model)")
+    src.add_argument("--prompt-embeds", help="safetensors with 'cond' [P, L, D] and 'uncond' [1, L, D] (no text "
+                                             "encoder or transformers needed)")
+    src.add_argument("--negative", default="", help="the unconditional prompt for the teacher's CFG (default empty)")
+    src.add_argument("--latent-shape", type=int, nargs=3, metavar=("C", "H", "W"),
+                     help="latent size (default: the UNet's in_channels x sample_size^2)")
+    src.add_argument("--device", help="cpu or cuda (default: cuda when available)")
+    tr.add_argument("--out", default="refiner_out", help="output folder (default refiner_out)")
+    tr.add_argument("--cache", help="teacher cache folder (default <out>/teacher_cache); may be shared between runs")
+    tr.add_argument("--resume", action="store_true", help="continue from <out>/checkpoint.safetensors")
+    tr.add_argument("--steps", type=int, default=300, help="optimizer steps (default 300)")
+    tr.add_argument("--rank", type=int, default=4, help="LoRA rank (default 4; the paper uses 128 on SD2.1)")
+    tr.add_argument("--alpha", type=float, help="LoRA alpha (default = rank)")
+    tr.add_argument("--lr", type=float, default=1e-3, help="AdamW learning rate (default 1e-3)")
+    tr.add_argument("--lr-schedule", choices=["constant", "cosine"], default="cosine")
+    tr.add_argument("--warmup", type=int, default=10)
+    tr.add_argument("--batch", type=int, default=32, help="samples per micro-batch (default 32)")
+    tr.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step (default 1)")
+    tr.add_argument("--student-steps", type=int, default=10, help="N, unguided student steps (default 10)")
+    tr.add_argument("--teacher-steps", type=int, default=20, help="N', guided teacher steps (default 20)")
+    tr.add_argument("--cfg", type=float, help="teacher CFG scale (default 3 for --toy, 7 otherwise)")
+    tr.add_argument("--scheduler", default="normal", help="sigma schedule name (default normal)")
+    tr.add_argument("--samples", type=int, default=1024, help="teacher-cache size (default 1024)")
+    tr.add_argument("--shard-size", type=int, default=256)
+    tr.add_argument("--seed-base", type=int, default=10_000, help="sample i starts from seed seed_base + i")
+    tr.add_argument("--seed", type=int, default=0, help="data-order seed")
+    tr.add_argument("--precision", choices=["auto", "fp32", "bf16", "fp16"], default="auto",
+                    help="autocast: auto = fp32 on CPU, bf16 (else fp16) on CUDA")
+    tr.add_argument("--checkpoint-every", type=int, default=50)
+    tr.set_defaults(func=_train_refiner)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     return args.func(args)

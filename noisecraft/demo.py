@@ -10,9 +10,17 @@ same starting noises into samples and scores them with the shipped digit classif
 * ``cfg + optimize (paper)`` / ``(fixed-point)``: the noise optimized for stability by the
   paper's momentum GD or by our fixed-point steps, then the 20-step cfg sample.
 
-Columns: classifier accuracy and mean confidence of the target class; the stability of the noise
-each row finally samples from (``before -> after`` for search rows); model passes per sample
-(search included); wall time of the row. Writes ``results.json`` and ``samples.png`` to ``--out``.
+* ``refined unguided (cfg 1)``: NoiseRefine (Ahn, Kang et al., arXiv:2412.03895) with the shipped
+  toy refiner LoRA (``noisecraft/assets/toy_refiner.safetensors``): the noise is refined once at
+  sigma_max with the class prompt (2 passes), then sampled for 20 steps without guidance.
+* ``refined + cfg``: the refined noise sampled with CFG (the paper's Table 6 case).
+
+Columns: classifier accuracy and mean confidence of the target class; latent MSE of each row's x0
+to the CFG row's x0 from the same noise (0 for the CFG row itself); the stability of the noise
+each row finally samples from (``before -> after`` for search and refined rows); model passes per
+sample (search and refinement included); wall time of the row. :func:`gap_summary` gives the share
+of the unguided -> CFG gap that refined-unguided sampling closes (accuracy and latent MSE).
+Writes ``results.json`` and ``samples.png`` to ``--out``.
 """
 
 from __future__ import annotations
@@ -34,7 +42,7 @@ from .sigmas import get_sigmas, noise_to_x
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["DemoConfig", "Row", "run_demo", "format_table", "save_grid"]
+__all__ = ["DemoConfig", "Row", "run_demo", "format_table", "gap_summary", "save_grid"]
 
 
 @dataclass
@@ -52,6 +60,7 @@ class DemoConfig:
     fixed_point_steps: int = 20
     fixed_point_patience: int = 4
     grid_columns: int = 10
+    refiner: bool = True  # add the NoiseRefine rows (needs noisecraft/assets/toy_refiner.safetensors)
 
 
 @dataclass
@@ -64,6 +73,7 @@ class Row:
     passes_per_sample: int
     wall_s: float
     extra: dict = field(default_factory=dict)
+    mse_to_cfg: Optional[float] = None
 
 
 class _Timer:
@@ -76,16 +86,46 @@ class _Timer:
 
 
 def format_table(rows: list[Row]) -> str:
-    head = f"{'method':<34} {'acc':>6} {'conf':>6} {'stability':>17} {'passes':>7} {'wall s':>7}"
+    head = f"{'method':<34} {'acc':>6} {'conf':>6} {'mse cfg':>8} {'stability':>17} {'passes':>7} {'wall s':>7}"
     lines = [head, "-" * len(head)]
     for r in rows:
         stab = f"{r.stability_before:.4f}"
         if r.stability_after is not None:
             stab += f" -> {r.stability_after:.4f}"
+        mse = "-" if r.mse_to_cfg is None else f"{r.mse_to_cfg:.4f}"
         lines.append(
-            f"{r.method:<34} {r.accuracy:>6.3f} {r.confidence:>6.3f} {stab:>17} {r.passes_per_sample:>7d} {r.wall_s:>7.2f}"
+            f"{r.method:<34} {r.accuracy:>6.3f} {r.confidence:>6.3f} {mse:>8} {stab:>17} {r.passes_per_sample:>7d} {r.wall_s:>7.2f}"
         )
     return "\n".join(lines)
+
+
+def gap_summary(rows: list[Row]) -> Optional[dict]:
+    """Share of the unguided -> CFG gap closed by refined-unguided sampling (None without those rows).
+
+    Accuracy: ``(acc_refined - acc_unguided) / (acc_cfg - acc_unguided)`` (NaN when CFG is not better);
+    latent MSE to the CFG x0: ``1 - mse_refined / mse_unguided``.
+    """
+    by = {r.method: r for r in rows}
+    u, c = rows[0], rows[1]
+    ref = by.get("refined unguided (cfg 1)")
+    if ref is None or u.mse_to_cfg is None or ref.mse_to_cfg is None:
+        return None
+    gap = c.accuracy - u.accuracy
+    return {
+        "accuracy": (ref.accuracy - u.accuracy) / gap if gap > 0 else float("nan"),
+        "latent_mse": 1.0 - ref.mse_to_cfg / u.mse_to_cfg if u.mse_to_cfg > 0 else float("nan"),
+        "speed_passes": ref.passes_per_sample / c.passes_per_sample,
+    }
+
+
+def format_gap(summary: Optional[dict]) -> str:
+    if summary is None:
+        return "(no refined rows: the unguided -> CFG gap closed is not measured)"
+    acc = summary["accuracy"]
+    acc_text = "n/a (cfg is not more accurate than unguided on these samples)" if math.isnan(acc) else f"{100 * acc:.0f}%"
+    return (f"refined unguided closes {acc_text} of the unguided -> cfg accuracy gap and "
+            f"{100 * summary['latent_mse']:.0f}% of the latent-MSE gap (to the cfg x0 of the same noise), "
+            f"at {summary['speed_passes']:.2f}x the cfg model passes")
 
 
 def save_grid(images: dict[str, torch.Tensor], path: Path, columns: int, scale: int = 4) -> None:
@@ -110,6 +150,34 @@ def save_grid(images: dict[str, torch.Tensor], path: Path, columns: int, scale: 
             canvas.paste(tile, (label_w + c * (cell_w + pad), y))
     path.parent.mkdir(parents=True, exist_ok=True)
     canvas.save(path)
+
+
+def _refined_rows(toy, cfg, sigma_max, base, base_stability, unguided, guided, generate, score, add, log) -> None:
+    """The NoiseRefine rows: refine once at sigma_max (2 passes), then sample unguided / with CFG."""
+    from .refine import refine_noise
+    from .toy import REFINER_WEIGHTS, load_toy_refiner
+
+    if not REFINER_WEIGHTS.is_file():
+        log(f"skipping the refined rows: {REFINER_WEIGHTS} is missing (python scripts/train_toy_refiner.py makes it)")
+        return
+    _, lora = load_toy_refiner(toy)
+    try:
+        kind = toy.table.kind
+        d_base, d_lora = lora.base_and_lora(unguided)
+        for method, denoiser, passes in (
+            ("refined unguided (cfg 1)", unguided, 2 + cfg.steps),
+            (f"refined + cfg {cfg.cfg:g}", guided, 2 + 2 * cfg.steps),
+        ):
+            with _Timer() as t:
+                e_hat = refine_noise(base, d_base, d_lora, kind, sigma_max)
+                with lora.disabled():
+                    x0 = generate(e_hat, denoiser)
+            with lora.disabled():
+                after = float(score(e_hat).mean())
+            add(method, x0, base_stability, after, passes, t.s,
+                residual_rms=float((e_hat - base).pow(2).mean().sqrt()))
+    finally:
+        lora.remove()
 
 
 def run_demo(
@@ -144,9 +212,12 @@ def run_demo(
     rows: list[Row] = []
     images: dict[str, torch.Tensor] = {}
 
+    x0_ref: dict[str, torch.Tensor] = {}
+
     def add(method, x0, before, after, passes, wall, **extra):
         q = score_digits(x0, labels)
-        row = Row(method, q["accuracy"], q["confidence"], before, after, passes, wall, extra)
+        mse = float((x0 - x0_ref["cfg"]).pow(2).mean()) if "cfg" in x0_ref else None
+        row = Row(method, q["accuracy"], q["confidence"], before, after, passes, wall, extra, mse)
         rows.append(row)
         images[method] = x0.detach()
         log(format_table([row]).splitlines()[-1])
@@ -154,12 +225,12 @@ def run_demo(
     with torch.no_grad():
         base_stability = float(score(base).mean())
 
-        with _Timer() as t:
-            x0 = generate(base, unguided)
-        add("unguided (cfg 1)", x0, base_stability, None, cfg.steps, t.s)
-
+        with _Timer() as t_u:
+            x0_u = generate(base, unguided)
         with _Timer() as t:
             x0_cfg = generate(base, guided)
+        x0_ref["cfg"] = x0_cfg
+        add("unguided (cfg 1)", x0_u, base_stability, None, cfg.steps, t_u.s)
         add(f"cfg {cfg.cfg:g}", x0_cfg, base_stability, None, gen_passes, t.s)
 
         with _Timer() as t:
@@ -200,6 +271,9 @@ def run_demo(
             add(label, x0, base_stability, float(res.best_score.mean()),
                 res.round_trips * trip_passes + gen_passes, t.s, **extra)
 
+        if cfg.refiner:
+            _refined_rows(toy, cfg, sigma_max, base, base_stability, unguided, guided, generate, score, add, log)
+
     if out_dir is not None:
         out_dir = Path(out_dir)
         out_dir.mkdir(parents=True, exist_ok=True)
@@ -209,6 +283,7 @@ def run_demo(
             "samples": n,
             "torch_threads": torch.get_num_threads(),
             "rows": [asdict(r) for r in rows],
+            "gap_closed_by_refined_unguided": gap_summary(rows),
         }
         (out_dir / "results.json").write_text(json.dumps(payload, indent=2))
         save_grid(images, out_dir / "samples.png", cfg.grid_columns)

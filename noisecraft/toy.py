@@ -35,6 +35,8 @@ __all__ = [
     "DigitClassifier",
     "load_toy",
     "load_classifier",
+    "load_toy_refiner",
+    "REFINER_WEIGHTS",
     "score_digits",
     "digits_to_x",
 ]
@@ -45,6 +47,7 @@ ASSETS = Path(__file__).resolve().parent / "assets"
 UNET_WEIGHTS = ASSETS / "toy_unet.safetensors"
 UNET_CONFIG = ASSETS / "toy_unet_config.json"
 CLASSIFIER_WEIGHTS = ASSETS / "toy_classifier.safetensors"
+REFINER_WEIGHTS = ASSETS / "toy_refiner.safetensors"
 
 _REPRODUCE = "run `python scripts/train_toy.py` from the repository root to rebuild noisecraft/assets/"
 
@@ -147,6 +150,24 @@ def load_toy(device: str | torch.device = "cpu", dtype: torch.dtype = torch.floa
         null_class=int(toy.get("null_class", num_classes)),
         latent_shape=(c, s, s),
     )
+
+
+def load_toy_refiner(model: ToyModel | None = None, path: str | Path | None = None):
+    """Hook the shipped NoiseRefine refiner LoRA onto the toy UNet; returns ``(model, lora)``.
+
+    ``lora`` is a :class:`noisecraft.lora.LoRASet` (enabled); use ``lora.base_and_lora(denoiser)``
+    with :func:`noisecraft.refine.refine_noise`, and ``lora.disabled()`` for plain sampling.
+    Made by ``scripts/train_toy_refiner.py`` (MSD, teacher cfg 3 / 20 steps, student cfg 1 / 10 steps).
+    """
+    from .lora import load_lora
+
+    model = model or load_toy()
+    path = Path(path) if path is not None else REFINER_WEIGHTS
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"toy refiner {path} is missing: run `python scripts/train_toy_refiner.py` from the repository root"
+        )
+    return model, load_lora(model.unet, path)
 
 
 class DigitClassifier(nn.Module):

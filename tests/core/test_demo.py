@@ -4,9 +4,10 @@ import json
 import subprocess
 import sys
 
+import pytest
 from PIL import Image
 
-from noisecraft.demo import DemoConfig, format_table, run_demo
+from noisecraft.demo import DemoConfig, format_gap, format_table, gap_summary, run_demo
 
 
 def test_small_demo_writes_results_and_grid(tmp_path):
@@ -14,16 +15,24 @@ def test_small_demo_writes_results_and_grid(tmp_path):
     rows = run_demo(tmp_path, cfg)
     methods = [r.method for r in rows]
     assert methods[0].startswith("unguided") and methods[1].startswith("cfg")
-    assert len(rows) == 5
+    assert len(rows) == 7
+    assert methods[5] == "refined unguided (cfg 1)" and methods[6].startswith("refined + cfg")
     for r in rows:
         assert 0.0 <= r.accuracy <= 1.0 and 0.0 < r.confidence <= 1.0
         assert -1.0 <= r.stability_before <= 1.0
         assert r.passes_per_sample >= 6 and r.wall_s > 0
     assert rows[1].passes_per_sample == 2 * rows[0].passes_per_sample  # cfg costs two passes a step
     # search rows never end below where they started: they keep the most stable noise seen
-    assert all(r.stability_after >= r.stability_before - 1e-6 for r in rows[2:])
+    assert all(r.stability_after >= r.stability_before - 1e-6 for r in rows[2:5])
+    # NoiseRefine rows: 2 refiner passes + the sampling; every row has a latent MSE to the cfg x0
+    assert rows[5].passes_per_sample == 2 + cfg.steps and rows[6].passes_per_sample == 2 + 2 * cfg.steps
+    assert rows[1].mse_to_cfg == 0.0 and all(r.mse_to_cfg is not None and r.mse_to_cfg >= 0 for r in rows)
+    assert rows[5].mse_to_cfg < rows[0].mse_to_cfg  # refined unguided lands closer to the cfg result
+    gap = gap_summary(rows)
+    assert gap is not None and gap["latent_mse"] > 0 and "gap" in format_gap(gap)
     data = json.loads((tmp_path / "results.json").read_text())
     assert [r["method"] for r in data["rows"]] == methods
+    assert data["gap_closed_by_refined_unguided"]["latent_mse"] == pytest.approx(gap["latent_mse"])
     img = Image.open(tmp_path / "samples.png")
     assert img.size[0] > 200 and img.size[1] > 5 * 8
     table = format_table(rows)
@@ -32,4 +41,4 @@ def test_small_demo_writes_results_and_grid(tmp_path):
 
 def test_cli_help_lists_demo():
     out = subprocess.run([sys.executable, "-m", "noisecraft", "--help"], capture_output=True, text=True)
-    assert out.returncode == 0 and "demo" in out.stdout
+    assert out.returncode == 0 and "demo" in out.stdout and "train-refiner" in out.stdout
