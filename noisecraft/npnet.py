@@ -46,9 +46,25 @@ Ours differs from the official run in one way, on purpose: the official inferenc
 ``eval()``, so timm's Swin-T keeps its default stochastic depth (drop_path_rate 0.1) active and
 the golden noise changes at every call. This Swin-T has no stochastic depth at all: it always
 computes what the official modules compute in eval mode (dropout rates are 0 everywhere, the
-BatchNorm is unused), so two calls on the same input give the same output. Singular-vector signs
-are whatever ``torch.linalg.svd`` returns on the device (LAPACK and cuSOLVER may differ and the
-MLPs see the signs); making that device-independent is a separate step.
+BatchNorm is unused), so two calls on the same input give the same output. ``NPNet.forward``
+feeds the singular vectors with the signs ``torch.linalg.svd`` returns on the device (LAPACK and
+cuSOLVER may differ and the MLPs see the signs): that is the official function.
+
+Beyond the official code, :func:`golden_noise` (what the nodes call) adds:
+
+- any latent size and aspect ratio (``resolution="residual"``): the net runs at its trained size on
+  a band-limited, still white, unit-variance view of the noise, and only its *change* is carried
+  back (band-limited) and added to the original noise, whose higher frequencies stay untouched;
+  the peers' resize-to-128-and-back is available as ``"resize"``, and ``"native"`` refuses other
+  sizes (benchmarks/bench_npnet_resolution.py measures the statistics);
+- prompts longer than 77 tokens (``long_prompt="truncate"`` or ``"chunks"``, :func:`fit_prompt`)
+  and one prompt per batch item;
+- device-independent output: ``canonical_signs=True`` fixes the sign of each singular pair
+  (:func:`canonicalize_svd_signs`) before the MLPs;
+- a ``strength`` (0 = off, 1 = the net's output).
+
+The SVD always runs in float32; the rest in the module's dtype (float32 as loaded; a caller may
+``.half()`` or ``.to(torch.bfloat16)`` the module). Everything here is stateless per call.
 
 Checkpoint flavours read by :func:`load_npnet` (all strict, no unpickling):
 
@@ -91,6 +107,15 @@ __all__ = [
     "official_state_dict",
     "save_npnet_safetensors",
     "convert_pth_to_safetensors",
+    "RESOLUTION_POLICIES",
+    "LONG_PROMPT_POLICIES",
+    "golden_noise",
+    "fit_prompt",
+    "to_trained_size",
+    "from_trained_size",
+    "band_map",
+    "canonicalize_svd_signs",
+    "random_npnet",
 ]
 
 logger = logging.getLogger(__name__)
@@ -433,6 +458,30 @@ class _SVDAttention(nn.Module):
         return self.proj(x.transpose(1, 2).reshape(b, n, c))
 
 
+def canonicalize_svd_signs(u: torch.Tensor, vh: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Fix the sign of every singular pair: the largest-magnitude entry of each column of ``u`` is
+    made positive, and the matching row of ``vh`` is flipped with it (``u_i -> -u_i, v_i -> -v_i``
+    leaves ``U diag(s) Vh`` unchanged). ``u`` [..., m, >= k], ``vh`` [..., k, n]; columns of ``u``
+    beyond k (a full U of a non-square matrix) are left alone. Two SVDs of the same matrix that
+    differ only in these signs (LAPACK vs cuSOLVER) give the same pair after this.
+
+    The convention is ambiguous only where the two largest entries of a column have nearly equal
+    magnitude and opposite signs. Measured on the 256-long singular vectors of Gaussian 256x256
+    matrices (benchmarks/bench_npnet_resolution.py): median gap 1.4e-2, against a float32-vs-float64
+    entry difference of ~3e-6; 2 vectors in 16,384 had a gap below 1e-5, and no canonical sign
+    differed between a float32 and a float64 SVD. So two devices can still disagree on about one
+    pair in 10^4 (a few % of 128x128 latents have one such pair), against about half of all pairs
+    without the convention.
+    """
+    k = vh.shape[-2]
+    uk = u[..., :k]
+    idx = uk.abs().argmax(dim=-2, keepdim=True)  # [..., 1, k]
+    sign = torch.gather(uk, -2, idx).sign()
+    sign = torch.where(sign == 0, torch.ones_like(sign), sign)
+    u = torch.cat([uk * sign, u[..., k:]], dim=-1) if u.shape[-1] > k else uk * sign
+    return u, vh * sign.transpose(-1, -2)
+
+
 class _SVDBranch(nn.Module):
     """Official ``SVDNoiseUnet``: predict new singular values, keep the singular vectors."""
 
@@ -458,13 +507,15 @@ class _SVDBranch(nn.Module):
         b = m.shape[0]
         return m.reshape(b, a, h, c, w).permute(0, 1, 3, 2, 4).reshape(b, a * c, h, w)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, canonical_signs: bool = False) -> torch.Tensor:
         b, ch, h, w = x.shape
         m = self.tile(x)
         # SVD in float32 whatever the module's dtype (no half-precision SVD); a square matrix gets
         # exactly the official call (full_matrices=True), a non-square one the reduced SVD.
         square = m.shape[-1] == m.shape[-2]
         u, s, vh = torch.linalg.svd(m.float(), full_matrices=square)
+        if canonical_signs:
+            u, vh = canonicalize_svd_signs(u, vh)
         u, s, vh = u.to(x.dtype), s.to(x.dtype), vh.to(x.dtype)
         z = self.mlp1(u.transpose(1, 2)) + self.mlp2(vh) + self.mlp3(s).unsqueeze(1)
         z = self.attention(z).mean(1)
@@ -543,17 +594,20 @@ class NPNet(nn.Module):
                 f"the whole batch) or one prompt per noise item ({bn})"
             )
 
-    def forward(self, noise: torch.Tensor, prompt_embeds: torch.Tensor) -> torch.Tensor:
+    def forward(self, noise: torch.Tensor, prompt_embeds: torch.Tensor, canonical_signs: bool = False) -> torch.Tensor:
         """Golden noise for ``noise`` [B, C, H, W] and ``prompt_embeds`` [1 or B, tokens, width].
 
         Computed in the parameters' dtype (float32 as loaded; the SVD always in float32) on the
-        parameters' device; returned with ``noise``'s dtype and device.
+        parameters' device; returned with ``noise``'s dtype and device. ``canonical_signs`` False
+        (default) is the official function: the MLPs see the singular vectors with the signs the
+        device's SVD returned. True applies :func:`canonicalize_svd_signs` first, which makes the
+        result independent of the SVD implementation (see :func:`golden_noise`).
         """
         self._check_inputs(noise, prompt_embeds)
         dtype, device = self.alpha.dtype, self.alpha.device
         x = noise.to(device=device, dtype=dtype)
         t = self.text_modulation(x, prompt_embeds)
-        out = self.unet_svd(x) + (2 * torch.sigmoid(self.alpha) - 1) * t
+        out = self.unet_svd(x, canonical_signs=canonical_signs) + (2 * torch.sigmoid(self.alpha) - 1) * t
         out = out + self.beta * self.unet_embedding(x + t)
         return out.to(device=noise.device, dtype=noise.dtype)
 
@@ -894,3 +948,271 @@ def convert_pth_to_safetensors(src: PathLike, dst: PathLike, preset: Optional[st
     out = save_npnet_safetensors(model, dst, extra)
     logger.info("converted %s -> %s (preset %s)", src, dst, model.preset or "unknown")
     return out
+
+
+# -- golden noise at any size, long prompts, device-independent signs ---------------------------
+
+RESOLUTION_POLICIES = ("residual", "resize", "native")
+LONG_PROMPT_POLICIES = ("truncate", "chunks")
+
+
+def _dct64(n: int) -> torch.Tensor:
+    """Orthonormal DCT-II, [n, n] float64 on the CPU, row k = basis vector k (pixel centres (i + 0.5) / n)."""
+    k = torch.arange(n, dtype=torch.float64, device="cpu").unsqueeze(1)
+    i = torch.arange(n, dtype=torch.float64, device="cpu").unsqueeze(0)
+    d = torch.cos(math.pi * (i + 0.5) * k / n) * math.sqrt(2.0 / n)
+    d[0] /= math.sqrt(2.0)
+    return d
+
+
+def _dct_matrix(n: int, device: Union[str, torch.device]) -> torch.Tensor:
+    return _dct64(n).to(device=device, dtype=torch.float32)
+
+
+def band_map(length: int, size: int, device: Union[str, torch.device] = "cpu") -> torch.Tensor:
+    """P [size, length]: the first min(size, length) DCT coefficients of a length-``length`` signal,
+    put back as the same coefficients of a length-``size`` signal (orthonormal DCTs on both sides).
+
+    P maps the same spatial frequency (cycles per image) to the same coefficient, with the
+    variance-preserving (orthonormal) scale: rows orthonormal when size <= length (P P^T = I),
+    columns orthonormal when size >= length (P^T P = I). P^T is the way back.
+    """
+    k = min(length, size)
+    return (_dct64(size)[:k].T @ _dct64(length)[:k]).to(device=device, dtype=torch.float32)
+
+
+def _fill_seed(item: torch.Tensor) -> int:
+    """A deterministic seed from one noise item's values (so that the fill is a function of the noise)."""
+    import hashlib
+
+    data = item.detach().to(device="cpu", dtype=torch.float32).contiguous().numpy().tobytes()
+    return int.from_bytes(hashlib.sha256(data).digest()[:8], "little") & ((1 << 63) - 1)
+
+
+def to_trained_size(noise: torch.Tensor, size: int) -> torch.Tensor:
+    """A [B, C, size, size] white unit-variance view of ``noise`` [B, C, H, W] (float32, noise's device).
+
+    Per axis, the DCT band both sizes share is copied (``band_map``): along an axis longer than
+    ``size`` this is an exact band-limited downsample with the variance-preserving factor (for
+    i.i.d. N(0, 1) input the output is i.i.d. N(0, 1), not the 1/k variance of a k-pixel average),
+    along a shorter axis the coefficients the input does not have are filled with fresh N(0, 1)
+    values from a ``torch.Generator`` seeded by a hash of that item's noise (deterministic, and
+    still exactly white). Nearest or bilinear resizing would duplicate or smooth values instead.
+    At ``H = W = size`` it returns the noise itself (as float32).
+    """
+    b, c, h, w = noise.shape
+    x = noise.float()
+    if (h, w) == (size, size):
+        return x
+    dev = x.device
+    ph, pw = band_map(h, size, dev), band_map(w, size, dev)
+    out = ph @ x @ pw.T
+    kh, kw = min(h, size), min(w, size)
+    if kh < size or kw < size:
+        d = _dct_matrix(size, dev)
+        missing = torch.ones(size, size, dtype=torch.bool)
+        missing[:kh, :kw] = False
+        z = torch.stack([torch.randn(c, size, size, generator=torch.Generator().manual_seed(_fill_seed(noise[i])))
+                         for i in range(b)])
+        out = out + d.T @ (z * missing).to(dev) @ d
+    return out
+
+
+def from_trained_size(residual: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    """Carry a [B, C, S, S] residual back to [B, C, height, width]: ``P_h^T r P_w`` (``band_map``), the
+    transpose of :func:`to_trained_size`'s copy, i.e. band-limited (DCT zero-pad / crop) resampling.
+
+    The residual's DCT coefficients land on the same spatial frequencies with the same values, so the
+    change stays the same number of standard deviations of the noise at every size (the per-pixel
+    amplitude of a smooth change scales by S / H along each axis; that is what keeps the output a
+    unit-variance noise). The result has no content above the shared band, so the input's higher
+    frequencies pass through unchanged. Identity at ``height = width = S``.
+    """
+    s = residual.shape[-1]
+    if (height, width) == (s, s):
+        return residual
+    dev = residual.device
+    return band_map(height, s, dev).T @ residual @ band_map(width, s, dev)
+
+
+def fit_prompt(prompt_embeds: torch.Tensor, tokens: int, long_prompt: str = "truncate") -> torch.Tensor:
+    """[B, T, W] prompt -> [B, tokens, W] for an NPNet trained on ``tokens`` tokens.
+
+    ComfyUI encodes a long prompt as 77-token chunks, concatenated: SDXL gives [B, 77 k, 2048].
+
+    - ``"truncate"``: the first ``tokens`` tokens, i.e. the first chunk (what the official pipeline
+      sees, its tokenizer truncates at 77, and what the peer ComfyUI packs do);
+    - ``"chunks"``: the token-wise mean of the ``T / tokens`` chunks. NPNet reads the prompt only
+      through one affine map (scale, shift) = linear(flatten(c)), so this is exactly the mean of
+      the chunks' (scale, shift), every chunk weighted equally (a padded last chunk counts fully).
+      T must be a multiple of ``tokens``.
+
+    T = ``tokens`` is returned unchanged by both; T < ``tokens`` is refused.
+    """
+    if long_prompt not in LONG_PROMPT_POLICIES:
+        raise ValueError(f"long_prompt: expected one of {LONG_PROMPT_POLICIES}, got {long_prompt!r}")
+    if prompt_embeds.ndim != 3:
+        raise ValueError(f"NPNet prompt_embeds: expected [B, T, width], got {list(prompt_embeds.shape)}; pass "
+                         f"the conditioning tensor of a text encoder")
+    b, t, w = prompt_embeds.shape
+    if t == tokens:
+        return prompt_embeds
+    if t < tokens:
+        raise ValueError(f"NPNet prompt_embeds: {t} tokens, this NPNet reads {tokens}; expected at least "
+                         f"{tokens} (ComfyUI's CLIP conditioning always has a multiple of 77): use the "
+                         f"conditioning of the text encoder this NPNet was trained for")
+    if long_prompt == "truncate":
+        return prompt_embeds[:, :tokens]
+    if t % tokens:
+        raise ValueError(f"NPNet long_prompt='chunks': {t} tokens is not a multiple of {tokens}; expected "
+                         f"concatenated {tokens}-token chunks (ComfyUI's long-prompt encoding): use "
+                         f"long_prompt='truncate' for this conditioning")
+    return prompt_embeds.float().reshape(b, t // tokens, tokens, w).mean(dim=1)
+
+
+def golden_noise(model: NPNet, noise: torch.Tensor, prompt_embeds: torch.Tensor, *, strength: float = 1.0,
+                 resolution: str = "residual", long_prompt: str = "truncate",
+                 canonical_signs: bool = True) -> torch.Tensor:
+    """Golden noise at any latent size: ``noise`` [B, C, H, W] -> same shape, dtype and device.
+
+    Args:
+        model: an NPNet (trained size S = ``model.config.latent_size``, 128 for the official ones).
+        noise: unit Gaussian noise (ComfyUI's NOISE output), any H, W, batch; C must be the NPNet's.
+        prompt_embeds: [1 or B, T, width] text conditioning (one prompt for all, or one per item).
+        strength: 0..1; 0 returns the noise unchanged without running the net, 1 is the net's change.
+            The result is ``noise + strength * change`` (a lerp toward the net's output at size S).
+        resolution: how sizes other than S x S are handled (at S x S all three are the official
+            output, mixed with the noise by ``strength``):
+
+            - ``"residual"`` (ours, default): ``x = to_trained_size(noise)`` (a white unit-variance
+              S x S view: band-limited resampling, see :func:`to_trained_size`), residual
+              ``r = npnet(x) - x`` at the trained size, carried back by band-limited resampling
+              (:func:`from_trained_size`) and added to the *original* noise:
+              ``out = noise + strength * from_trained_size(r)``. So ``out - from_trained_size(r)``
+              is the input noise, the frequencies above the shared band are the input's, and where
+              H, W >= S, ``to_trained_size(out) = npnet(x)`` exactly (strength 1): the net's output on
+              the band it saw, untouched noise elsewhere.
+            - ``"resize"`` (what the peer ComfyUI packs do): nearest-exact resize of the noise to S x S,
+              npnet, nearest-exact resize back; duplicates and drops values (neighbour correlation).
+            - ``"native"``: only S x S, anything else is refused.
+        long_prompt: ``"truncate"`` or ``"chunks"`` for T > tokens, see :func:`fit_prompt`.
+        canonical_signs: True (default) fixes the singular-vector signs before the SVD branch's MLPs
+            (:func:`canonicalize_svd_signs`), so CPU (LAPACK) and GPU (cuSOLVER) give the same output
+            up to float rounding. The official code feeds whatever signs its device's SVD returned:
+            the official output is matched exactly only where those signs already satisfy the
+            convention; elsewhere each flipped pair changes the predicted singular values (the
+            benchmark reports by how much). False reproduces the official function on this device.
+
+    Precision: the SVD always runs in float32; the rest in the module's dtype (``model.half()`` /
+    ``.to(torch.bfloat16)`` if the caller wants that; float32 as loaded); resampling and the residual
+    in float32 on the module's device. No autograd. The function is stateless: caching the module
+    (and freeing it) is the caller's job.
+
+    Choices (the paper and the official code only run 128x128, 77 tokens):
+
+    - The S x S view is band-limited (orthonormal DCT crop / extension), because for i.i.d. N(0, 1)
+      noise it is exactly i.i.d. N(0, 1) again, for any ratio: an area average of k pixels has
+      variance 1/k (a sqrt(k) factor fixes that only for integer ratios), nearest resizing
+      duplicates or drops values, bilinear smooths them (std 0.4-0.7 after resize-and-back, see
+      the benchmark). Along an axis shorter than S no linear map of fewer values can be white, so
+      the missing coefficients are fresh noise from a generator seeded by a hash of the item.
+    - The carry-back is the transpose (variance-preserving): the net's change lands coefficient by
+      coefficient on the same spatial frequencies with the same values, so it stays the same number
+      of the noise's standard deviations at every size and the output stays unit-variance-like. An
+      amplitude-preserving resize (bilinear) would keep instead the per-pixel size of a smooth change;
+      the two differ by a factor sqrt(H W) / S: 1.03 at 96x160 and within a few % for SDXL's ~1 MP
+      aspect buckets, 0.67 at 192x192, 2 at 64x64.
+    - ``canonical_signs`` defaults to True: the official output is no reproducible target (it depends
+      on the device's SVD signs, and the official inference leaves stochastic depth on, so it
+      changes at every call), and a shared workflow should give the same noise on CPU and GPU. The
+      canonical pattern is one of the sign patterns the SVD can return, as the ones the net saw in
+      training (cuSOLVER's, which follow the algorithm, not the data); how strongly the trained
+      MLPs react to signs cannot be measured without the official weights.
+    - A long prompt defaults to ``"truncate"`` (the official tokenizer and the peer packs see only the
+      first 77 tokens); ``"chunks"`` averages the chunks' modulation instead.
+    """
+    if resolution not in RESOLUTION_POLICIES:
+        raise ValueError(f"golden_noise resolution: expected one of {RESOLUTION_POLICIES}, got {resolution!r}")
+    if long_prompt not in LONG_PROMPT_POLICIES:
+        raise ValueError(f"golden_noise long_prompt: expected one of {LONG_PROMPT_POLICIES}, got {long_prompt!r}")
+    try:
+        strength = float(strength)
+    except (TypeError, ValueError):
+        raise ValueError(f"golden_noise strength: expected a number in [0, 1], got {strength!r}") from None
+    if not 0.0 <= strength <= 1.0:
+        raise ValueError(f"golden_noise strength: expected a number in [0, 1] (0 = off, 1 = the net's output), "
+                         f"got {strength}")
+    cfg = model.config
+    size = cfg.latent_size
+    if noise.ndim != 4 or noise.shape[1] != cfg.latent_channels:
+        raise ValueError(f"golden_noise noise: expected [B, {cfg.latent_channels}, H, W] (this NPNet was trained "
+                         f"for {cfg.latent_channels}-channel latents), got {list(noise.shape)}; use the NPNet "
+                         f"trained for your model's latent")
+    if strength == 0.0:
+        return noise.clone()
+    b, _, h, w = noise.shape
+    native = (h, w) == (size, size)
+    if resolution == "native" and not native:
+        raise ValueError(f"golden_noise resolution='native': this NPNet runs at {size}x{size} latents only, got "
+                         f"{h}x{w}; use resolution='residual' (any size) or a {size * 8}x{size * 8} image")
+    prompt = fit_prompt(prompt_embeds, cfg.tokens, long_prompt)
+    device = model.alpha.device
+    with torch.no_grad():
+        x = noise.to(device=device, dtype=torch.float32)
+        if native:
+            out = torch.lerp(x, model(x, prompt, canonical_signs=canonical_signs).float(), strength)
+        elif resolution == "resize":
+            small = F.interpolate(x, size=(size, size), mode="nearest-exact")
+            back = F.interpolate(model(small, prompt, canonical_signs=canonical_signs).float(), size=(h, w),
+                                 mode="nearest-exact")
+            out = torch.lerp(x, back, strength)
+        else:
+            x_s = to_trained_size(x, size)
+            r = model(x_s, prompt, canonical_signs=canonical_signs).float() - x_s
+            out = x + strength * from_trained_size(r, h, w)
+    return out.to(device=noise.device, dtype=noise.dtype)
+
+
+def random_npnet(config: Union[NPNetConfig, str] = "sdxl", seed: int = 0,
+                 device: Union[str, torch.device] = "cpu", golden_scale: float = 0.1) -> NPNet:
+    """An eval-mode NPNet with seeded random weights, for tests and benchmarks (NOT a trained model).
+
+    Weights ~ N(0, 1 / fan_in), norms ~ 1, drawn from ``torch.Generator().manual_seed(seed)`` in
+    ``state_dict`` order (the global RNG is not touched). ``golden_scale`` sets the size of the net's
+    change, so that the output is noise plus a modest change as a trained NPNet's is: the text
+    modulation's linear is scaled so that (scale, shift) have std ~``golden_scale`` for a
+    unit-variance prompt, the SVD branch's last layer (the change of the singular values) by
+    ``golden_scale``, ``alpha`` gives ``2 sigmoid(alpha) - 1 = golden_scale``, ``beta = golden_scale``.
+    The module is built on the CPU (so the weights do not depend on ``device``) and then moved.
+    """
+    if isinstance(config, str):
+        preset, cfg = _norm_preset(config), _preset_config(config)
+    else:
+        preset, cfg = None, config
+    with torch.device("meta"):
+        model = NPNet(cfg, preset=preset)
+    model = model.to_empty(device="cpu")
+    model._fill_buffers()
+    g = torch.Generator().manual_seed(seed)
+    p = min(max(golden_scale, 1e-6), 1 - 1e-6)
+    with torch.no_grad():
+        for key, t in model.state_dict().items():  # filled in place, in state_dict order
+            shape, leaf = tuple(t.shape), key.rsplit(".", 1)[-1]
+            if t.dtype != torch.float32:  # BatchNorm's counter
+                t.zero_()
+            elif leaf == "running_var":
+                t.fill_(1.0)
+            elif key == "alpha":
+                t.fill_(math.log((1 + p) / (1 - p)))  # 2 sigmoid(alpha) - 1 = p
+            elif key == "beta":
+                t.fill_(float(golden_scale))
+            elif len(shape) == 1:
+                t.normal_(0.0, 0.02, generator=g)
+                if leaf == "weight":  # LayerNorm / BatchNorm weights ~ 1, biases ~ 0
+                    t.add_(1.0)
+            else:
+                std = 1.0 / math.sqrt(math.prod(shape[1:]))
+                if key in (f"{_TEXT}.linear.weight", "unet_svd.mlp4.2.weight"):
+                    std *= golden_scale
+                t.normal_(0.0, std, generator=g)
+    return model.to(device).eval()

@@ -74,7 +74,7 @@ class Server:
             hist = self.get(f"/history/{pid}")
             if pid in hist and hist[pid].get("status", {}).get("completed") is not None:
                 entry = hist[pid]
-                if entry["status"].get("status_str") == "success" or entry["status"].get("completed"):
+                if entry["status"].get("status_str") in ("success", "error") or entry["status"].get("completed"):
                     return entry
             time.sleep(0.5)
         raise AssertionError(f"prompt {pid} did not finish in {timeout} s:\n{self.log_tail()}")

@@ -24,9 +24,16 @@ _MODEL_CACHE: dict = {}
 
 
 class TinyClip:
-    """What NC_Test_TextEncode needs: the text width of the tiny model's conditioning."""
+    """What NC_Test_TextEncode needs: the family and text width of the tiny model's conditioning."""
 
-    context_dim = 768
+    def __init__(self, family: str = "sd15"):
+        self.family = family
+        self.context_dim = {"sd15": 768, "sdxl": 2048}[family]
+
+
+def family_for(ckpt_name: str) -> str:
+    """The tiny model standing in for a checkpoint: SDXL-shaped for names with "xl", else SD1.5."""
+    return "sdxl" if "xl" in ckpt_name.lower() else "sd15"
 
 
 class TinyVae:
@@ -51,16 +58,19 @@ class TinyCheckpoint(io.ComfyNode):
     def define_schema(cls):
         return io.Schema(
             node_id="NC_Test_TinyCheckpoint", display_name="NC Test Tiny Checkpoint", category="noisecraft/test",
-            inputs=[io.String.Input("ckpt_name", default="tiny", tooltip="Ignored (stands in for a checkpoint name).")],
+            inputs=[io.String.Input("ckpt_name", default="tiny",
+                                    tooltip="Stands in for a checkpoint name: names with 'xl' give a tiny SDXL-shaped "
+                                    "model (2048-wide text), others a tiny SD1.5-shaped one.")],
             outputs=[io.Model.Output(display_name="MODEL"), io.Clip.Output(display_name="CLIP"),
                      io.Vae.Output(display_name="VAE")],
         )
 
     @classmethod
     def execute(cls, ckpt_name) -> io.NodeOutput:
-        if "sd15" not in _MODEL_CACHE:
-            _MODEL_CACHE["sd15"] = build("sd15", seed=0)
-        return io.NodeOutput(_MODEL_CACHE["sd15"], TinyClip(), TinyVae())
+        family = family_for(ckpt_name)
+        if family not in _MODEL_CACHE:
+            _MODEL_CACHE[family] = build(family, seed=0)
+        return io.NodeOutput(_MODEL_CACHE[family], TinyClip(family), TinyVae())
 
 
 class TinyTextEncode(io.ComfyNode):
@@ -78,7 +88,10 @@ class TinyTextEncode(io.ComfyNode):
         seed = int.from_bytes(hashlib.sha256(text.encode()).digest()[:8], "little")
         g = torch.Generator().manual_seed(seed)
         ctx = torch.randn(1, 77, clip.context_dim, generator=g) if text.strip() else torch.zeros(1, 77, clip.context_dim)
-        return io.NodeOutput([[ctx, {}]])
+        extra = {}
+        if clip.family == "sdxl":  # SDXL's text encoder also gives a pooled output (1280 wide)
+            extra["pooled_output"] = torch.randn(1, 1280, generator=g) if text.strip() else torch.zeros(1, 1280)
+        return io.NodeOutput([[ctx, extra]])
 
 
 class TinyVAEDecode(io.ComfyNode):
