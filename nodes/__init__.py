@@ -6,12 +6,13 @@ Only imported when ComfyUI is present (see the package ``__init__``).
 from comfy_api.latest import ComfyExtension, io
 
 from .nodes_npnet import NODES as NPNET_NODES
+from .nodes_refine import NODES as REFINE_NODES
 from .nodes_stability import NODES as STABILITY_NODES
 
 
 class NoiseCraftExtension(ComfyExtension):
     async def get_node_list(self) -> list[type[io.ComfyNode]]:
-        return [*STABILITY_NODES, *NPNET_NODES]
+        return [*STABILITY_NODES, *NPNET_NODES, *REFINE_NODES]
 
 
 async def comfy_entrypoint() -> NoiseCraftExtension:

@@ -30,9 +30,10 @@ SUBSTITUTE = {
 }
 OVERRIDES = {"EmptyLatentImage": {"width": 128, "height": 128}}
 NC_NODES = {"NC_InversionStabilitySelect", "NC_OptimizeNoise", "NC_NoiseToLatent", "NC_LoadNPNet",
-            "NC_NPNetGoldenNoise"}
+            "NC_NPNetGoldenNoise", "NC_LoadRefiner", "NC_RefineNoise"}
 REPORTING_NODES = {"NC_InversionStabilitySelect", "NC_OptimizeNoise"}  # the nodes that send UI data
 NPNET_FILES = {"sdxl.safetensors": "sdxl"}  # file name in the examples -> preset of the random stand-in
+REFINER_FILES = {"sd15_refiner.safetensors": "sd15"}  # file name in the examples -> tiny model family
 
 
 def _converter():
@@ -45,7 +46,8 @@ def _converter():
 
 def test_there_is_one_example_workflow_per_node_with_a_thumbnail():
     names = {p.stem for p in WORKFLOWS}
-    assert {"stability_select", "optimize_noise", "noise_to_latent", "npnet_golden_noise"} <= names
+    assert {"stability_select", "optimize_noise", "noise_to_latent", "npnet_golden_noise",
+            "refined_guidance_free"} <= names
     for p in WORKFLOWS:
         assert p.with_suffix(".png").is_file(), f"{p.name} has no same-name thumbnail"
 
@@ -74,16 +76,68 @@ def npnet_files(server):
     return folder
 
 
+def _tiny_model(family: str):
+    """The test pack's tiny model, built in this process (ComfyUI imported as a library, on the CPU)."""
+    import os
+
+    if COMFYUI_PATH := os.environ.get("COMFYUI_PATH"):
+        if COMFYUI_PATH not in sys.path:
+            sys.path.insert(0, COMFYUI_PATH)
+    from comfy.cli_args import args
+
+    args.cpu = True
+    args.use_pytorch_cross_attention = True
+    spec = importlib.util.spec_from_file_location("noisecraft_e2e_tiny_models", HERE / "nc_test_pack" / "tiny_models.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod.build(family, seed=0)
+
+
+@pytest.fixture(scope="session")
+def refiner_files(server):
+    """models/loras/<name> in the server's base folder: seeded random refiner LoRAs for the tiny models, in the
+    kohya format NoiseCraft exports (diffusers names from ComfyUI's unet_to_diffusers table)."""
+    import torch
+    from safetensors.torch import save_file
+
+    folder = server.base / "models" / "loras"
+    folder.mkdir(parents=True, exist_ok=True)
+    targets = ("to_q", "to_k", "to_v", "to_out.0", "conv1", "conv2", "ff.net.0.proj", "ff.net.2")
+    for name, family in REFINER_FILES.items():
+        if (folder / name).is_file():
+            continue
+        model = _tiny_model(family)
+        import comfy.utils  # importable once _tiny_model put ComfyUI on sys.path
+
+        weights = dict(model.model.named_parameters())
+        g = torch.Generator().manual_seed(0)
+        state = {}
+        for dname, lname in sorted(comfy.utils.unet_to_diffusers(model.model.model_config.unet_config).items()):
+            mod = dname[: -len(".weight")]
+            if not dname.endswith(".weight") or not any(mod == t or mod.endswith("." + t) for t in targets):
+                continue
+            w = weights["diffusion_model." + lname]
+            key = "lora_unet_" + mod.replace(".", "_")
+            state[f"{key}.lora_down.weight"] = torch.randn((2, *w.shape[1:]), generator=g) * 0.05
+            state[f"{key}.lora_up.weight"] = torch.randn((w.shape[0], 2, *([1] * (w.ndim - 2))), generator=g) * 0.05
+            state[f"{key}.alpha"] = torch.tensor(2.0)
+        save_file(state, str(folder / name), metadata={"noisecraft.kind": "refiner", "noisecraft.model_kind": "eps",
+                                                         "noisecraft.base_model": f"nc-test-tiny-{family}"})
+    return folder
+
+
 def _npnet_names(ui: dict) -> set:
     return {n["widgets_values"][0] for n in ui["nodes"] if n["type"] == "NC_LoadNPNet"}
 
 
 @pytest.mark.parametrize("path", WORKFLOWS, ids=[p.stem for p in WORKFLOWS])
-def test_example_workflow_runs_and_saves_images(server, object_info, npnet_files, path):
+def test_example_workflow_runs_and_saves_images(server, object_info, npnet_files, refiner_files, path):
     ui = json.loads(path.read_text())
     used = {n["type"] for n in ui["nodes"]}
     assert used & NC_NODES
     assert _npnet_names(ui) <= set(NPNET_FILES), "add the example's NPNet file to NPNET_FILES"
+    refiners = {n["widgets_values"][0] for n in ui["nodes"] if n["type"] == "NC_LoadRefiner"}
+    assert refiners <= set(REFINER_FILES), "add the example's refiner file to REFINER_FILES"
     prompt = _converter().to_api(ui, object_info, substitute=SUBSTITUTE, overrides=OVERRIDES)
     entry = server.run_prompt(prompt, ui)
     status = entry["status"]
@@ -112,3 +166,35 @@ def test_a_missing_npnet_file_fails_with_a_clear_error(server, object_info, npne
     assert errors and errors[0]["node_type"] == "NC_LoadNPNet"
     assert "'missing.safetensors' not found" in errors[0]["exception_message"]
     assert "models/npnet" in errors[0]["exception_message"].replace("\\", "/")
+
+
+def test_refined_example_saves_a_refined_and_a_cfg_image_that_differ(server, object_info, refiner_files):
+    ui = json.loads((REPO / "example_workflows" / "refined_guidance_free.json").read_text())
+    prompt = _converter().to_api(ui, object_info, substitute=SUBSTITUTE, overrides=OVERRIDES)
+    guiders = sorted(n["inputs"]["cfg"] for n in prompt.values() if n["class_type"] == "CFGGuider")
+    assert guiders == [1.0, 7.0]
+    entry = server.run_prompt(prompt, ui)
+    assert entry["status"]["status_str"] == "success", json.dumps(entry["status"]["messages"])[:3000]
+    arrays = {}
+    for out in entry["outputs"].values():
+        for img in out.get("images", []):
+            file = server.base / "output" / img.get("subfolder", "") / img["filename"]
+            arrays[img["filename"].split("_0")[0]] = np.asarray(Image.open(file).convert("RGB"), dtype=np.float32)
+    assert set(arrays) == {"noisecraft_refined_cfg1", "noisecraft_cfg7"}
+    assert np.abs(arrays["noisecraft_refined_cfg1"] - arrays["noisecraft_cfg7"]).max() > 1.0
+
+
+def test_a_refiner_for_another_model_fails_with_a_clear_error(server, object_info, refiner_files):
+    ui = json.loads((REPO / "example_workflows" / "refined_guidance_free.json").read_text())
+    prompt = _converter().to_api(ui, object_info, substitute=SUBSTITUTE, overrides=OVERRIDES)
+    ckpt = next(n for n in prompt.values() if n["class_type"] == "NC_Test_TinyCheckpoint")
+    ckpt["inputs"]["ckpt_name"] = "sd_xl_base_1.0.safetensors"  # the tiny SDXL-shaped model
+    for n in prompt.values():
+        if n["class_type"] == "NC_Test_TextEncode":
+            n["inputs"]["text"] += " (xl)"
+    entry = server.run_prompt(prompt, ui)
+    assert entry["status"]["status_str"] == "error"
+    errors = [m[1] for m in entry["status"]["messages"] if m[0] == "execution_error"]
+    assert errors and errors[0]["node_type"] == "NC_RefineNoise"
+    msg = errors[0]["exception_message"]
+    assert "sd15_refiner.safetensors (for nc-test-tiny-sd15" in msg and "does not fit this MODEL (SDXL)" in msg

@@ -1,0 +1,497 @@
+"""NoiseRefine nodes: load a refiner LoRA, turn any NOISE into refined noise for cfg-1 sampling.
+
+Paper: Ahn, Kang et al., "A Noise is Worth Diffusion Guidance" (arXiv:2412.03895). The residual,
+its strength and the model kinds live in :mod:`noisecraft.refine` (``refine_noise``); the file
+format is the one :mod:`noisecraft.lora` writes (kohya ``lora_unet_<diffusers name>`` keys). These
+nodes find the file, map its keys onto the ComfyUI model, and run the two refiner passes
+(``D_base`` and ``D_lora`` at ``sigma_max``, positive prompt only, cfg 1) through
+:func:`nodes.bridge.run_core`, so ComfyUI prepares the conditioning and the model's own patches.
+
+Choices where the issue was silent:
+
+* Folders: files are listed from ``models/noise_refiners`` (registered here as ComfyUI's
+  ``noise_refiners`` folder) and then ``models/loras``; a name in both resolves to
+  ``noise_refiners``. Only ``.safetensors`` (never unpickled).
+* What counts as a refiner: a safetensors file with plain LoRA pairs (``<key>.lora_down.weight``,
+  ``<key>.lora_up.weight``, optional ``<key>.alpha``). Metadata ``noisecraft.kind = refiner`` is
+  expected; a LoRA *without* ``noisecraft.kind`` loads with a warning in the log (it may come
+  from another trainer); one that declares another kind, a file with no LoRA pairs, or LoRA
+  variants (LoCon ``mid``, DoRA, LoHa/LoKr) are refused with an error. ``noisecraft.model_kind``
+  (eps/v/flow) is checked against the MODEL when Refine Noise runs: flow against eps/v is an error,
+  eps against v a warning (both refine by an eps difference).
+* Keys: mapped with ComfyUI's own table (``comfy.lora.model_lora_keys_unet``), which knows the
+  kohya names of both diffusers and ldm layouts and ``diffusion_model.<ldm name>``; every key
+  must map and every shape must fit, or the error names the refiner (file, ``noisecraft.base_model``)
+  and the model, with the first mismatches.
+* Attaching without re-patching: the LoRA is applied as a weight function
+  (``weight + alpha / rank * up @ down``, out of place, ComfyUI's LoRA merge) on ComfyUI's cast
+  path (``comfy.ops``' ``weight_function``), with one shared ``enabled`` flag: ``D_base`` runs with
+  it off, ``D_lora`` with it on, in the same loaded model. The functions are appended to the
+  target modules only for the duration of the two passes, inside the sampler, and removed
+  afterwards. We do *not* register them with ``ModelPatcher.add_weight_wrapper``: that re-rolls
+  the clone's ``patches_uuid``, so every switch between the refine clone and the sampler's MODEL
+  makes ComfyUI unpatch the weights (moving the model to its offload device) and patch them
+  again (re-merging the user's own LoRAs) - twice per generation. Scoped weight functions keep
+  the patcher's weights identical to the input MODEL's, so the refine pass loads nothing new.
+  ``benchmarks/bench_comfy_refine.py`` times both ways over three generations.
+* Strength: 0 is off (the input NOISE itself is returned, no model call); the accepted range is
+  ``noisecraft.refine``'s [0, 2]. The residual uses the model's ``sigma_max`` (the start of every
+  full-denoise schedule), also for img2img latents: the refiner was trained on pure noise.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections import OrderedDict
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Optional
+
+import torch
+from comfy_api.latest import io
+
+import comfy.lora
+import folder_paths
+
+from ..noisecraft.lora import read_lora_file
+from ..noisecraft.refine import STRENGTH_MAX, check_strength, refine_noise
+from ..noisecraft.sigmas import ModelKind
+from . import bridge
+from .noise import latent_samples
+
+log = logging.getLogger(__name__)
+
+CATEGORY = "noisecraft/refine"
+LOAD_NAME = "Load Refiner"
+REFINE_NAME = "Refine Noise"
+FOLDER = "noise_refiners"
+LORA_FOLDER = "loras"
+EXTENSIONS = {".safetensors"}
+CACHE_SIZE = 4
+_UNSUPPORTED_PARTS = (".lora_mid.weight", ".dora_scale", ".hada_w1_a", ".lokr_w1", ".diff", ".oft_blocks",
+                      ".lora_A.weight", ".lora_B.weight")
+
+RefinerType = io.Custom("REFINER")
+
+
+# -- folders ------------------------------------------------------------------------------------
+
+def register_folders() -> None:
+    """Register ``models/noise_refiners`` as ComfyUI's ``noise_refiners`` folder."""
+    if FOLDER not in folder_paths.folder_names_and_paths:
+        folder_paths.folder_names_and_paths[FOLDER] = ([], set(EXTENSIONS))
+    folder_paths.add_model_folder_path(FOLDER, os.path.join(folder_paths.models_dir, FOLDER))
+
+
+def _safetensors(names: list[str]) -> list[str]:
+    return [n for n in names if Path(n).suffix in EXTENSIONS]
+
+
+def refiner_files() -> list[str]:
+    """Refiner files of ``models/noise_refiners`` then ``models/loras`` (each name once)."""
+    register_folders()
+    out: list[str] = []
+    for folder in (FOLDER, LORA_FOLDER):
+        for n in _safetensors(folder_paths.get_filename_list(folder)):
+            if n not in out:
+                out.append(n)
+    return out
+
+
+def resolve_file(name: str) -> Path:
+    register_folders()
+    for folder in (FOLDER, LORA_FOLDER):
+        path = folder_paths.get_full_path(folder, name) if name else None
+        if path is not None:
+            return Path(path)
+    folders = folder_paths.get_folder_paths(FOLDER) + folder_paths.get_folder_paths(LORA_FOLDER)
+    raise FileNotFoundError(
+        f"{LOAD_NAME}: refiner file {name!r} not found; looked in {folders} (found: {refiner_files() or 'nothing'}). "
+        f"Put the .safetensors refiner (from `python -m noisecraft train-refiner` or NoiseCraft's training nodes) "
+        f"in models/noise_refiners or models/loras and refresh the node's file list"
+    )
+
+
+# -- the refiner file ----------------------------------------------------------------------------
+
+class Refiner:
+    """What travels on a REFINER socket: the LoRA pairs of a refiner file and its metadata.
+
+    ``pairs`` maps each LoRA key prefix to ``(down, up, alpha)`` (CPU tensors, alpha a float).
+    """
+
+    def __init__(self, pairs: dict, metadata: dict, name: str):
+        self.pairs = pairs
+        self.metadata = metadata
+        self.name = name
+
+    @property
+    def model_kind(self) -> Optional[ModelKind]:
+        kind = self.metadata.get("noisecraft.model_kind")
+        try:
+            return ModelKind.parse(kind) if kind else None
+        except ValueError:
+            return None
+
+    @property
+    def base_model(self) -> str:
+        return self.metadata.get("noisecraft.base_model", "unknown base model")
+
+    def describe(self) -> str:
+        return f"{self.name} (for {self.base_model}, {len(self.pairs)} layers)"
+
+    def __repr__(self) -> str:
+        return f"Refiner({self.describe()})"
+
+
+def parse_refiner(state: dict, metadata: dict, name: str) -> Refiner:
+    """Check a LoRA state dict + metadata and return a :class:`Refiner`; clear errors otherwise."""
+    kind = metadata.get("noisecraft.kind")
+    if kind is not None and kind != "refiner":
+        raise ValueError(
+            f"{LOAD_NAME}: {name} is a NoiseCraft {kind!r} file, not a refiner (noisecraft.kind = {kind!r}); "
+            f"load a refiner LoRA (noisecraft.kind = 'refiner')"
+        )
+    variants = sorted({k for k in state for part in _UNSUPPORTED_PARTS if k.endswith(part)})
+    if variants:
+        raise ValueError(
+            f"{LOAD_NAME}: {name} uses LoRA variants a refiner does not use (e.g. {variants[:3]}); expected plain "
+            f"'<key>.lora_down.weight' / '<key>.lora_up.weight' pairs as NoiseCraft writes them"
+        )
+    prefixes = sorted(k[: -len(".lora_down.weight")] for k in state if k.endswith(".lora_down.weight"))
+    if not prefixes:
+        raise ValueError(
+            f"{LOAD_NAME}: {name} holds no '<key>.lora_down.weight' tensors ({len(state)} tensors, e.g. "
+            f"{sorted(state)[:3]}): it is not a LoRA. Pick a refiner LoRA file; checkpoints go to Load Checkpoint"
+        )
+    pairs = {}
+    for p in prefixes:
+        down, up = state[f"{p}.lora_down.weight"], state.get(f"{p}.lora_up.weight")
+        if up is None:
+            raise ValueError(f"{LOAD_NAME}: {name} has {p}.lora_down.weight but no {p}.lora_up.weight")
+        if down.ndim < 2 or up.ndim < 2 or up.shape[1] != down.shape[0] or up[0].numel() != down.shape[0]:
+            raise ValueError(
+                f"{LOAD_NAME}: {name}: {p} has lora_down {list(down.shape)} and lora_up {list(up.shape)}; expected "
+                f"down [rank, in(, kh, kw)] and up [out, rank(, 1, 1)] with the same rank"
+            )
+        alpha_t = state.get(f"{p}.alpha")
+        alpha = float(alpha_t) if alpha_t is not None else float(down.shape[0])
+        pairs[p] = (down.to(torch.float32), up.to(torch.float32), alpha)
+    if kind is None:
+        log.warning("%s: %s has no noisecraft.kind metadata; using it as a refiner LoRA anyway", LOAD_NAME, name)
+    return Refiner(pairs, metadata, name)
+
+
+_CACHE: "OrderedDict[tuple, Refiner]" = OrderedDict()
+
+
+def _cache_key(path: Path) -> tuple:
+    st = path.stat()
+    return (str(path.resolve()), st.st_size, st.st_mtime_ns)
+
+
+def load_cached(name: str) -> Refiner:
+    path = resolve_file(name)
+    key = _cache_key(path)
+    hit = _CACHE.get(key)
+    if hit is not None:
+        _CACHE.move_to_end(key)
+        return hit
+    try:
+        state, meta = read_lora_file(path)
+    except (OSError, ValueError) as e:
+        raise ValueError(f"{LOAD_NAME}: could not read {path} as a safetensors LoRA ({e})") from e
+    except Exception as e:  # safetensors raises its own error type for a corrupt header
+        raise ValueError(f"{LOAD_NAME}: {path} is not a readable safetensors file ({type(e).__name__}: {e})") from e
+    refiner = parse_refiner(state, meta, name)
+    for old in [k for k in _CACHE if k[0] == key[0]]:
+        del _CACHE[old]
+    _CACHE[key] = refiner
+    while len(_CACHE) > CACHE_SIZE:
+        _CACHE.popitem(last=False)
+    log.info("%s: loaded %r", LOAD_NAME, refiner)
+    return refiner
+
+
+def clear_cache() -> None:
+    _CACHE.clear()
+
+
+# -- mapping onto a ComfyUI model ------------------------------------------------------------------
+
+class Target:
+    """One LoRA pair bound to a ComfyUI weight: module path, and ``scale * up @ down`` in its shape."""
+
+    def __init__(self, weight_key: str, down: torch.Tensor, up: torch.Tensor, scale: float):
+        self.weight_key = weight_key
+        self.module_path = weight_key[: -len(".weight")]
+        self.down = down.flatten(1)
+        self.up = up.flatten(1)
+        self.scale = scale
+        self._on: dict = {}
+
+    def delta(self, weight: torch.Tensor) -> torch.Tensor:
+        key = (weight.device, weight.dtype)
+        if key not in self._on:
+            up = self.up.to(weight.device, torch.float32) * self.scale
+            self._on[key] = (torch.mm(up, self.down.to(weight.device, torch.float32))
+                             .reshape(weight.shape).to(weight.dtype))
+        return self._on[key]
+
+    def release(self) -> None:
+        self._on.clear()
+
+
+def _model_label(model) -> str:
+    return bridge._model_name(model)
+
+
+def map_refiner(refiner: Refiner, model) -> list[Target]:
+    """Bind every LoRA pair of ``refiner`` to a weight of ComfyUI ``model`` (a ModelPatcher).
+
+    Raises a ValueError naming the refiner and the model when a key maps to no weight or a shape
+    does not fit (a refiner trained for another model).
+    """
+    base = model.model
+    key_map = comfy.lora.model_lora_keys_unet(base, {})
+    weights = dict(base.named_parameters())
+    targets, unknown, bad = [], [], []
+    for prefix, (down, up, alpha) in refiner.pairs.items():
+        wkey = key_map.get(prefix)
+        if wkey is None or wkey not in weights:
+            unknown.append(prefix)
+            continue
+        w = weights[wkey]
+        if up.shape[0] != w.shape[0] or down[0].numel() != w[0].numel() or up[0].numel() != down.shape[0]:
+            bad.append(f"{prefix}: up {list(up.shape)} @ down {list(down.shape)} vs {wkey} {list(w.shape)}")
+            continue
+        targets.append(Target(wkey, down, up, alpha / down.shape[0]))
+    if unknown or bad:
+        what = []
+        if unknown:
+            what.append(f"{len(unknown)} of its {len(refiner.pairs)} keys name no weight of the model "
+                        f"(e.g. {unknown[:3]})")
+        if bad:
+            what.append(f"{len(bad)} shapes do not fit (e.g. {bad[:2]})")
+        raise ValueError(
+            f"{REFINE_NAME}: the refiner {refiner.describe()} does not fit this MODEL ({_model_label(model)}): "
+            f"{'; '.join(what)}. It was trained for another model: load the refiner trained for this checkpoint, "
+            f"or train one for it"
+        )
+    return targets
+
+
+def check_kind(refiner: Refiner, kind: ModelKind, model) -> None:
+    want = refiner.model_kind
+    if want is None or want == kind:
+        return
+    if want.is_flow != kind.is_flow:
+        raise ValueError(
+            f"{REFINE_NAME}: the refiner {refiner.describe()} was trained for a {want.value} model "
+            f"(noisecraft.model_kind), but this MODEL ({_model_label(model)}) is a {kind.value} model; a refiner "
+            f"predicts {'a velocity' if want.is_flow else 'an eps'} difference and cannot be used across eps/v and "
+            f"flow models. Use a refiner trained for this model"
+        )
+    log.warning("%s: refiner %s was trained for a %s model, this MODEL is %s", REFINE_NAME, refiner.name,
+                want.value, kind.value)
+
+
+class RefinerSwitch:
+    """The refiner as weight functions on a loaded ComfyUI model, toggled by ``enabled``.
+
+    :meth:`attached` appends one function per target module to ``module.weight_function`` (the
+    list ``comfy.ops`` layers apply when they cast their weight) and restores the modules' own
+    lists on exit. With ``enabled`` False the function returns the weight unchanged.
+    """
+
+    def __init__(self, targets: list[Target]):
+        self.targets = targets
+        self.enabled = False
+
+    def _fn(self, target: Target):
+        def apply(weight: torch.Tensor) -> torch.Tensor:
+            if not self.enabled:
+                return weight
+            return weight + target.delta(weight)
+
+        return apply
+
+    @contextmanager
+    def attached(self, base_model: torch.nn.Module):
+        saved = []
+        try:
+            for t in self.targets:
+                module = base_model.get_submodule(t.module_path)
+                if not hasattr(module, "weight_function"):
+                    raise ValueError(
+                        f"{REFINE_NAME}: layer {t.module_path} ({type(module).__name__}) is not a ComfyUI layer with "
+                        f"weight functions; the refiner cannot be attached to this model"
+                    )
+                prev = module.__dict__.get("weight_function", None)
+                mine = [*module.weight_function, self._fn(t)]
+                module.weight_function = mine
+                saved.append((module, prev, mine))
+            yield self
+        finally:
+            self.enabled = False
+            for module, prev, mine in reversed(saved):
+                if module.__dict__.get("weight_function") is mine:
+                    if prev is None:
+                        del module.weight_function
+                    else:
+                        module.weight_function = prev
+            for t in self.targets:
+                t.release()
+
+
+# -- refined noise as a NOISE ----------------------------------------------------------------------
+
+class RefinedNoise:
+    """A NOISE: the input NOISE's tensor for the sampler's latent, refined by the refiner LoRA.
+
+    ``generate_noise`` asks the input NOISE for the same latent dict, then runs the two refiner
+    passes (:func:`noisecraft.refine.refine_noise`) at the model's ``sigma_max`` with cfg 1 and
+    the positive prompt, through :func:`nodes.bridge.run_core`. ``.seed`` is the input NOISE's.
+    """
+
+    def __init__(self, noise, model, refiner: Refiner, targets: list[Target], positive, strength: float,
+                 kind: ModelKind):
+        self.noise = noise
+        self.model = model
+        self.refiner = refiner
+        self.targets = targets
+        self.positive = positive
+        self.strength = float(strength)
+        self.kind = kind
+
+    @property
+    def seed(self):
+        return self.noise.seed
+
+    def generate_noise(self, input_latent: dict) -> torch.Tensor:
+        samples = latent_samples(input_latent)
+        base = self.noise.generate_noise(input_latent)
+        if not torch.is_tensor(base) or tuple(base.shape) != tuple(samples.shape):
+            got = list(base.shape) if torch.is_tensor(base) else type(base).__name__
+            raise ValueError(f"{REFINE_NAME}: the input NOISE gave {got} for a latent of shape "
+                             f"{list(samples.shape)}; use a NOISE made for this latent (re-run the node that made it)")
+        latent = bridge.prepare_latent(self.model, {"samples": base})
+        smax = bridge.sigma_max(self.model)
+        sigmas = torch.tensor([smax, 0.0], dtype=torch.float32)
+        switch = RefinerSwitch(self.targets)
+        kind, strength = self.kind, self.strength
+        progress = bridge.Progress(2)
+
+        def fn(ctx: bridge.BridgeContext) -> torch.Tensor:
+            def d_base(x, sigma):
+                switch.enabled = False
+                return ctx.denoiser(x, sigma)
+
+            def d_lora(x, sigma):
+                switch.enabled = True
+                try:
+                    return ctx.denoiser(x, sigma)
+                finally:
+                    switch.enabled = False
+
+            with switch.attached(ctx.model_wrap.inner_model):
+                e = base.to(ctx.device, torch.float32)
+                return refine_noise(e, d_base, d_lora, kind, smax, strength).to("cpu")
+
+        out = bridge.run_core(self.model, self.positive, self.positive, latent["samples"], fn, sigmas=sigmas,
+                              cfg=1.0, seed=self.seed, progress=progress)
+        return out.to(base.dtype)
+
+    def __repr__(self) -> str:
+        return f"RefinedNoise({self.noise!r}, {self.refiner.describe()}, strength={self.strength})"
+
+
+# -- nodes ----------------------------------------------------------------------------------------
+
+class LoadRefiner(io.ComfyNode):
+    """Load a refiner LoRA from models/noise_refiners or models/loras."""
+
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="NC_LoadRefiner",
+            display_name=LOAD_NAME,
+            category=CATEGORY,
+            description="Loads a NoiseRefine refiner LoRA (Ahn, Kang et al., arXiv:2412.03895) from "
+            "models/noise_refiners or models/loras (.safetensors). Feed it to Refine Noise, then sample with cfg 1.",
+            inputs=[
+                io.Combo.Input(
+                    "refiner_name", options=refiner_files(),
+                    tooltip="The refiner LoRA trained for your checkpoint (models/noise_refiners, then models/loras). "
+                    "Always used; to turn refinement off, set strength to 0 on Refine Noise.",
+                ),
+            ],
+            outputs=[RefinerType.Output(display_name="refiner", tooltip="The loaded refiner LoRA.")],
+        )
+
+    @classmethod
+    def fingerprint_inputs(cls, refiner_name):
+        try:
+            return _cache_key(resolve_file(refiner_name))
+        except FileNotFoundError:
+            return None
+
+    @classmethod
+    def execute(cls, refiner_name) -> io.NodeOutput:
+        return io.NodeOutput(load_cached(refiner_name))
+
+
+class RefineNoise(io.ComfyNode):
+    """NOISE + MODEL + REFINER + positive -> refined NOISE (computed when the sampler asks)."""
+
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="NC_RefineNoise",
+            display_name=REFINE_NAME,
+            category=CATEGORY,
+            description="Refines a noise with a refiner LoRA so that sampling WITHOUT guidance (cfg 1, one model pass "
+            "per step) looks close to the guided image (NoiseRefine, Ahn, Kang et al., arXiv:2412.03895). Costs two "
+            "single-prompt model passes once per image. Connect RandomNoise (or NPNet Golden Noise) in, the output to "
+            "SamplerCustomAdvanced's noise, and use a CFGGuider with cfg 1.0.",
+            inputs=[
+                io.Noise.Input("noise", tooltip="The noise to refine, e.g. RandomNoise; its seed is kept. Always used."),
+                io.Model.Input("model", tooltip="The model you sample with (the refiner's base model). Not modified. "
+                               "Unused when strength is 0."),
+                RefinerType.Input("refiner", tooltip="From Load Refiner; trained for this model. Unused when strength "
+                                  "is 0."),
+                io.Conditioning.Input("positive", tooltip="Your positive prompt (the same as the sampler's). Unused "
+                                      "when strength is 0."),
+                io.Float.Input(
+                    "strength", default=1.0, min=0.0, max=STRENGTH_MAX, step=0.05,
+                    tooltip=f"How much of the refiner's change to apply: 1 = as trained, 0 turns it off (the input noise "
+                    f"passes through unchanged), up to {STRENGTH_MAX:g} exaggerates it.",
+                ),
+            ],
+            outputs=[io.Noise.Output(display_name="noise", tooltip="The refined noise; same seed as the input noise. "
+                                     "Sample it with cfg 1.")],
+        )
+
+    @classmethod
+    def execute(cls, noise, model, refiner, positive, strength=1.0) -> io.NodeOutput:
+        if not hasattr(noise, "generate_noise"):
+            raise ValueError(f"{REFINE_NAME}: expected a NOISE (e.g. from RandomNoise), got {type(noise).__name__}")
+        try:
+            strength = check_strength(strength)
+        except (TypeError, ValueError) as e:
+            raise ValueError(f"{REFINE_NAME}: {e}") from None
+        if strength == 0:
+            return io.NodeOutput(noise)
+        if not isinstance(refiner, Refiner):
+            raise ValueError(f"{REFINE_NAME}: expected a REFINER from {LOAD_NAME}, got {type(refiner).__name__}")
+        bridge.check_conditioning(positive, "positive")
+        kind = bridge.model_kind(model)
+        check_kind(refiner, kind, model)
+        targets = map_refiner(refiner, model)
+        return io.NodeOutput(RefinedNoise(noise, model, refiner, targets, positive, strength, kind))
+
+
+register_folders()
+
+NODES = [LoadRefiner, RefineNoise]
