@@ -7,6 +7,9 @@ from the manifest (resumable, sha256-checked) into the right ComfyUI folder.
 ``python -m noisecraft convert SRC DST [--preset P]``: an NPNet .pth as safetensors with metadata.
 ``python -m noisecraft train-refiner (--toy | --model DIR --prompts FILE) [--out DIR] [--resume] ...``:
 train a NoiseRefine refiner LoRA with MSD (teacher cache first, then the trainer).
+``python -m noisecraft collect-pairs (--toy | --model DIR --prompts FILE) [--out DIR] ...``: NPNet
+training pairs by re-denoise sampling (safetensors shards, resumable), optionally filtered.
+``python -m noisecraft train-npnet --pairs DIR [--out DIR] [--resume] ...``: train an NPNet on them.
 """
 
 from __future__ import annotations
@@ -227,6 +230,101 @@ def _train_refiner(args: argparse.Namespace) -> int:
     return 0
 
 
+def _host_from_args(args: argparse.Namespace, name: str):
+    """(host, shape) for --toy or --model; raises ValueError / FileNotFoundError / ImportError."""
+    import torch
+
+    from .train import diffusers_host, toy_host
+
+    if args.toy == bool(args.model):
+        raise ValueError("give either --toy or --model DIR (a local diffusers folder)")
+    if args.toy:
+        host = toy_host()
+    else:
+        if not args.prompts:
+            raise ValueError("--model needs --prompts FILE (one prompt per line)")
+        prompts = [ln.strip() for ln in Path(args.prompts).read_text(encoding="utf-8").splitlines() if ln.strip()]
+        device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+        host = diffusers_host(args.model, prompts, prompt_embeds=args.prompt_embeds, negative_prompt=args.negative,
+                              device=device)
+    shape = tuple(int(v) for v in (args.latent_shape or ()))
+    if not shape:
+        size = int(host.unet.config.sample_size)
+        shape = (int(host.unet.config.in_channels), size, size)
+    return host, shape
+
+
+def _collect_pairs(args: argparse.Namespace) -> int:
+    from .train import collect_pairs, toy_confidence_scorer
+
+    log = logging.getLogger("noisecraft.collect-pairs")
+    try:
+        host, shape = _host_from_args(args, "collect-pairs")
+        if args.filter == "toy-classifier" and not args.toy:
+            raise ValueError("--filter toy-classifier scores toy digits: use it with --toy (or --filter none)")
+        scorer = toy_confidence_scorer() if args.filter == "toy-classifier" else None
+        w_l = args.w_l if args.w_l is not None else (3.0 if args.toy else 5.5)
+        t0 = time.perf_counter()
+        last = [0.0]
+
+        def progress(done, total):
+            if time.perf_counter() - last[0] > 5 or done == total:
+                last[0] = time.perf_counter()
+                log.info("pairs: %d / %d", done, total)
+
+        store = collect_pairs(args.out, host, total=args.pairs, w_l=w_l, w_w=args.w_w, steps=args.steps,
+                              scheduler=args.scheduler, base_seed=args.seed_base, scorer=scorer, margin=args.margin,
+                              shard_size=args.shard_size, batch_size=args.batch, progress=progress, shape=shape)
+    except KeyboardInterrupt:
+        sys.stderr.write(f"noisecraft collect-pairs: interrupted; run the same command again to finish {args.out}\n")
+        return 130
+    except (ImportError, FileNotFoundError, ValueError, OSError) as exc:
+        sys.stderr.write(f"noisecraft collect-pairs: {exc}\n")
+        return 2
+    kept = int(store.column("kept").sum())
+    sys.stdout.write(f"{store.root}\n({store.total} pairs, {kept} kept, w_l {w_l:g}, w_w {args.w_w:g}, "
+                     f"{time.perf_counter() - t0:.0f} s)\n")
+    return 0
+
+
+def _train_npnet(args: argparse.Namespace) -> int:
+    from .train import NPNetTrainConfig, PairStore, npnet_config_for, train_npnet
+    from .train.npnet_trainer import SMALL_NPNET
+
+    log = logging.getLogger("noisecraft.train-npnet")
+    out = Path(args.out)
+    if (out / "checkpoint.safetensors").is_file() and not args.resume:
+        sys.stderr.write(f"noisecraft train-npnet: {out} already holds a checkpoint: add --resume to continue it, "
+                         "or choose another --out\n")
+        return 2
+    try:
+        pairs = PairStore(args.pairs)
+        arch = args.arch or ("small" if pairs.shape[-1] <= 32 else "official")
+        npnet_config = npnet_config_for(pairs, **(SMALL_NPNET if arch == "small" else {}))
+        config = NPNetTrainConfig(steps=args.steps, lr=args.lr, batch_size=args.batch, lr_schedule=args.lr_schedule,
+                                  warmup=args.warmup, weight_decay=args.weight_decay, margin=args.margin,
+                                  seed=args.seed, init_seed=args.init_seed, checkpoint_every=args.checkpoint_every)
+        t0 = time.perf_counter()
+
+        def progress(step, total, rec):
+            if step % 10 == 0 or step == total:
+                log.info("step %d/%d  loss %.5f  (identity %.5f)  %.0f s", step, total, rec["loss"],
+                         rec["identity_mse"], rec["wall_s"])
+
+        result = train_npnet(pairs, out, config, npnet_config, resume=args.resume, progress=progress,
+                             device=args.device or "cpu", metadata={"arch": arch})
+    except KeyboardInterrupt:
+        sys.stderr.write(f"noisecraft train-npnet: interrupted; run the same command with --resume to continue "
+                         f"from the last checkpoint in {out}\n")
+        return 130
+    except (ValueError, FileExistsError, FileNotFoundError) as exc:
+        sys.stderr.write(f"noisecraft train-npnet: {exc}\n")
+        return 2
+    sys.stdout.write(f"{result.npnet_path}\n({result.step} steps, {arch} NPNet, final loss {result.losses[-1]:.5f}; "
+                     f"loss log {out / 'loss.jsonl'}, plot {out / 'loss.png'}, {time.perf_counter() - t0:.0f} s)\n")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="noisecraft", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -299,6 +397,59 @@ def main(argv: list[str] | None = None) -> int:
                     help="autocast: auto = fp32 on CPU, bf16 (else fp16) on CUDA")
     tr.add_argument("--checkpoint-every", type=int, default=50)
     tr.set_defaults(func=_train_refiner)
+    cp = sub.add_parser(
+        "collect-pairs", help="collect NPNet training pairs (re-denoise sampling) on the toy or a local diffusers model",
+        description="Re-denoise sampling (Zhou et al., arXiv:2411.09502, Alg. 1): for each seed and prompt, one "
+                    "denoising step at CFG w_l and one inversion step at CFG w_w give the target noise; optionally "
+                    "kept only when a scorer prefers the image from the target noise. Writes safetensors shards and "
+                    "index.json into --out; running the same command again finishes a killed collection.")
+    src = cp.add_argument_group("model")
+    src.add_argument("--toy", action="store_true", help="the shipped toy digits model (the 10 class labels are the prompts)")
+    src.add_argument("--model", help="a local diffusers folder (SD1.x/SD2.x-class UNet; SDXL's extra conditioning "
+                                     "is not supported yet)")
+    src.add_argument("--prompts", help="text file, one prompt per line (with --model)")
+    src.add_argument("--prompt-embeds", help="safetensors with 'cond' [P, L, D] and 'uncond' [1, L, D]")
+    src.add_argument("--negative", default="", help="the unconditional prompt for CFG (default empty)")
+    src.add_argument("--latent-shape", type=int, nargs=3, metavar=("C", "H", "W"),
+                     help="latent size (default: the UNet's in_channels x sample_size^2)")
+    src.add_argument("--device", help="cpu or cuda (default: cuda when available)")
+    cp.add_argument("--out", default="npnet_pairs", help="pair folder (default npnet_pairs)")
+    cp.add_argument("--pairs", type=int, default=1024, help="number of pairs (default 1024)")
+    cp.add_argument("--w-l", type=float, help="CFG of the denoising step (default 3 for --toy, 5.5 otherwise: the paper's SDXL value)")
+    cp.add_argument("--w-w", type=float, default=1.0, help="CFG of the inversion step (default 1, the paper's)")
+    cp.add_argument("--steps", type=int, default=10, help="collection schedule steps (default 10, the paper's)")
+    cp.add_argument("--scheduler", default="normal", help="sigma schedule name (default normal)")
+    cp.add_argument("--filter", choices=["none", "toy-classifier"], default="none",
+                    help="keep-filter: none keeps every pair; toy-classifier (with --toy) keeps a pair when the digit "
+                         "classifier is more confident on the sample from the target noise")
+    cp.add_argument("--margin", type=float, default=0.0, help="filter threshold m: keep when score' > score + m (default 0)")
+    cp.add_argument("--seed-base", type=int, default=20_000, help="pair i starts from seed seed_base + i")
+    cp.add_argument("--shard-size", type=int, default=256)
+    cp.add_argument("--batch", type=int, default=64, help="samples per model batch (default 64)")
+    cp.set_defaults(func=_collect_pairs)
+    tn = sub.add_parser(
+        "train-npnet", help="train an NPNet (golden noise) on a folder of collected pairs",
+        description="MSE between NPNet(x_T, prompt) and the target noise, AdamW, one prompt per pair. Writes "
+                    "npnet.safetensors (loads in the Load NPNet node), checkpoint.safetensors, loss.jsonl and "
+                    "loss.png into --out.")
+    tn.add_argument("--pairs", required=True, help="the folder collect-pairs wrote")
+    tn.add_argument("--out", default="npnet_out", help="output folder (default npnet_out)")
+    tn.add_argument("--resume", action="store_true", help="continue from <out>/checkpoint.safetensors")
+    tn.add_argument("--arch", choices=["official", "small"],
+                    help="official: Swin-T at 224 and the official SVD widths (28M parameters); small: a 2-stage Swin "
+                         "at 32 (the toy NPNet's). Default: small for latents up to 32x32, else official")
+    tn.add_argument("--steps", type=int, default=600, help="optimizer steps (default 600)")
+    tn.add_argument("--lr", type=float, default=1e-3)
+    tn.add_argument("--lr-schedule", choices=["constant", "cosine"], default="cosine")
+    tn.add_argument("--warmup", type=int, default=20)
+    tn.add_argument("--weight-decay", type=float, default=0.01)
+    tn.add_argument("--batch", type=int, default=64, help="pairs per step (default 64, the paper's)")
+    tn.add_argument("--margin", type=float, help="re-filter the pairs by score margin (default: the stored kept flags)")
+    tn.add_argument("--seed", type=int, default=0, help="data-order seed")
+    tn.add_argument("--init-seed", type=int, default=0, help="weight-init seed")
+    tn.add_argument("--checkpoint-every", type=int, default=100)
+    tn.add_argument("--device", help="cpu or cuda (default cpu)")
+    tn.set_defaults(func=_train_npnet)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     return args.func(args)

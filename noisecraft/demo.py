@@ -14,6 +14,11 @@ same starting noises into samples and scores them with the shipped digit classif
   toy refiner LoRA (``noisecraft/assets/toy_refiner.safetensors``): the noise is refined once at
   sigma_max with the class prompt (2 passes), then sampled for 20 steps without guidance.
 * ``refined + cfg``: the refined noise sampled with CFG (the paper's Table 6 case).
+* ``golden noise (NPNet) + cfg``: NPNet (Zhou et al., arXiv:2411.09502) with the shipped toy NPNet
+  (``noisecraft/assets/toy_npnet.safetensors``, trained on re-denoise pairs of the toy model):
+  ``golden_noise`` of the base noise with the class token as the prompt, then the 20-step cfg
+  sample. NPNet is not a model pass (passes = the cfg row's); its time is in the row's wall time
+  and in ``extra["npnet_s"]``.
 
 Columns: classifier accuracy and mean confidence of the target class; latent MSE of each row's x0
 to the CFG row's x0 from the same noise (0 for the CFG row itself); the stability of the noise
@@ -61,6 +66,7 @@ class DemoConfig:
     fixed_point_patience: int = 4
     grid_columns: int = 10
     refiner: bool = True  # add the NoiseRefine rows (needs noisecraft/assets/toy_refiner.safetensors)
+    npnet: bool = True  # add the golden-noise row (needs noisecraft/assets/toy_npnet.safetensors)
 
 
 @dataclass
@@ -180,6 +186,24 @@ def _refined_rows(toy, cfg, sigma_max, base, base_stability, unguided, guided, g
         lora.remove()
 
 
+def _golden_row(toy, cfg, labels, base, base_stability, guided, generate, score, add, log) -> None:
+    """The NPNet row: golden noise from the class token (no model pass), then the cfg sample."""
+    from .npnet import golden_noise
+    from .toy import NPNET_WEIGHTS, load_toy_npnet
+
+    if not NPNET_WEIGHTS.is_file():
+        log(f"skipping the golden-noise row: {NPNET_WEIGHTS} is missing (python scripts/train_toy_npnet.py makes it)")
+        return
+    npnet = load_toy_npnet()
+    prompt = toy.cond(labels)
+    with _Timer() as t:
+        with _Timer() as t_net:
+            golden = golden_noise(npnet, base, prompt)
+        x0 = generate(golden, guided)
+    add(f"golden noise (NPNet) + cfg {cfg.cfg:g}", x0, base_stability, float(score(golden).mean()),
+        2 * cfg.steps, t.s, npnet_s=t_net.s, change_rms=float((golden - base).pow(2).mean().sqrt()))
+
+
 def run_demo(
     out_dir: Optional[Path] = None,
     config: Optional[DemoConfig] = None,
@@ -273,6 +297,8 @@ def run_demo(
 
         if cfg.refiner:
             _refined_rows(toy, cfg, sigma_max, base, base_stability, unguided, guided, generate, score, add, log)
+        if cfg.npnet:
+            _golden_row(toy, cfg, labels, base, base_stability, guided, generate, score, add, log)
 
     if out_dir is not None:
         out_dir = Path(out_dir)

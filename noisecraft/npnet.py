@@ -148,7 +148,9 @@ class NPNetConfig:
     channels are tiled ``a x c`` (a the largest divisor of C not above sqrt(C); 2 x 2 for C = 4)
     into one (a H) x (c W) matrix whose k = min of both sides singular values are predicted.
     ``tokens`` x ``text_width`` is the prompt embedding the text modulation reads. The Swin branch
-    is always Swin-T at 224x224 (the official design).
+    is Swin-T at 224x224 by default (the official design, every preset); the ``swin_*`` fields make
+    a smaller one for small models trained here (e.g. the toy NPNet: 32x32 input, 2 stages), read
+    back from a checkpoint's shapes when it is loaded.
     """
 
     latent_channels: int = 4
@@ -159,13 +161,34 @@ class NPNetConfig:
     svd_mlp4_hidden: int = 1024
     svd_heads: int = 8
     swin_classes: int = 1000  # the unused ImageNet head of swin_tiny_patch4_window7_224
+    # the Swin branch's shape (defaults: timm's swin_tiny_patch4_window7_224, the official one)
+    swin_img_size: int = 224
+    swin_patch: int = 4
+    swin_embed_dim: int = 96
+    swin_depths: tuple[int, ...] = (2, 2, 6, 2)
+    swin_heads: tuple[int, ...] = (3, 6, 12, 24)
+    swin_window: int = 7
 
     def __post_init__(self) -> None:
         for name in ("latent_channels", "latent_size", "text_width", "tokens", "svd_hidden",
-                     "svd_mlp4_hidden", "svd_heads", "swin_classes"):
+                     "svd_mlp4_hidden", "svd_heads", "swin_classes", "swin_img_size", "swin_patch",
+                     "swin_embed_dim", "swin_window"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"NPNetConfig.{name}: expected a positive int, got {value!r}")
+        for name in ("swin_depths", "swin_heads"):
+            value = tuple(getattr(self, name))
+            if not value or any(not isinstance(v, int) or isinstance(v, bool) or v < 1 for v in value):
+                raise ValueError(f"NPNetConfig.{name}: expected a non-empty tuple of positive ints, got {value!r}")
+            object.__setattr__(self, name, value)
+        if len(self.swin_depths) != len(self.swin_heads):
+            raise ValueError(f"NPNetConfig: swin_depths {self.swin_depths} and swin_heads {self.swin_heads} "
+                             f"need one entry per stage")
+        grid = self.swin_img_size // self.swin_patch
+        if self.swin_img_size % self.swin_patch or grid % (2 ** (len(self.swin_depths) - 1)):
+            raise ValueError(f"NPNetConfig: swin_img_size {self.swin_img_size} must be swin_patch "
+                             f"{self.swin_patch} x a multiple of 2^{len(self.swin_depths) - 1} (one halving "
+                             f"per stage after the first)")
         if self.svd_rank % self.svd_heads:
             raise ValueError(
                 f"NPNetConfig: the SVD branch's attention width (k = {self.svd_rank} singular values "
@@ -431,7 +454,10 @@ class _SwinBranch(nn.Module):
     def __init__(self, cfg: NPNetConfig):
         super().__init__()
         self.size = cfg.latent_size
-        self.swin = swin_tiny_patch4_window7_224(cfg.swin_classes)
+        self.swin = SwinTransformer(img_size=cfg.swin_img_size, patch_size=cfg.swin_patch,
+                                    embed_dim=cfg.swin_embed_dim, depths=cfg.swin_depths,
+                                    num_heads=cfg.swin_heads, window_size=cfg.swin_window,
+                                    num_classes=cfg.swin_classes)
         self.upconv = nn.Conv2d(self.swin.grid, cfg.latent_channels, kernel_size=1)
         self.downconv = nn.Conv2d(cfg.latent_channels, 3, kernel_size=1)
 
@@ -761,15 +787,51 @@ def _infer_config(flat: Mapping[str, torch.Tensor], metadata: Mapping[str, str],
     if rows % a or cols % c or rows // a != cols // c:
         raise ValueError(f"{source}: SVD branch inputs {rows} x {cols} do not fit {channels} channels tiled "
                          f"{a} x {c} on a square latent; not an NPNet layout NoiseCraft knows")
+    swin = _infer_swin(flat, source)
     # the attention's head count is not visible in shapes: the official 8 unless our metadata says otherwise
     try:
         return NPNetConfig(
             latent_channels=channels, latent_size=rows // a, text_width=lin[1] // tokens, tokens=tokens,
             svd_hidden=hidden, svd_mlp4_hidden=shape("unet_svd.mlp4.0.weight", 2)[0],
             svd_heads=_meta_int(metadata, "noisecraft.svd_heads", 8, source),
-            swin_classes=shape("unet_embedding.swin.head.fc.weight", 2)[0])
+            swin_classes=shape("unet_embedding.swin.head.fc.weight", 2)[0], **swin)
     except ValueError as exc:
         raise ValueError(f"{source}: {exc}") from exc
+
+
+def _infer_swin(flat: Mapping[str, torch.Tensor], source: str) -> dict:
+    """The Swin branch's ``swin_*`` config fields from its tensor shapes (Swin-T for the official files).
+
+    Patch size and width from the patch embedding, depths from the block count per stage, heads and
+    window from each stage's relative-position bias table ((2 win - 1)^2 rows, one column per head;
+    a window clipped to a small stage's map gives the largest one seen), the input size from the
+    output grid (the ``upconv``'s input channels) times the patch size and one halving per stage."""
+    pe = flat.get("unet_embedding.swin.patch_embed.proj.weight")
+    up = flat.get("unet_embedding.upconv.weight")
+    if pe is None or pe.ndim != 4 or up is None or up.ndim != 4:
+        return {}  # the layout check names what is missing
+    depths: dict[int, int] = {}
+    heads: dict[int, int] = {}
+    window = 1
+    prefix = "unet_embedding.swin.layers."
+    for key, value in flat.items():
+        if not key.startswith(prefix):
+            continue
+        parts = key[len(prefix):].split(".")
+        if len(parts) >= 4 and parts[1] == "blocks" and parts[0].isdigit() and parts[2].isdigit():
+            i, j = int(parts[0]), int(parts[2])
+            depths[i] = max(depths.get(i, 0), j + 1)
+            if parts[3:] == ["attn", "relative_position_bias_table"] and value.ndim == 2:
+                heads[i] = int(value.shape[1])
+                side = math.isqrt(int(value.shape[0]))
+                window = max(window, (side + 1) // 2)
+    stages = sorted(depths)
+    if not stages or stages != list(range(len(stages))) or set(heads) != set(stages):
+        return {}
+    patch = int(pe.shape[-1])
+    return {"swin_img_size": int(up.shape[1]) * patch * 2 ** (len(stages) - 1), "swin_patch": patch,
+            "swin_embed_dim": int(pe.shape[0]), "swin_depths": tuple(depths[i] for i in stages),
+            "swin_heads": tuple(heads[i] for i in stages), "swin_window": window}
 
 
 def _expected_shapes(cfg: NPNetConfig) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:

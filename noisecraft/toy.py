@@ -38,6 +38,9 @@ __all__ = [
     "load_toy_refiner",
     "REFINER_WEIGHTS",
     "score_digits",
+    "digit_confidence",
+    "load_toy_npnet",
+    "NPNET_WEIGHTS",
     "digits_to_x",
 ]
 
@@ -48,6 +51,7 @@ UNET_WEIGHTS = ASSETS / "toy_unet.safetensors"
 UNET_CONFIG = ASSETS / "toy_unet_config.json"
 CLASSIFIER_WEIGHTS = ASSETS / "toy_classifier.safetensors"
 REFINER_WEIGHTS = ASSETS / "toy_refiner.safetensors"
+NPNET_WEIGHTS = ASSETS / "toy_npnet.safetensors"
 
 _REPRODUCE = "run `python scripts/train_toy.py` from the repository root to rebuild noisecraft/assets/"
 
@@ -170,6 +174,23 @@ def load_toy_refiner(model: ToyModel | None = None, path: str | Path | None = No
     return model, load_lora(model.unet, path)
 
 
+def load_toy_npnet(path: str | Path | None = None, device: str | torch.device = "cpu"):
+    """The shipped toy NPNet (``noisecraft/assets/toy_npnet.safetensors``), eval mode.
+
+    A small NPNet (1 channel, 8x8, one 32-wide class token, a 2-stage Swin at 32x32) trained by
+    ``scripts/train_toy_npnet.py`` on re-denoise pairs of this toy model (w_l 3, w_w 1). Use it with
+    :func:`noisecraft.npnet.golden_noise` and ``ToyModel.cond(labels)`` as the prompt.
+    """
+    from .npnet import load_npnet
+
+    path = Path(path) if path is not None else NPNET_WEIGHTS
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"toy NPNet {path} is missing: run `python scripts/train_toy_npnet.py` from the repository root"
+        )
+    return load_npnet(path, device=device)
+
+
 class DigitClassifier(nn.Module):
     """MLP on flattened [-1, 1] digits: Linear-GELU blocks, then a 10-way head (logits)."""
 
@@ -213,6 +234,16 @@ def load_classifier(device: str | torch.device = "cpu") -> Callable[[torch.Tenso
 @functools.lru_cache(maxsize=4)
 def _cached_classifier(device: str) -> Callable[[torch.Tensor], torch.Tensor]:
     return load_classifier(device)
+
+
+@torch.no_grad()
+def digit_confidence(x0: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Per-sample classifier probability of the target class, [B] float32 on the CPU."""
+    labels = torch.as_tensor(labels).long().reshape(-1)
+    if labels.numel() != x0.shape[0]:
+        raise ValueError(f"need one label per sample: {x0.shape[0]} samples, {labels.numel()} labels")
+    probs = _cached_classifier(str(x0.device))(x0)
+    return probs.gather(1, labels.to(probs.device)[:, None]).squeeze(1).float().cpu()
 
 
 @torch.no_grad()

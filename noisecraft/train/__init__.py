@@ -1,4 +1,4 @@
-"""Training: the NoiseRefine teacher cache and refiner trainer (MSD).
+"""Training: the NoiseRefine teacher cache and refiner trainer (MSD); NPNet pairs and trainer.
 
 Paper: Ahn, Kang et al., "A Noise is Worth Diffusion Guidance" (arXiv:2412.03895), Sec. 3.3, App. D.
 """
@@ -15,6 +15,8 @@ from .refiner import (
     write_safetensors,
 )
 from .teacher_cache import TeacherBatch, TeacherCache, build_teacher_cache
+from .npnet_pairs import PairBatch, PairStore, collect_pairs, re_denoise, toy_confidence_scorer
+from .npnet_trainer import NPNetTrainConfig, NPNetTrainResult, init_npnet, npnet_config_for, train_npnet
 
 __all__ = [
     "TeacherCache",
@@ -29,4 +31,14 @@ __all__ = [
     "save_refiner",
     "write_safetensors",
     "plot_losses",
+    "PairStore",
+    "PairBatch",
+    "collect_pairs",
+    "re_denoise",
+    "toy_confidence_scorer",
+    "NPNetTrainConfig",
+    "NPNetTrainResult",
+    "train_npnet",
+    "init_npnet",
+    "npnet_config_for",
 ]

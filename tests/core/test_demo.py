@@ -15,8 +15,9 @@ def test_small_demo_writes_results_and_grid(tmp_path):
     rows = run_demo(tmp_path, cfg)
     methods = [r.method for r in rows]
     assert methods[0].startswith("unguided") and methods[1].startswith("cfg")
-    assert len(rows) == 7
+    assert len(rows) == 8
     assert methods[5] == "refined unguided (cfg 1)" and methods[6].startswith("refined + cfg")
+    assert methods[7].startswith("golden noise (NPNet) + cfg")
     for r in rows:
         assert 0.0 <= r.accuracy <= 1.0 and 0.0 < r.confidence <= 1.0
         assert -1.0 <= r.stability_before <= 1.0
@@ -26,6 +27,8 @@ def test_small_demo_writes_results_and_grid(tmp_path):
     assert all(r.stability_after >= r.stability_before - 1e-6 for r in rows[2:5])
     # NoiseRefine rows: 2 refiner passes + the sampling; every row has a latent MSE to the cfg x0
     assert rows[5].passes_per_sample == 2 + cfg.steps and rows[6].passes_per_sample == 2 + 2 * cfg.steps
+    # NPNet is not a model pass: the golden-noise row costs what the cfg row costs, plus NPNet's time
+    assert rows[7].passes_per_sample == rows[1].passes_per_sample and 0 < rows[7].extra["npnet_s"] < rows[7].wall_s
     assert rows[1].mse_to_cfg == 0.0 and all(r.mse_to_cfg is not None and r.mse_to_cfg >= 0 for r in rows)
     assert rows[5].mse_to_cfg < rows[0].mse_to_cfg  # refined unguided lands closer to the cfg result
     gap = gap_summary(rows)

@@ -1,0 +1,469 @@
+"""NPNet training pairs by re-denoise sampling, with a pluggable keep-filter, in safetensors shards.
+
+Paper: Zikai Zhou, Shitong Shao, Lichen Bai, Zhiqiang Xu, Bo Han, Zeke Xie,
+*Golden Noise for Diffusion Models: A Learning Framework*, arXiv:2411.09502 (2024), Sec. 3.1
+(re-denoise sampling, data selection), Alg. 1 (noise prompt dataset collection), App. A.5
+(CFG w_l 5.5 for SDXL, inverse CFG w_w 1.0, 10 inference steps for collection, HPSv2 filter with
+threshold m = 0).
+
+Re-denoise sampling (:func:`re_denoise`), for unit noise ``e`` and condition ``c``::
+
+    x_T   = noise_to_x(e)                                   # at sigma_max = sigmas[0]
+    x_T-1 = one Euler (= DDIM eta 0) step, CFG w_l, sigmas[0] -> sigmas[1]     (ode.sample)
+    x'_T  = one inversion step,  CFG w_w, sigmas[1] -> sigmas[0]              (ode.invert)
+    e'    = x_to_noise(x'_T)                                # the target noise
+
+``sigmas`` is the collection schedule (the paper: the model's usual sampler with 10 steps; here
+``get_sigmas(table, scheduler, steps)``), so the step is the first step of that schedule. The
+inversion step uses the slope at the current latent and the current sigma (DESIGN.md, "The one
+abstraction"): for w_l = w_w the pair differs only by the one-step round-trip error, and
+``x'_T - x_T = (sigma_0 - sigma_1) (slope_w(x_T-1, sigma_1) - slope_l(x_T, sigma_0))`` carries the
+guidance difference into the noise (the paper's Theorem E.1).
+
+Keep-filter (Alg. 1 lines 8-13): with a ``scorer``, both noises are sampled with the collection
+schedule at CFG w_l (the pipeline the pair is meant for), and the pair is kept when
+``score(x0') > score(x0) + margin``. A scorer is any callable ``score(x0, cond_ids) -> [B]`` (higher
+is better); :func:`toy_confidence_scorer` (the shipped digit classifier's probability of the
+target class) needs no download. Without a scorer every pair is kept and nothing is sampled.
+Every pair is stored with its ``kept`` flag and both scores (NaN without a scorer), so a stricter
+margin can be applied later (:meth:`PairStore.kept_indices`).
+
+Layout of a pair folder::
+
+    index.json               {"version", "shape", "conds", "base_seed", "total", "shard_size", "meta", "shards"}
+    conds.safetensors        "embeds" [P, tokens, width] float32: the prompt embedding of condition id p
+    shard_00000.safetensors  "noise", "target" [n, C, H, W] float32 (unit noise), "cond" [n] int64,
+                             "seed" [n] int64, "kept" [n] uint8, "score_source", "score_target" [n] float32
+
+As the teacher cache (:mod:`noisecraft.train.teacher_cache`): sample ``i`` has noise
+``seeded_noise(base_seed + i, (1, C, H, W))`` and condition ``i % len(conds)``, so any shard can be
+made by any job in any order; files are written under a temporary name and renamed; a killed
+collection resumes at the first missing shard; identical definitions give identical bytes.
+Cost per pair: 2 + 1 model passes (w_l != 1, w_w = 1), plus ``4 * filter_steps`` with a scorer.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging
+import math
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterator, Mapping, Optional, Sequence
+
+import torch
+
+from .. import ode
+from ..rng import seeded_noise
+from ..sigmas import get_sigmas, noise_to_x, x_to_noise
+from .teacher_cache import _atomic_write_json, write_safetensors
+
+__all__ = [
+    "Scorer",
+    "PairStore",
+    "PairBatch",
+    "re_denoise",
+    "collect_pairs",
+    "toy_confidence_scorer",
+    "PAIRS_VERSION",
+]
+
+logger = logging.getLogger(__name__)
+
+PAIRS_VERSION = 1
+INDEX_NAME = "index.json"
+CONDS_NAME = "conds.safetensors"
+_SHARD = "shard_{:05d}.safetensors"
+
+Scorer = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+"""``score(x0 [B, C, H, W], cond_ids [B]) -> [B]`` float scores, higher is better."""
+
+
+def toy_confidence_scorer() -> Scorer:
+    """The shipped toy digit classifier's probability of the target class, per sample (no download).
+
+    Condition id = digit label (as :func:`noisecraft.train.toy_host` numbers them)."""
+    from ..toy import digit_confidence
+
+    def score(x0: torch.Tensor, cond_ids: torch.Tensor) -> torch.Tensor:
+        return digit_confidence(x0, cond_ids)
+
+    score.name = "toy-classifier-confidence"  # type: ignore[attr-defined]
+    return score
+
+
+def _check_sigmas(sigmas) -> torch.Tensor:
+    s = ode.as_sigmas(sigmas)
+    if bool(torch.any(s[1:] > s[:-1])):
+        raise ValueError(f"re-denoise sampling needs a descending schedule (sampling order), got {s.tolist()}")
+    if float(s[1]) <= 0.0 or float(s[1]) >= float(s[0]):
+        raise ValueError(
+            f"re-denoise sampling steps from sigmas[0] = {float(s[0]):g} to sigmas[1] = {float(s[1]):g}: expected "
+            "0 < sigmas[1] < sigmas[0]; use a schedule of at least 2 steps (the paper collects with 10)"
+        )
+    return s
+
+
+def re_denoise(denoiser_l: ode.Denoiser, denoiser_w: ode.Denoiser, e: torch.Tensor, sigmas, kind) -> torch.Tensor:
+    """Target noise ``e'`` for unit noise ``e``: one step down at CFG w_l (``denoiser_l``), one
+    inversion step back up at CFG w_w (``denoiser_w``), both between ``sigmas[0]`` and ``sigmas[1]``.
+
+    Both denoisers close over the same conditions (one per batch item). Returns unit noise like ``e``.
+    """
+    s = _check_sigmas(sigmas)
+    pair = s[:2]
+    smax = float(s[0])
+    x_t = noise_to_x(e, kind, smax)
+    x_prev = ode.sample(denoiser_l, x_t, pair)
+    x_back = ode.invert(denoiser_w, x_prev, pair)
+    return x_to_noise(x_back, kind, smax)
+
+
+@dataclass
+class PairBatch:
+    """One training batch: source noise ``e``, target noise ``target``, condition ids, sample indices."""
+
+    e: torch.Tensor
+    target: torch.Tensor
+    cond: torch.Tensor
+    index: torch.Tensor
+
+    def __len__(self) -> int:
+        return int(self.index.numel())
+
+
+class PairStore:
+    """A folder of NPNet training pairs (see the module docstring). Open one with ``PairStore(path)``;
+    make one with :meth:`create` (or :func:`collect_pairs`)."""
+
+    def __init__(self, root: str | os.PathLike, *, max_open_shards: int = 4):
+        self.root = Path(root)
+        index = self.root / INDEX_NAME
+        if not index.is_file():
+            raise FileNotFoundError(
+                f"{self.root} is not an NPNet pair folder (no {INDEX_NAME}): collect pairs with "
+                "noisecraft.train.collect_pairs(...) or `python -m noisecraft collect-pairs`"
+            )
+        self._index = json.loads(index.read_text(encoding="utf-8"))
+        if self._index.get("kind") != "npnet_pairs" or self._index.get("version") != PAIRS_VERSION:
+            raise ValueError(
+                f"{index}: not an NPNet pair index of version {PAIRS_VERSION} (kind {self._index.get('kind')!r}, "
+                f"version {self._index.get('version')!r}): collect the pairs again"
+            )
+        self._load_shard = functools.lru_cache(maxsize=max(1, int(max_open_shards)))(self._read_shard)
+        self._embeds: Optional[torch.Tensor] = None
+
+    @classmethod
+    def create(cls, root: str | os.PathLike, *, shape: Sequence[int], conds: Sequence[Any], embeds: torch.Tensor,
+               base_seed: int, total: int, meta: Optional[Mapping[str, Any]] = None,
+               shard_size: int = 256) -> "PairStore":
+        """Make (or re-open, if it has the same definition and embeddings) an empty pair folder."""
+        root = Path(root)
+        if int(shard_size) < 1 or int(total) < 1:
+            raise ValueError(f"shard_size and total must be >= 1, got {shard_size} and {total}")
+        if not conds:
+            raise ValueError("conds is empty: give at least one class label or prompt")
+        embeds = torch.as_tensor(embeds).detach().to("cpu", torch.float32).contiguous()
+        if embeds.ndim != 3 or embeds.shape[0] != len(conds):
+            raise ValueError(f"embeds must be [P, tokens, width] with one row per condition ({len(conds)}), "
+                             f"got {list(embeds.shape)}")
+        definition = {
+            "kind": "npnet_pairs",
+            "version": PAIRS_VERSION,
+            "shape": [int(s) for s in shape],
+            "conds": list(conds),
+            "base_seed": int(base_seed),
+            "total": int(total),
+            "shard_size": int(shard_size),
+            "meta": json.loads(json.dumps(dict(meta or {}), sort_keys=True)),
+        }
+        index = root / INDEX_NAME
+        if index.is_file():
+            old = json.loads(index.read_text(encoding="utf-8"))
+            mismatch = [k for k in definition if old.get(k) != definition[k]]
+            if mismatch:
+                raise ValueError(
+                    f"{root} already holds NPNet pairs with different {mismatch} (e.g. {mismatch[0]}: "
+                    f"{old.get(mismatch[0])!r} there, {definition[mismatch[0]]!r} asked): use another folder "
+                    "or delete that one"
+                )
+            store = cls(root)
+            if not torch.equal(store.embeds, embeds):
+                raise ValueError(f"{root} holds pairs made with other prompt embeddings ({CONDS_NAME}): use "
+                                 "another folder or delete that one")
+            return store
+        root.mkdir(parents=True, exist_ok=True)
+        write_safetensors({"embeds": embeds}, root / CONDS_NAME, {"noisecraft.kind": "npnet_pair_conds"})
+        _atomic_write_json(index, {**definition, "shards": []})
+        return cls(root)
+
+    # -- index -------------------------------------------------------------------------------
+    @property
+    def meta(self) -> dict:
+        return dict(self._index.get("meta", {}))
+
+    @property
+    def conds(self) -> list:
+        return list(self._index["conds"])
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return tuple(self._index["shape"])
+
+    @property
+    def shard_size(self) -> int:
+        return int(self._index["shard_size"])
+
+    @property
+    def total(self) -> int:
+        return int(self._index["total"])
+
+    @property
+    def num_shards(self) -> int:
+        return -(-self.total // self.shard_size)
+
+    @property
+    def embeds(self) -> torch.Tensor:
+        """Prompt embeddings [P, tokens, width]: row ``p`` for condition id ``p``."""
+        if self._embeds is None:
+            from safetensors.torch import load_file
+
+            path = self.root / CONDS_NAME
+            if not path.is_file():
+                raise FileNotFoundError(f"{path} is missing: the pair folder is incomplete; collect the pairs again")
+            self._embeds = load_file(str(path))["embeds"]
+        return self._embeds
+
+    def shard_range(self, k: int) -> range:
+        start = k * self.shard_size
+        return range(start, min(start + self.shard_size, self.total))
+
+    def shard_path(self, k: int) -> Path:
+        return self.root / _SHARD.format(k)
+
+    def missing_shards(self) -> list[int]:
+        return [k for k in range(self.num_shards) if not self.shard_path(k).is_file()]
+
+    @property
+    def complete(self) -> bool:
+        return not self.missing_shards()
+
+    def __len__(self) -> int:
+        return self.total
+
+    def reindex(self) -> None:
+        """Rewrite ``index.json`` from the shard files present (after parallel jobs)."""
+        self._index["shards"] = [
+            {"file": self.shard_path(k).name, "start": self.shard_range(k).start, "count": len(self.shard_range(k))}
+            for k in range(self.num_shards) if self.shard_path(k).is_file()
+        ]
+        _atomic_write_json(self.root / INDEX_NAME, self._index)
+        self._load_shard.cache_clear()
+
+    def sample_noise(self, indices: Sequence[int]) -> torch.Tensor:
+        base = int(self._index["base_seed"])
+        return torch.cat([seeded_noise(base + int(i), (1, *self.shape)) for i in indices])
+
+    def sample_conds(self, indices: Sequence[int]) -> torch.Tensor:
+        n = len(self._index["conds"])
+        return torch.tensor([int(i) % n for i in indices], dtype=torch.long)
+
+    def write_shard(self, k: int, noise: torch.Tensor, target: torch.Tensor, kept: torch.Tensor,
+                    score_source: torch.Tensor, score_target: torch.Tensor) -> Path:
+        rng = self.shard_range(k)
+        if len(rng) == 0:
+            raise ValueError(f"shard {k} is outside this pair folder ({self.num_shards} shards)")
+        idx = list(rng)
+        want = (len(idx), *self.shape)
+        if tuple(noise.shape) != want or tuple(target.shape) != want:
+            raise ValueError(f"shard {k} needs noise and target of shape {want}, got {tuple(noise.shape)} "
+                             f"and {tuple(target.shape)}")
+        if not bool(torch.isfinite(target).all()):
+            raise FloatingPointError(f"re-denoise sampling produced non-finite target noise in shard {k}: not stored")
+        path = self.shard_path(k)
+        write_safetensors({
+            "noise": noise.to(torch.float32), "target": target.to(torch.float32),
+            "cond": self.sample_conds(idx),
+            "seed": torch.tensor([int(self._index["base_seed"]) + i for i in idx], dtype=torch.long),
+            "kept": kept.to(torch.uint8).reshape(-1),
+            "score_source": score_source.to(torch.float32).reshape(-1),
+            "score_target": score_target.to(torch.float32).reshape(-1),
+        }, path, {"noisecraft.kind": "npnet_pairs_shard", "start": str(rng.start), "count": str(len(rng))})
+        self.reindex()
+        return path
+
+    # -- reading -----------------------------------------------------------------------------
+    def _read_shard(self, k: int) -> dict[str, torch.Tensor]:
+        from safetensors.torch import load_file
+
+        path = self.shard_path(k)
+        if not path.is_file():
+            raise FileNotFoundError(f"NPNet pairs {self.root}: {path.name} is missing: finish the collection "
+                                    "(collect_pairs resumes)")
+        data = load_file(str(path), device="cpu")
+        n = len(self.shard_range(k))
+        for key in ("noise", "target", "cond", "kept", "score_source", "score_target"):
+            if key not in data or data[key].shape[0] != n:
+                raise ValueError(f"{path}: tensor {key!r} is missing or does not hold {n} samples: delete the "
+                                 "shard and collect again")
+        return data
+
+    def column(self, key: str) -> torch.Tensor:
+        """One per-sample column over the whole folder (``kept``, ``score_source``, ``cond``, ...)."""
+        self._require_complete()
+        return torch.cat([self._load_shard(k)[key] for k in range(self.num_shards)])
+
+    def kept_indices(self, margin: Optional[float] = None) -> torch.Tensor:
+        """Indices of the kept pairs: the stored flags, or ``score_target > score_source + margin``."""
+        if margin is None:
+            return self.column("kept").nonzero().flatten()
+        s0, s1 = self.column("score_source"), self.column("score_target")
+        if bool(torch.isnan(s0).any()):
+            raise ValueError(f"{self.root} was collected without a scorer: there are no scores to filter by margin")
+        return (s1 > s0 + float(margin)).nonzero().flatten()
+
+    def get(self, indices: Sequence[int] | torch.Tensor) -> PairBatch:
+        idx = torch.as_tensor(indices, dtype=torch.long).reshape(-1)
+        if idx.numel() and (int(idx.min()) < 0 or int(idx.max()) >= self.total):
+            raise IndexError(f"pair index outside 0..{self.total - 1}")
+        out = {k: torch.empty((idx.numel(), *self.shape)) for k in ("noise", "target")}
+        out["cond"] = torch.empty(idx.numel(), dtype=torch.long)
+        shard_of = idx // self.shard_size
+        for k in torch.unique(shard_of).tolist():
+            sel = (shard_of == k).nonzero().flatten()
+            local = idx[sel] - k * self.shard_size
+            data = self._load_shard(int(k))
+            for key in out:
+                out[key][sel] = data[key][local]
+        return PairBatch(e=out["noise"], target=out["target"], cond=out["cond"], index=idx)
+
+    def _require_complete(self) -> None:
+        missing = self.missing_shards()
+        if missing:
+            raise FileNotFoundError(
+                f"NPNet pairs {self.root} are incomplete: {len(missing)} of {self.num_shards} shards missing "
+                f"(first: {self.shard_path(missing[0]).name}); finish the collection first"
+            )
+
+    def epoch_order(self, pool: torch.Tensor, seed: int, epoch: int) -> torch.Tensor:
+        g = torch.Generator().manual_seed((int(seed) * 1_000_003 + int(epoch)) & 0x7FFF_FFFF_FFFF_FFFF)
+        return pool[torch.randperm(pool.numel(), generator=g)]
+
+    def batches(self, batch_size: int, *, seed: int = 0, epoch: int = 0, offset: int = 0,
+                margin: Optional[float] = None) -> Iterator[tuple[PairBatch, tuple[int, int]]]:
+        """Endless shuffled batches of kept pairs from the data position ``(epoch, offset)``; yields
+        ``(batch, next_position)``. The order is a pure function of ``(seed, epoch)`` and the kept set;
+        an epoch's tail that does not fill a batch is skipped."""
+        self._require_complete()
+        pool = self.kept_indices(margin)
+        batch_size = int(batch_size)
+        if batch_size < 1 or batch_size > pool.numel():
+            raise ValueError(f"batch size {batch_size} must lie in 1..{pool.numel()} (the kept pairs of "
+                             f"{self.total}); collect more pairs or lower the batch size")
+        while True:
+            order = self.epoch_order(pool, seed, epoch)
+            while offset + batch_size <= pool.numel():
+                sel = order[offset: offset + batch_size]
+                offset += batch_size
+                nxt = (epoch, offset) if offset + batch_size <= pool.numel() else (epoch + 1, 0)
+                yield self.get(sel), nxt
+            epoch, offset = epoch + 1, 0
+
+
+def collect_pairs(
+    root: str | os.PathLike,
+    host,
+    *,
+    total: int,
+    w_l: float = 5.5,
+    w_w: float = 1.0,
+    steps: int = 10,
+    scheduler: str = "normal",
+    base_seed: int = 0,
+    scorer: Optional[Scorer] = None,
+    margin: float = 0.0,
+    shard_size: int = 256,
+    batch_size: int = 64,
+    shards: Optional[Sequence[int]] = None,
+    progress: Optional[Callable[[int, int], None]] = None,
+    meta: Optional[Mapping[str, Any]] = None,
+    shape: Optional[Sequence[int]] = None,
+) -> PairStore:
+    """Collect (or finish collecting) ``total`` re-denoise pairs into the folder ``root``.
+
+    Args:
+        host: a :class:`noisecraft.train.RefinerHost`-like object: ``denoiser(cond_ids, cfg)``,
+            ``conds`` [P, tokens, width] (the prompt embeddings NPNet will read), ``table``,
+            ``base_model``, ``cond_labels``; :func:`noisecraft.train.toy_host` /
+            :func:`noisecraft.train.diffusers_host` make one.
+        w_l, w_w: CFG of the denoising step and of the inversion step (the paper: 5.5 and 1.0 on
+            SDXL); ``w_w < w_l`` injects the guidance into the noise, ``w_w = w_l`` gives pairs that
+            differ only by the round-trip error.
+        steps, scheduler: the collection schedule (its first step is the re-denoise step; the filter
+            samples with all of it).
+        scorer, margin: keep-filter (see the module docstring); None keeps every pair.
+        shards: only these shard numbers (parallel jobs); a killed collection resumes.
+        progress: ``progress(done, total_to_do)`` after each micro-batch.
+        shape: one latent's [C, H, W]; default: the UNet config's ``in_channels`` and ``sample_size``.
+    Determinism: the same arguments give byte-identical shards (on the same hardware and threads).
+    """
+    if not (math.isfinite(float(w_l)) and math.isfinite(float(w_w))):
+        raise ValueError(f"w_l and w_w must be finite numbers, got {w_l} and {w_w}")
+    if float(w_w) > float(w_l):
+        logger.warning("re-denoise sampling with w_w = %g > w_l = %g removes guidance from the noise", w_w, w_l)
+    sigmas = _check_sigmas(get_sigmas(host.table, scheduler, int(steps)))
+    kind = host.table.kind
+    labels = list(host.cond_labels) if host.cond_labels is not None else list(range(host.conds.shape[0]))
+    definition = {
+        **dict(meta or {}),
+        "base_model": getattr(host, "base_model", "unknown"), "kind": kind.value, "w_l": float(w_l),
+        "w_w": float(w_w), "steps": int(steps), "scheduler": scheduler, "sigma_max": float(sigmas[0]),
+        "sigma_next": float(sigmas[1]), "scorer": getattr(scorer, "name", None if scorer is None else "custom"),
+        "margin": float(margin), "inversion": "Euler, slope at the current latent and sigma (noisecraft.ode.invert)",
+    }
+    if shape is None:
+        config = getattr(host.unet, "config", None)
+        size = getattr(config, "sample_size", None)
+        if config is None or size is None:
+            raise ValueError("collect_pairs: give shape=[C, H, W] (the host's UNet has no config.sample_size)")
+        size = (size, size) if isinstance(size, int) else tuple(size)
+        shape = (int(config.in_channels), *size)
+    shape = tuple(int(v) for v in shape)
+    store = PairStore.create(root, shape=shape, conds=labels, embeds=host.conds, base_seed=base_seed, total=total,
+                             meta=definition, shard_size=shard_size)
+    todo = [k for k in (range(store.num_shards) if shards is None else shards) if not store.shard_path(k).is_file()]
+    work = sum(len(store.shard_range(k)) for k in todo)
+    done = 0
+    with torch.no_grad():
+        for k in todo:
+            idx = list(store.shard_range(k))
+            noise, cond = store.sample_noise(idx), store.sample_conds(idx)
+            parts: dict[str, list] = {"target": [], "kept": [], "s0": [], "s1": []}
+            for a in range(0, len(idx), int(batch_size)):
+                e, c = noise[a: a + batch_size], cond[a: a + batch_size]
+                d_l, d_w = host.denoiser(c, cfg=float(w_l)), host.denoiser(c, cfg=float(w_w))
+                target = re_denoise(d_l, d_w, e, sigmas, kind).float().cpu()
+                if scorer is None:
+                    s0 = s1 = torch.full((e.shape[0],), float("nan"))
+                    kept = torch.ones(e.shape[0], dtype=torch.bool)
+                else:
+                    smax = float(sigmas[0])
+                    x0 = ode.sample(d_l, noise_to_x(e, kind, smax), sigmas)
+                    x0t = ode.sample(d_l, noise_to_x(target, kind, smax), sigmas)
+                    s0 = torch.as_tensor(scorer(x0, c)).float().cpu().reshape(-1)
+                    s1 = torch.as_tensor(scorer(x0t, c)).float().cpu().reshape(-1)
+                    if s0.numel() != e.shape[0] or s1.numel() != e.shape[0]:
+                        raise ValueError(f"the scorer returned {s0.numel()} scores for {e.shape[0]} samples; "
+                                         "expected one float per sample")
+                    kept = s1 > s0 + float(margin)
+                for key, v in (("target", target), ("kept", kept), ("s0", s0), ("s1", s1)):
+                    parts[key].append(v)
+                done += e.shape[0]
+                if progress is not None:
+                    progress(done, work)
+            store.write_shard(k, noise, torch.cat(parts["target"]), torch.cat(parts["kept"]),
+                              torch.cat(parts["s0"]), torch.cat(parts["s1"]))
+            logger.debug("NPNet pairs %s: shard %d written", store.root, k)
+    return PairStore(store.root)
