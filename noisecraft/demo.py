@@ -57,7 +57,7 @@ class DemoConfig:
     steps: int = 20
     scheduler: str = "normal"
     cfg: float = 3.0
-    score_steps: int = 8
+    score_steps: int = 6
     candidates: int = 8
     micro_batch: int = 8
     paper_steps: int = 100

@@ -1,0 +1,3 @@
+"""Placeholder: filled in by the training-node work."""
+
+NODES: list = []
