@@ -8,6 +8,7 @@ fail, so the nodes are only loaded when ComfyUI's V3 API is importable.
 import logging
 
 WEB_DIRECTORY = "./js"
+__all__ = ["WEB_DIRECTORY"]
 
 try:  # ComfyUI present?
     import comfy_api.latest  # noqa: F401
@@ -16,4 +17,4 @@ except ImportError:  # imported outside ComfyUI: expose nothing to register
 else:
     from .nodes import comfy_entrypoint  # noqa: F401
 
-__all__ = ["WEB_DIRECTORY", "comfy_entrypoint"]
+    __all__.append("comfy_entrypoint")

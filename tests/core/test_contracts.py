@@ -80,3 +80,19 @@ def test_core_imports_with_comfyui_blocked():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=CORE.parent)
     assert out.returncode == 0, out.stderr
     assert out.stdout.startswith("ok")
+
+
+def test_pack_entry_imports_without_comfyui():
+    """The repository folder imports as a package where ComfyUI is absent (tools, tests)."""
+    root = CORE.parent
+    code = (
+        "import importlib.util, sys\n"
+        f"spec = importlib.util.spec_from_file_location('ComfyUI_NoiseCraft', {str(root / '__init__.py')!r}, "
+        f"submodule_search_locations=[{str(root)!r}])\n"
+        "m = importlib.util.module_from_spec(spec); sys.modules['ComfyUI_NoiseCraft'] = m\n"
+        "spec.loader.exec_module(m)\n"
+        "print(m.WEB_DIRECTORY, m.__all__, hasattr(m, 'comfy_entrypoint'))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "./js ['WEB_DIRECTORY'] False"
