@@ -30,10 +30,18 @@ SUBSTITUTE = {
 }
 OVERRIDES = {"EmptyLatentImage": {"width": 128, "height": 128}}
 NC_NODES = {"NC_InversionStabilitySelect", "NC_OptimizeNoise", "NC_NoiseToLatent", "NC_LoadNPNet",
-            "NC_NPNetGoldenNoise", "NC_LoadRefiner", "NC_RefineNoise"}
+            "NC_NPNetGoldenNoise", "NC_LoadRefiner", "NC_RefineNoise", "NC_BuildTeacherCache",
+            "NC_TrainRefiner", "NC_SaveRefiner"}
 REPORTING_NODES = {"NC_InversionStabilitySelect", "NC_OptimizeNoise"}  # the nodes that send UI data
 NPNET_FILES = {"sdxl.safetensors": "sdxl"}  # file name in the examples -> preset of the random stand-in
 REFINER_FILES = {"sd15_refiner.safetensors": "sd15"}  # file name in the examples -> tiny model family
+HEADLESS = {"train_refiner"}  # training workflows: they save a model file, not images (tested below)
+IMAGE_WORKFLOWS = [p for p in WORKFLOWS if p.stem not in HEADLESS]
+# Tiny step counts for the training example (its own values are for real use).
+TRAIN_OVERRIDES = {
+    "NC_BuildTeacherCache": {"samples_per_prompt": 1, "steps": 3},
+    "NC_TrainRefiner": {"steps": 3, "student_steps": 2, "rank": 2, "batch_size": 2, "learning_rate": 1e-3},
+}
 
 
 def _converter():
@@ -130,7 +138,7 @@ def _npnet_names(ui: dict) -> set:
     return {n["widgets_values"][0] for n in ui["nodes"] if n["type"] == "NC_LoadNPNet"}
 
 
-@pytest.mark.parametrize("path", WORKFLOWS, ids=[p.stem for p in WORKFLOWS])
+@pytest.mark.parametrize("path", IMAGE_WORKFLOWS, ids=[p.stem for p in IMAGE_WORKFLOWS])
 def test_example_workflow_runs_and_saves_images(server, object_info, npnet_files, refiner_files, path):
     ui = json.loads(path.read_text())
     used = {n["type"] for n in ui["nodes"]}
@@ -198,3 +206,71 @@ def test_a_refiner_for_another_model_fails_with_a_clear_error(server, object_inf
     assert errors and errors[0]["node_type"] == "NC_RefineNoise"
     msg = errors[0]["exception_message"]
     assert "sd15_refiner.safetensors (for nc-test-tiny-sd15" in msg and "does not fit this MODEL (SDXL)" in msg
+
+
+def test_training_example_trains_saves_and_the_saved_refiner_runs_in_the_refined_example(server, object_info,
+                                                                                          refiner_files):
+    from safetensors import safe_open
+
+    ui = json.loads((REPO / "example_workflows" / "train_refiner.json").read_text())
+    assert [n["type"] for n in ui["nodes"] if n["type"].startswith("NC_")] == \
+        ["NC_BuildTeacherCache", "NC_TrainRefiner", "NC_SaveRefiner"]
+    prompt = _converter().to_api(ui, object_info, substitute=SUBSTITUTE, overrides={**OVERRIDES, **TRAIN_OVERRIDES})
+    entry = server.run_prompt(prompt, ui)
+    assert entry["status"]["status_str"] == "success", json.dumps(entry["status"]["messages"])[:3000]
+    losses = [out["noisecraft_losses"] for out in entry["outputs"].values() if "noisecraft_losses" in out]
+    assert losses and len(losses[0]) == 3 and all(np.isfinite(losses[0]))
+    saved = [name for out in entry["outputs"].values() for name in out.get("noisecraft_saved", [])]
+    assert len(saved) == 1 and saved[0].startswith("sd15_refiner_trained_")
+    path = server.base / "models" / "loras" / saved[0]
+    assert path.is_file()
+    with safe_open(str(path), "pt") as f:
+        meta = f.metadata()
+        assert any(k.endswith(".lora_up.weight") for k in f.keys())
+    assert meta["noisecraft.kind"] == "refiner" and meta["noisecraft.model_kind"] == "eps"
+
+    # The saved file loads in Load Refiner and drives Refine Noise in the guidance-free example.
+    ui2 = json.loads((REPO / "example_workflows" / "refined_guidance_free.json").read_text())
+    prompt2 = _converter().to_api(ui2, object_info, substitute=SUBSTITUTE, overrides=OVERRIDES)
+    loader = next(n for n in prompt2.values() if n["class_type"] == "NC_LoadRefiner")
+    loader["inputs"]["refiner_name"] = saved[0]
+    entry2 = server.run_prompt(prompt2, ui2)
+    assert entry2["status"]["status_str"] == "success", json.dumps(entry2["status"]["messages"])[:3000]
+
+
+# -- NPNet training example (collect_npnet_pairs.json) ----------------------------------------------------
+
+NPNET_TRAIN_NODES = {"NC_CollectNPNetPairs", "NC_TrainNPNet", "NC_SaveNPNet"}
+
+
+def test_npnet_training_nodes_are_registered(object_info):
+    for node_id in sorted(NPNET_TRAIN_NODES):
+        assert node_id in object_info
+        assert object_info[node_id]["category"] == "noisecraft/npnet"
+
+
+def test_npnet_training_example_collects_trains_saves_a_loadable_npnet(server, object_info):
+    """Headless: Collect NPNet Pairs -> Train NPNet -> Save NPNet over HTTP (tiny counts), the file loads."""
+    from noisecraft.npnet import load_npnet
+
+    ui = json.loads((REPO / "example_workflows" / "collect_npnet_pairs.json").read_text())
+    assert NPNET_TRAIN_NODES <= {n["type"] for n in ui["nodes"]}
+    tiny = {"NC_CollectNPNetPairs": {"count": 4, "steps": 4, "batch_size": 4},
+            "NC_TrainNPNet": {"steps": 3, "batch_size": 4},
+            "NC_SaveNPNet": {"filename": "e2e_trained_npnet", "overwrite": True},
+            "BasicScheduler": {"steps": 2}}
+    prompt = _converter().to_api(ui, object_info, substitute=SUBSTITUTE, overrides={**OVERRIDES, **tiny})
+    entry = server.run_prompt(prompt, ui)
+    assert entry["status"]["status_str"] == "success", json.dumps(entry["status"]["messages"])[:3000]
+    history = [out["noisecraft_history"] for out in entry["outputs"].values() if "noisecraft_history" in out]
+    assert history and len(history[0]) == 3 and all(np.isfinite(history[0]))
+    saved = [name for out in entry["outputs"].values() for name in out.get("noisecraft_npnet_file", [])]
+    assert saved == ["e2e_trained_npnet.safetensors"]
+    path = server.base / "models" / "npnet" / saved[0]
+    assert path.is_file()
+    net = load_npnet(path)
+    cfg = net.config
+    assert (cfg.latent_channels, cfg.latent_size, cfg.tokens, cfg.text_width) == (4, 16, 77, 2048)
+    # Load NPNet lists it (its file list is read when the node info is asked for)
+    listed = server.get("/object_info/NC_LoadNPNet")["NC_LoadNPNet"]["input"]["required"]["npnet_name"]
+    assert saved[0] in json.dumps(listed)
