@@ -226,6 +226,8 @@ class Target:
     def __init__(self, weight_key: str, down: torch.Tensor, up: torch.Tensor, scale: float):
         self.weight_key = weight_key
         self.module_path = weight_key[: -len(".weight")]
+        self.down_shape = tuple(down.shape)  # the file's shapes (kohya conv: [r, in, kh, kw], [out, r, 1, 1])
+        self.up_shape = tuple(up.shape)
         self.down = down.flatten(1)
         self.up = up.flatten(1)
         self.scale = scale

@@ -224,8 +224,8 @@ class TrainTarget(Target):
         self.up = torch.zeros(self.up.shape, dtype=torch.float32)
         self.down.requires_grad_(True)
         self.up.requires_grad_(True)
-        self.down_shape = tuple(target.down.shape)
-        self.up_shape = tuple(target.up.shape)
+        self.down_shape = target.down_shape  # saved in the standard (kohya) shapes, not flattened
+        self.up_shape = target.up_shape
 
     def params(self) -> list[torch.Tensor]:
         return [self.down, self.up]
