@@ -152,15 +152,43 @@ def _convert(args: argparse.Namespace) -> int:
 
 def _train_refiner(args: argparse.Namespace) -> int:
     import torch
+    import torch.distributed as dist
 
-    from .sigmas import get_sigmas
-    from .train import RefinerTrainConfig, build_teacher_cache, diffusers_host, toy_host, train_refiner
+    from .train.refiner import init_distributed
 
     log = logging.getLogger("noisecraft.train-refiner")
     if args.toy == bool(args.model):
         sys.stderr.write("noisecraft train-refiner: give either --toy or --model DIR (a local diffusers folder)\n")
         return 2
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    # several processes (accelerate launch / torchrun): join the group (gloo for the toy model, which
+    # trains on CPU; nccl for a --model on CUDA, each process on cuda:LOCAL_RANK)
+    owns_group = not (dist.is_available() and dist.is_initialized())
+    try:
+        ddp = init_distributed(device if args.model else "cpu")
+    except RuntimeError as exc:
+        sys.stderr.write(f"noisecraft train-refiner: {exc}\n")
+        return 2
+    owns_group = owns_group and ddp.enabled
+    if ddp.enabled and torch.device(device).type == "cuda" and torch.device(device).index is None:
+        device = f"cuda:{ddp.local_rank}"
+    try:
+        return _train_refiner_run(args, device, ddp, log)
+    finally:
+        if owns_group and dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def _train_refiner_run(args: argparse.Namespace, device: str, ddp, log: logging.Logger) -> int:
+    from .sigmas import get_sigmas
+    from .train import RefinerTrainConfig, TeacherCache, build_teacher_cache, diffusers_host, toy_host, train_refiner
+
+    if ddp.enabled and args.batch % ddp.world_size:
+        sys.stderr.write(f"noisecraft train-refiner: --batch {args.batch} is the global batch and must divide evenly "
+                         f"over the {ddp.world_size} processes\n")
+        return 2
+    if not ddp.is_main:
+        log.setLevel(logging.WARNING)  # one process reports
     try:
         if args.toy:
             host = toy_host()
@@ -196,13 +224,29 @@ def _train_refiner(args: argparse.Namespace) -> int:
             log.info("teacher cache: %d / %d samples", done, total)
 
     try:
-        cache = build_teacher_cache(
-            cache_dir, lambda c: host.denoiser(c, cfg=cfg_scale), shape=shape,
-            conds=host.cond_labels or list(range(host.conds.shape[0])), total=args.samples,
-            sigmas=get_sigmas(host.table, args.scheduler, args.teacher_steps), kind=host.table.kind.value,
-            base_seed=args.seed_base, meta={"model": host.base_model, "cfg": cfg_scale, "scheduler": args.scheduler,
-                                            "guidance": "cfg"},
-            shard_size=args.shard_size, batch_size=args.batch, progress=cache_progress)
+        def build(shards=None):
+            return build_teacher_cache(
+                cache_dir, lambda c: host.denoiser(c, cfg=cfg_scale), shape=shape,
+                conds=host.cond_labels or list(range(host.conds.shape[0])), total=args.samples,
+                sigmas=get_sigmas(host.table, args.scheduler, args.teacher_steps), kind=host.table.kind.value,
+                base_seed=args.seed_base, meta={"model": host.base_model, "cfg": cfg_scale,
+                                                "scheduler": args.scheduler, "guidance": "cfg"},
+                shard_size=args.shard_size, batch_size=args.batch, progress=cache_progress, shards=shards)
+
+        if ddp.enabled:
+            # rank 0 defines the cache, every rank samples its share of the shards, rank 0 indexes them
+            if ddp.is_main:
+                cache = build(shards=[])
+            ddp.barrier()
+            num_shards = TeacherCache(cache_dir).num_shards
+            build(shards=list(range(ddp.rank, num_shards, ddp.world_size)))
+            ddp.barrier()
+            if ddp.is_main:
+                TeacherCache(cache_dir).reindex()
+            ddp.barrier()
+            cache = TeacherCache(cache_dir)
+        else:
+            cache = build()
         log.info("teacher cache ready: %s (%d samples, %.0f s)", cache.root, cache.total, time.perf_counter() - t0)
         config = RefinerTrainConfig(
             steps=args.steps, rank=args.rank, alpha=args.alpha, lr=args.lr, batch_size=args.batch,
@@ -224,6 +268,8 @@ def _train_refiner(args: argparse.Namespace) -> int:
         sys.stderr.write(f"noisecraft train-refiner: {exc}\n")
         return 2
     result.lora.remove()
+    if not ddp.is_main:
+        return 0
     sys.stdout.write(f"{result.refiner_path}\n")
     sys.stdout.write(f"({result.step} steps, final loss {result.losses[-1]:.5f}; loss log {out / 'loss.jsonl'}, "
                      f"plot {out / 'loss.png'}, {time.perf_counter() - t0:.0f} s in all)\n")
@@ -383,7 +429,9 @@ def main(argv: list[str] | None = None) -> int:
     tr.add_argument("--lr", type=float, default=1e-3, help="AdamW learning rate (default 1e-3)")
     tr.add_argument("--lr-schedule", choices=["constant", "cosine"], default="cosine")
     tr.add_argument("--warmup", type=int, default=10)
-    tr.add_argument("--batch", type=int, default=32, help="samples per micro-batch (default 32)")
+    tr.add_argument("--batch", type=int, default=32,
+                    help="samples per micro-batch over all processes (default 32; under accelerate launch / "
+                         "torchrun each of N processes takes batch/N)")
     tr.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step (default 1)")
     tr.add_argument("--student-steps", type=int, default=10, help="N, unguided student steps (default 10)")
     tr.add_argument("--teacher-steps", type=int, default=20, help="N', guided teacher steps (default 20)")

@@ -32,10 +32,18 @@ Choices (the paper is silent on them; measured on the toy model, see README):
   for bit on CPU; the tests check it).
 * Precision: ``"auto"`` is float32 on CPU, bf16 autocast on CUDA when supported (else fp16 with a
   GradScaler). LoRA weights and optimizer state stay float32.
-* Several processes (``accelerate launch``): not implemented yet. Prepared for: the cache reader
-  shards each global batch deterministically by ``rank``/``world_size`` (the union is the
-  single-process batch), and the loss is a per-sample mean, so an all-reduce (mean) of the LoRA
-  gradients would reproduce the single-process step.
+* Several processes (``accelerate launch`` / ``torchrun``, data parallel): detected from the
+  launcher's environment (``WORLD_SIZE`` > 1 with ``RANK``/``MASTER_ADDR``/``MASTER_PORT``), see
+  :func:`init_distributed`; the process group uses gloo on CPU and nccl on CUDA. ``batch_size`` is
+  the *global* micro-batch: each rank takes its contiguous slice of every global batch
+  (:meth:`TeacherCache.batches`; ``batch_size`` must divide by the number of processes), the loss
+  is a per-sample mean, and the LoRA gradients are all-reduced (mean) before clipping and the AdamW
+  step, so every rank holds the same weights and the run equals the single-process run with the
+  same global batch up to float summation order (the tests check 2 CPU processes against 1). The
+  logged loss / residual RMS are the global ones. Only rank 0 writes the checkpoint, loss log,
+  plot and refiner; every rank reads a checkpoint to resume (a shared folder), and the number of
+  processes may change between a run and its resume. The accelerate ``Accelerator`` object is not
+  used (nothing here needs its device placement or wrapping); its launcher is.
 
 Outputs in ``out_dir``: ``refiner.safetensors`` (kohya LoRA + ``noisecraft.*`` metadata, byte-for-byte
 reproducible), ``checkpoint.safetensors``, ``loss.jsonl``, ``loss.png``.
@@ -50,6 +58,7 @@ import logging
 import math
 import os
 import time
+from datetime import timedelta
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Mapping, Optional, Sequence
@@ -69,6 +78,8 @@ __all__ = [
     "RefinerTrainConfig",
     "TrainResult",
     "train_refiner",
+    "DistInfo",
+    "init_distributed",
     "toy_host",
     "diffusers_host",
     "save_refiner",
@@ -220,8 +231,9 @@ def _encode_prompts(root: Path, prompts: list[str], negative: str, device) -> tu
 
 @dataclass
 class RefinerTrainConfig:
-    """Training settings. ``batch_size`` is per micro-batch (and per process); an optimizer step
-    sees ``batch_size * grad_accum`` samples."""
+    """Training settings. ``batch_size`` is the global micro-batch (over all processes; each of
+    ``world_size`` processes takes ``batch_size / world_size`` of it); an optimizer step sees
+    ``batch_size * grad_accum`` samples."""
 
     steps: int = 300
     rank: int = 4
@@ -395,6 +407,93 @@ def _load_checkpoint(path: Path, lora: LoRASet, opt: torch.optim.Optimizer, scal
     return json.loads(meta["state"])
 
 
+# -- several processes ------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class DistInfo:
+    """Where this process stands in a data-parallel run (``world_size`` 1: a single process)."""
+
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+
+    @property
+    def enabled(self) -> bool:
+        return self.world_size > 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    def barrier(self) -> None:
+        if self.enabled:
+            import torch.distributed as dist
+
+            dist.barrier()
+
+
+def _launched_world_size() -> int:
+    try:
+        return int(os.environ.get("WORLD_SIZE", "1") or 1)
+    except ValueError:
+        return 1
+
+
+def init_distributed(device: Optional[str | torch.device] = None) -> DistInfo:
+    """Join the launcher's process group, if any; a no-op for a single process.
+
+    ``accelerate launch`` (``--num_processes N``, also ``--cpu``) and ``torchrun --nproc_per_node N``
+    set ``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``, ``MASTER_ADDR`` and ``MASTER_PORT``; with
+    ``WORLD_SIZE`` > 1 this initialises ``torch.distributed`` from them (``env://``): gloo on CPU,
+    nccl on CUDA (and selects ``cuda:LOCAL_RANK``). An already initialised group is reused.
+    """
+    import torch.distributed as dist
+
+    local = int(os.environ.get("LOCAL_RANK", "0") or 0)
+    if dist.is_available() and dist.is_initialized():
+        return DistInfo(dist.get_rank(), dist.get_world_size(), local)
+    world = _launched_world_size()
+    if world <= 1:
+        return DistInfo()
+    missing = [k for k in ("RANK", "MASTER_ADDR", "MASTER_PORT") if not os.environ.get(k)]
+    if missing:
+        raise RuntimeError(
+            f"WORLD_SIZE={world} but {', '.join(missing)} not set: start several processes with "
+            "`accelerate launch` or `torchrun`, or unset WORLD_SIZE for a single process"
+        )
+    if not dist.is_available():
+        raise RuntimeError("this torch build has no torch.distributed: train with a single process")
+    dev = torch.device(device) if device is not None else torch.device("cpu")
+    backend = "nccl" if dev.type == "cuda" else "gloo"
+    if dev.type == "cuda":
+        torch.cuda.set_device(local if dev.index is None else dev.index)
+    # a long timeout: rank 0 may write a checkpoint or a teacher-cache shard while the others wait
+    dist.init_process_group(backend, timeout=timedelta(hours=2))
+    return DistInfo(dist.get_rank(), dist.get_world_size(), local)
+
+
+def _dist_all_reduce(t: torch.Tensor) -> None:
+    import torch.distributed as dist
+
+    dist.all_reduce(t, op=dist.ReduceOp.SUM)
+
+
+def _all_reduce_mean_grads(params: Sequence[torch.Tensor], world_size: int) -> None:
+    """Average the gradients of ``params`` over all processes (one flat all-reduce)."""
+    import torch.distributed as dist
+
+    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+    flat = torch.cat([g.reshape(-1) for g in grads])
+    dist.all_reduce(flat, op=dist.ReduceOp.SUM)
+    flat /= world_size
+    off = 0
+    for p, g in zip(params, grads):
+        n = g.numel()
+        p.grad = flat[off: off + n].view_as(p).clone()
+        off += n
+
+
 # -- training ---------------------------------------------------------------------------------------
 
 
@@ -448,6 +547,10 @@ def train_refiner(
             last checkpoint stays valid).
         metadata: extra refiner metadata (merged over the trainer's own).
 
+    Under ``accelerate launch`` / ``torchrun`` (several processes) every process calls this with the
+    same arguments; see the module docstring (data parallel, only rank 0 writes files; ``progress``
+    is called on every rank, and all ranks return the same weights and losses).
+
     Returns a :class:`TrainResult`. Cost per optimizer step, per sample: 2 refiner passes (one with a
     graph and its backward) + ``student_steps`` passes without a graph; the teacher is in the cache.
     """
@@ -479,6 +582,27 @@ def train_refiner(
         )
 
     device = _module_device(host.unet)
+    import torch.distributed as _dist
+
+    owns_group = _launched_world_size() > 1 and not (_dist.is_available() and _dist.is_initialized())
+    ddp = init_distributed(device)
+    if config.batch_size % ddp.world_size:
+        if owns_group:
+            _dist.destroy_process_group()
+        raise ValueError(
+            f"the global batch ({config.batch_size}) must divide evenly over {ddp.world_size} processes "
+            f"(each takes batch / processes samples): choose a multiple of {ddp.world_size}"
+        )
+    try:
+        return _train(host, cache, out, config, ddp, device, ckpt_path, log_path, kind, sigmas, sigma_max,
+                      resume, stop_after, progress, metadata)
+    finally:
+        if owns_group and _dist.is_initialized():
+            _dist.destroy_process_group()
+
+
+def _train(host, cache, out, config, ddp, device, ckpt_path, log_path, kind, sigmas, sigma_max,
+           resume, stop_after, progress, metadata) -> TrainResult:
     amp_dtype = _precision(config, device)
     lora = attach_lora(host.unet, config.rank, config.alpha, config.targets, seed=config.lora_seed)
     try:
@@ -503,29 +627,35 @@ def train_refiner(
             samples, wall_prev = int(state["samples"]), float(state["wall_s"])
             logger.info("resuming %s at step %d (epoch %d, offset %d)", out, step, epoch, offset)
         records = _read_log(log_path, upto_step=step) if resume else []
-        with open(log_path.with_name(log_path.name + ".tmp"), "w", encoding="utf-8") as f:
-            f.writelines(json.dumps(r, sort_keys=True) + "\n" for r in records)
-        os.replace(log_path.with_name(log_path.name + ".tmp"), log_path)
+        if ddp.is_main:
+            with open(log_path.with_name(log_path.name + ".tmp"), "w", encoding="utf-8") as f:
+                f.writelines(json.dumps(r, sort_keys=True) + "\n" for r in records)
+            os.replace(log_path.with_name(log_path.name + ".tmp"), log_path)
 
         def checkpoint(at_step: int, position) -> None:
+            if not ddp.is_main:
+                return
             _save_checkpoint(ckpt_path, lora, opt, scaler, {
                 "step": at_step, "position": list(position), "samples": samples,
                 "wall_s": wall_prev + (time.perf_counter() - t0), "config": config.to_json(),
                 "cache_total": cache.total, "cache_conds": len(cache.conds),
             })
 
-        data = cache.batches(config.batch_size, seed=config.seed, epoch=epoch, offset=offset)
+        data = cache.batches(config.batch_size, seed=config.seed, epoch=epoch, offset=offset,
+                             **({"rank": ddp.rank, "world_size": ddp.world_size} if ddp.enabled else {}))
         position = (epoch, offset)
         t0 = time.perf_counter()
         stopped = False
         autocast = (lambda: torch.autocast(device.type, dtype=amp_dtype)) if amp_dtype is not None else contextlib.nullcontext
-        with torch.inference_mode(False), torch.enable_grad(), open(log_path, "a", encoding="utf-8") as log:
+        log_file = open(log_path, "a", encoding="utf-8") if ddp.is_main else contextlib.nullcontext()
+        with torch.inference_mode(False), torch.enable_grad(), log_file as log:
             while step < config.steps:
                 lr = _lr_at(config, step)
                 for g in opt.param_groups:
                     g["lr"] = lr
                 opt.zero_grad(set_to_none=True)
                 loss_sum, rms_sum = 0.0, 0.0
+                micro_stats = []
                 for _ in range(config.grad_accum):
                     batch, position = next(data)
                     e = batch.e.to(device)
@@ -539,7 +669,19 @@ def train_refiner(
                     (scaler.scale(loss) if scaler is not None else loss).backward()
                     loss_sum += stats["loss"] / config.grad_accum
                     rms_sum += stats["residual_rms"] / config.grad_accum
-                    samples += len(batch)
+                    micro_stats.append((stats["loss"], stats["residual_rms"] ** 2))
+                    samples += len(batch) * ddp.world_size
+                if ddp.enabled:
+                    # the global mean gradient (equal slices: the mean of the per-rank means); before
+                    # unscale_, so an inf/nan on any rank reaches every rank's GradScaler
+                    _all_reduce_mean_grads(params, ddp.world_size)
+                    red = torch.tensor(micro_stats, dtype=torch.float64, device=device)
+                    _dist_all_reduce(red)
+                    red /= ddp.world_size
+                    loss_sum, rms_sum = 0.0, 0.0
+                    for l_i, r2_i in red.tolist():  # global loss and RMS of each micro-batch
+                        loss_sum += l_i / config.grad_accum
+                        rms_sum += math.sqrt(r2_i) / config.grad_accum
                 if scaler is not None:
                     scaler.unscale_(opt)
                 grad_norm = float(torch.nn.utils.clip_grad_norm_(
@@ -553,7 +695,7 @@ def train_refiner(
                 rec = {"step": step, "loss": loss_sum, "residual_rms": rms_sum, "lr": lr, "grad_norm": grad_norm,
                        "samples": samples, "wall_s": round(wall_prev + time.perf_counter() - t0, 3)}
                 records.append(rec)
-                if step % config.log_every == 0 or step == config.steps:
+                if ddp.is_main and (step % config.log_every == 0 or step == config.steps):
                     log.write(json.dumps(rec, sort_keys=True) + "\n")
                     log.flush()
                 if progress is not None:
@@ -564,9 +706,12 @@ def train_refiner(
                 if step % config.checkpoint_every == 0 or step == config.steps:
                     checkpoint(step, position)
         wall = wall_prev + time.perf_counter() - t0
+        refiner_path = out / REFINER_NAME
+        if not ddp.is_main:
+            ddp.barrier()  # rank 0 writes the plot and the refiner
+            return TrainResult(lora, refiner_path, step, [r["loss"] for r in records], wall, stopped)
         plot_losses([r["step"] for r in records], [r["loss"] for r in records], out / PLOT_NAME,
                     title=f"MSD loss ({host.base_model}, rank {config.rank}, N={config.student_steps})")
-        refiner_path = out / REFINER_NAME
         if not stopped:
             meta = {
                 "base_model": host.base_model,
@@ -576,8 +721,11 @@ def train_refiner(
                 "training": {**config.to_json(), "teacher": cache.meta, "cache_samples": cache.total,
                              "optimizer": "AdamW", "loss": "MSD latent MSE (noisecraft.msd)"},
             }
+            if ddp.enabled:
+                meta["training"]["processes"] = ddp.world_size
             meta.update(dict(metadata or {}))
             save_refiner(lora, refiner_path, meta)
+        ddp.barrier()
         return TrainResult(lora, refiner_path, step, [r["loss"] for r in records], wall, stopped)
     except BaseException:
         lora.remove()
