@@ -46,7 +46,7 @@ import folder_paths
 
 from ..noisecraft.npnet import LONG_PROMPT_POLICIES, PRESETS, RESOLUTION_POLICIES, NPNet, golden_noise, load_npnet
 from ..noisecraft.weights import load_folder_aliases
-from .noise import latent_samples
+from .noise import NoiseTransform
 
 log = logging.getLogger(__name__)
 
@@ -225,7 +225,7 @@ def prompt_embeds(positive, npnet: LoadedNPNet) -> torch.Tensor:
     return emb.detach().to("cpu", torch.float32)
 
 
-class GoldenNoise:
+class GoldenNoise(NoiseTransform):
     """A NOISE: the input NOISE's tensor for the sampler's latent, made golden by NPNet.
 
     ``generate_noise`` asks the input NOISE for the same latent dict (so per-batch-index seeding is
@@ -233,26 +233,19 @@ class GoldenNoise:
     CPU tensor of the input's dtype. ``.seed`` is the input NOISE's.
     """
 
+    node_name = GOLDEN_NAME
+
     def __init__(self, noise, npnet: LoadedNPNet, prompts: torch.Tensor, strength: float,
                  resolution: str, long_prompt: str):
-        self.noise = noise
+        super().__init__(noise)
         self.npnet = npnet
         self.prompts = prompts
         self.strength = float(strength)
         self.resolution = resolution
         self.long_prompt = long_prompt
 
-    @property
-    def seed(self):
-        return self.noise.seed
-
     def generate_noise(self, input_latent: dict) -> torch.Tensor:
-        samples = latent_samples(input_latent)
-        base = self.noise.generate_noise(input_latent)
-        if not torch.is_tensor(base) or tuple(base.shape) != tuple(samples.shape):
-            got = list(base.shape) if torch.is_tensor(base) else type(base).__name__
-            raise ValueError(f"{GOLDEN_NAME}: the input NOISE gave {got} for a latent of shape "
-                             f"{list(samples.shape)}; use a NOISE made for this latent (re-run the node that made it)")
+        base = self.base_noise(input_latent)
         if self.strength == 0:
             return base
         cfg = self.npnet.config

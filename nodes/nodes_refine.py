@@ -58,7 +58,7 @@ from ..noisecraft.lora import read_lora_file
 from ..noisecraft.refine import STRENGTH_MAX, check_strength, refine_noise
 from ..noisecraft.sigmas import ModelKind
 from . import bridge
-from .noise import latent_samples
+from .noise import NoiseTransform
 
 log = logging.getLogger(__name__)
 
@@ -349,7 +349,7 @@ class RefinerSwitch:
 
 # -- refined noise as a NOISE ----------------------------------------------------------------------
 
-class RefinedNoise:
+class RefinedNoise(NoiseTransform):
     """A NOISE: the input NOISE's tensor for the sampler's latent, refined by the refiner LoRA.
 
     ``generate_noise`` asks the input NOISE for the same latent dict, then runs the two refiner
@@ -357,9 +357,11 @@ class RefinedNoise:
     the positive prompt, through :func:`nodes.bridge.run_core`. ``.seed`` is the input NOISE's.
     """
 
+    node_name = REFINE_NAME
+
     def __init__(self, noise, model, refiner: Refiner, targets: list[Target], positive, strength: float,
                  kind: ModelKind):
-        self.noise = noise
+        super().__init__(noise)
         self.model = model
         self.refiner = refiner
         self.targets = targets
@@ -367,17 +369,8 @@ class RefinedNoise:
         self.strength = float(strength)
         self.kind = kind
 
-    @property
-    def seed(self):
-        return self.noise.seed
-
     def generate_noise(self, input_latent: dict) -> torch.Tensor:
-        samples = latent_samples(input_latent)
-        base = self.noise.generate_noise(input_latent)
-        if not torch.is_tensor(base) or tuple(base.shape) != tuple(samples.shape):
-            got = list(base.shape) if torch.is_tensor(base) else type(base).__name__
-            raise ValueError(f"{REFINE_NAME}: the input NOISE gave {got} for a latent of shape "
-                             f"{list(samples.shape)}; use a NOISE made for this latent (re-run the node that made it)")
+        base = self.base_noise(input_latent)
         latent = bridge.prepare_latent(self.model, {"samples": base})
         smax = bridge.sigma_max(self.model)
         sigmas = torch.tensor([smax, 0.0], dtype=torch.float32)

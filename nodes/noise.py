@@ -19,7 +19,7 @@ from ..noisecraft.stability import check_noise
 
 log = logging.getLogger(__name__)
 
-__all__ = ["SEED_MASK", "SeededNoise", "FixedNoise", "latent_samples", "comfy_noise", "candidate_stack"]
+__all__ = ["SEED_MASK", "SeededNoise", "FixedNoise", "NoiseTransform", "latent_samples", "comfy_noise", "candidate_stack"]
 
 SEED_MASK = 0xFFFF_FFFF_FFFF_FFFF  # ComfyUI seeds are unsigned 64-bit
 
@@ -114,3 +114,30 @@ class FixedNoise:
 
     def __repr__(self) -> str:
         return f"FixedNoise(shape={list(self.shape)}, seed={self.seed}, source={self.source!r})"
+
+
+class NoiseTransform:
+    """Base of the lazy NOISE -> NOISE transforms (golden noise, refined noise).
+
+    The work happens when the sampler asks: :meth:`base_noise` asks the input NOISE for the very
+    same latent dict (so ComfyUI's per-batch-index seeding is unchanged) and checks its shape;
+    subclasses transform that tensor. ``.seed`` is the input NOISE's.
+    """
+
+    node_name = "a NoiseCraft noise node"
+
+    def __init__(self, noise):
+        self.noise = noise
+
+    @property
+    def seed(self):
+        return self.noise.seed
+
+    def base_noise(self, input_latent: dict) -> torch.Tensor:
+        samples = latent_samples(input_latent)
+        base = self.noise.generate_noise(input_latent)
+        if not torch.is_tensor(base) or tuple(base.shape) != tuple(samples.shape):
+            got = list(base.shape) if torch.is_tensor(base) else type(base).__name__
+            raise ValueError(f"{self.node_name}: the input NOISE gave {got} for a latent of shape "
+                             f"{list(samples.shape)}; use a NOISE made for this latent (re-run the node that made it)")
+        return base
