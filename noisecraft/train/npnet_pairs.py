@@ -44,8 +44,6 @@ Cost per pair: 2 + 1 model passes (w_l != 1, w_w = 1), plus ``4 * filter_steps``
 
 from __future__ import annotations
 
-import functools
-import json
 import logging
 import math
 import os
@@ -56,9 +54,8 @@ from typing import Any, Callable, Iterator, Mapping, Optional, Sequence
 import torch
 
 from .. import ode
-from ..rng import seeded_noise
 from ..sigmas import get_sigmas, noise_to_x, x_to_noise
-from .teacher_cache import _atomic_write_json, write_safetensors
+from .shards import INDEX_NAME, ShardedStore, epoch_generator, write_safetensors
 
 __all__ = [
     "Scorer",
@@ -73,9 +70,7 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 PAIRS_VERSION = 1
-INDEX_NAME = "index.json"
 CONDS_NAME = "conds.safetensors"
-_SHARD = "shard_{:05d}.safetensors"
 
 Scorer = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 """``score(x0 [B, C, H, W], cond_ids [B]) -> [B]`` float scores, higher is better."""
@@ -134,26 +129,34 @@ class PairBatch:
         return int(self.index.numel())
 
 
-class PairStore:
+class PairStore(ShardedStore):
     """A folder of NPNet training pairs (see the module docstring). Open one with ``PairStore(path)``;
     make one with :meth:`create` (or :func:`collect_pairs`)."""
 
+    _HOLDS = "NPNet pairs"
+    _FOLDER = "pair folder"
+    _SHARD_KEYS = ("noise", "target", "cond", "kept", "score_source", "score_target")
+    _REBUILD_HINT = "delete the shard and collect again"
+
     def __init__(self, root: str | os.PathLike, *, max_open_shards: int = 4):
-        self.root = Path(root)
-        index = self.root / INDEX_NAME
-        if not index.is_file():
-            raise FileNotFoundError(
-                f"{self.root} is not an NPNet pair folder (no {INDEX_NAME}): collect pairs with "
-                "noisecraft.train.collect_pairs(...) or `python -m noisecraft collect-pairs`"
-            )
-        self._index = json.loads(index.read_text(encoding="utf-8"))
+        super().__init__(root, max_open_shards=max_open_shards)
+        self._embeds: Optional[torch.Tensor] = None
+
+    def _no_index_message(self) -> str:
+        return (
+            f"{self.root} is not an NPNet pair folder (no {INDEX_NAME}): collect pairs with "
+            "noisecraft.train.collect_pairs(...) or `python -m noisecraft collect-pairs`"
+        )
+
+    def _check_index(self, index: Path) -> None:
         if self._index.get("kind") != "npnet_pairs" or self._index.get("version") != PAIRS_VERSION:
             raise ValueError(
                 f"{index}: not an NPNet pair index of version {PAIRS_VERSION} (kind {self._index.get('kind')!r}, "
                 f"version {self._index.get('version')!r}): collect the pairs again"
             )
-        self._load_shard = functools.lru_cache(maxsize=max(1, int(max_open_shards)))(self._read_shard)
-        self._embeds: Optional[torch.Tensor] = None
+
+    def _missing_shard_message(self, k: int, path: Path) -> str:
+        return f"NPNet pairs {self.root}: {path.name} is missing: finish the collection (collect_pairs resumes)"
 
     @classmethod
     def create(cls, root: str | os.PathLike, *, shape: Sequence[int], conds: Sequence[Any], embeds: torch.Tensor,
@@ -161,69 +164,23 @@ class PairStore:
                shard_size: int = 256) -> "PairStore":
         """Make (or re-open, if it has the same definition and embeddings) an empty pair folder."""
         root = Path(root)
-        if int(shard_size) < 1 or int(total) < 1:
-            raise ValueError(f"shard_size and total must be >= 1, got {shard_size} and {total}")
-        if not conds:
-            raise ValueError("conds is empty: give at least one class label or prompt")
+        definition = cls._definition({"kind": "npnet_pairs", "version": PAIRS_VERSION}, shape=shape, conds=conds,
+                                     base_seed=base_seed, total=total, shard_size=shard_size, meta=meta)
         embeds = torch.as_tensor(embeds).detach().to("cpu", torch.float32).contiguous()
         if embeds.ndim != 3 or embeds.shape[0] != len(conds):
             raise ValueError(f"embeds must be [P, tokens, width] with one row per condition ({len(conds)}), "
                              f"got {list(embeds.shape)}")
-        definition = {
-            "kind": "npnet_pairs",
-            "version": PAIRS_VERSION,
-            "shape": [int(s) for s in shape],
-            "conds": list(conds),
-            "base_seed": int(base_seed),
-            "total": int(total),
-            "shard_size": int(shard_size),
-            "meta": json.loads(json.dumps(dict(meta or {}), sort_keys=True)),
-        }
-        index = root / INDEX_NAME
-        if index.is_file():
-            old = json.loads(index.read_text(encoding="utf-8"))
-            mismatch = [k for k in definition if old.get(k) != definition[k]]
-            if mismatch:
-                raise ValueError(
-                    f"{root} already holds NPNet pairs with different {mismatch} (e.g. {mismatch[0]}: "
-                    f"{old.get(mismatch[0])!r} there, {definition[mismatch[0]]!r} asked): use another folder "
-                    "or delete that one"
-                )
-            store = cls(root)
+        store = cls._reopen(root, definition)
+        if store is not None:
             if not torch.equal(store.embeds, embeds):
                 raise ValueError(f"{root} holds pairs made with other prompt embeddings ({CONDS_NAME}): use "
                                  "another folder or delete that one")
             return store
         root.mkdir(parents=True, exist_ok=True)
         write_safetensors({"embeds": embeds}, root / CONDS_NAME, {"noisecraft.kind": "npnet_pair_conds"})
-        _atomic_write_json(index, {**definition, "shards": []})
-        return cls(root)
+        return cls._new(root, definition)
 
     # -- index -------------------------------------------------------------------------------
-    @property
-    def meta(self) -> dict:
-        return dict(self._index.get("meta", {}))
-
-    @property
-    def conds(self) -> list:
-        return list(self._index["conds"])
-
-    @property
-    def shape(self) -> tuple[int, ...]:
-        return tuple(self._index["shape"])
-
-    @property
-    def shard_size(self) -> int:
-        return int(self._index["shard_size"])
-
-    @property
-    def total(self) -> int:
-        return int(self._index["total"])
-
-    @property
-    def num_shards(self) -> int:
-        return -(-self.total // self.shard_size)
-
     @property
     def embeds(self) -> torch.Tensor:
         """Prompt embeddings [P, tokens, width]: row ``p`` for condition id ``p``."""
@@ -236,46 +193,9 @@ class PairStore:
             self._embeds = load_file(str(path))["embeds"]
         return self._embeds
 
-    def shard_range(self, k: int) -> range:
-        start = k * self.shard_size
-        return range(start, min(start + self.shard_size, self.total))
-
-    def shard_path(self, k: int) -> Path:
-        return self.root / _SHARD.format(k)
-
-    def missing_shards(self) -> list[int]:
-        return [k for k in range(self.num_shards) if not self.shard_path(k).is_file()]
-
-    @property
-    def complete(self) -> bool:
-        return not self.missing_shards()
-
-    def __len__(self) -> int:
-        return self.total
-
-    def reindex(self) -> None:
-        """Rewrite ``index.json`` from the shard files present (after parallel jobs)."""
-        self._index["shards"] = [
-            {"file": self.shard_path(k).name, "start": self.shard_range(k).start, "count": len(self.shard_range(k))}
-            for k in range(self.num_shards) if self.shard_path(k).is_file()
-        ]
-        _atomic_write_json(self.root / INDEX_NAME, self._index)
-        self._load_shard.cache_clear()
-
-    def sample_noise(self, indices: Sequence[int]) -> torch.Tensor:
-        base = int(self._index["base_seed"])
-        return torch.cat([seeded_noise(base + int(i), (1, *self.shape)) for i in indices])
-
-    def sample_conds(self, indices: Sequence[int]) -> torch.Tensor:
-        n = len(self._index["conds"])
-        return torch.tensor([int(i) % n for i in indices], dtype=torch.long)
-
     def write_shard(self, k: int, noise: torch.Tensor, target: torch.Tensor, kept: torch.Tensor,
                     score_source: torch.Tensor, score_target: torch.Tensor) -> Path:
-        rng = self.shard_range(k)
-        if len(rng) == 0:
-            raise ValueError(f"shard {k} is outside this pair folder ({self.num_shards} shards)")
-        idx = list(rng)
+        idx = self._shard_indices(k)
         want = (len(idx), *self.shape)
         if tuple(noise.shape) != want or tuple(target.shape) != want:
             raise ValueError(f"shard {k} needs noise and target of shape {want}, got {tuple(noise.shape)} "
@@ -286,30 +206,15 @@ class PairStore:
         write_safetensors({
             "noise": noise.to(torch.float32), "target": target.to(torch.float32),
             "cond": self.sample_conds(idx),
-            "seed": torch.tensor([int(self._index["base_seed"]) + i for i in idx], dtype=torch.long),
+            "seed": self._sample_seeds(idx),
             "kept": kept.to(torch.uint8).reshape(-1),
             "score_source": score_source.to(torch.float32).reshape(-1),
             "score_target": score_target.to(torch.float32).reshape(-1),
-        }, path, {"noisecraft.kind": "npnet_pairs_shard", "start": str(rng.start), "count": str(len(rng))})
+        }, path, {"noisecraft.kind": "npnet_pairs_shard", "start": str(idx[0]), "count": str(len(idx))})
         self.reindex()
         return path
 
     # -- reading -----------------------------------------------------------------------------
-    def _read_shard(self, k: int) -> dict[str, torch.Tensor]:
-        from safetensors.torch import load_file
-
-        path = self.shard_path(k)
-        if not path.is_file():
-            raise FileNotFoundError(f"NPNet pairs {self.root}: {path.name} is missing: finish the collection "
-                                    "(collect_pairs resumes)")
-        data = load_file(str(path), device="cpu")
-        n = len(self.shard_range(k))
-        for key in ("noise", "target", "cond", "kept", "score_source", "score_target"):
-            if key not in data or data[key].shape[0] != n:
-                raise ValueError(f"{path}: tensor {key!r} is missing or does not hold {n} samples: delete the "
-                                 "shard and collect again")
-        return data
-
     def column(self, key: str) -> torch.Tensor:
         """One per-sample column over the whole folder (``kept``, ``score_source``, ``cond``, ...)."""
         self._require_complete()
@@ -325,18 +230,10 @@ class PairStore:
         return (s1 > s0 + float(margin)).nonzero().flatten()
 
     def get(self, indices: Sequence[int] | torch.Tensor) -> PairBatch:
-        idx = torch.as_tensor(indices, dtype=torch.long).reshape(-1)
-        if idx.numel() and (int(idx.min()) < 0 or int(idx.max()) >= self.total):
-            raise IndexError(f"pair index outside 0..{self.total - 1}")
+        idx = self._indices(indices, "pair")
         out = {k: torch.empty((idx.numel(), *self.shape)) for k in ("noise", "target")}
         out["cond"] = torch.empty(idx.numel(), dtype=torch.long)
-        shard_of = idx // self.shard_size
-        for k in torch.unique(shard_of).tolist():
-            sel = (shard_of == k).nonzero().flatten()
-            local = idx[sel] - k * self.shard_size
-            data = self._load_shard(int(k))
-            for key in out:
-                out[key][sel] = data[key][local]
+        self._gather(idx, out)
         return PairBatch(e=out["noise"], target=out["target"], cond=out["cond"], index=idx)
 
     def _require_complete(self) -> None:
@@ -348,8 +245,7 @@ class PairStore:
             )
 
     def epoch_order(self, pool: torch.Tensor, seed: int, epoch: int) -> torch.Tensor:
-        g = torch.Generator().manual_seed((int(seed) * 1_000_003 + int(epoch)) & 0x7FFF_FFFF_FFFF_FFFF)
-        return pool[torch.randperm(pool.numel(), generator=g)]
+        return pool[torch.randperm(pool.numel(), generator=epoch_generator(seed, epoch))]
 
     def batches(self, batch_size: int, *, seed: int = 0, epoch: int = 0, offset: int = 0,
                 margin: Optional[float] = None) -> Iterator[tuple[PairBatch, tuple[int, int]]]:

@@ -32,8 +32,6 @@ Layout of a cache folder::
 
 from __future__ import annotations
 
-import functools
-import json
 import logging
 import os
 from dataclasses import dataclass
@@ -43,15 +41,13 @@ from typing import Any, Callable, Iterator, Mapping, Optional, Sequence
 import torch
 
 from ..msd import check_schedule, teacher_x0
-from ..rng import seeded_noise
+from .shards import INDEX_NAME, ShardedStore, epoch_generator, write_safetensors
 
 __all__ = ["TeacherCache", "TeacherBatch", "build_teacher_cache", "write_safetensors", "INDEX_NAME", "CACHE_VERSION"]
 
 logger = logging.getLogger(__name__)
 
-INDEX_NAME = "index.json"
 CACHE_VERSION = 1
-_SHARD = "shard_{:05d}.safetensors"
 
 
 @dataclass
@@ -67,66 +63,33 @@ class TeacherBatch:
         return int(self.index.numel())
 
 
-def _atomic_write_json(path: Path, payload: Any) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(payload, indent=1, sort_keys=True) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
-
-
-_ST_DTYPES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16", torch.int64: "I64",
-              torch.int32: "I32", torch.uint8: "U8", torch.float64: "F64"}
-
-
-def write_safetensors(tensors: Mapping[str, torch.Tensor], path: str | os.PathLike, metadata: Mapping[str, str]) -> Path:
-    """Write a safetensors file atomically and byte-for-byte reproducibly (sorted names and metadata).
-
-    (The library writer orders ``__metadata__`` through a hash map, so identical runs can give
-    different bytes; see ``scripts/train_toy.py``.)
-    """
-    path = Path(path)
-    header: dict = {"__metadata__": {str(k): str(v) for k, v in sorted(metadata.items())}}
-    blobs, offset = [], 0
-    for name in sorted(tensors):
-        t = tensors[name].detach().cpu().contiguous()
-        if t.dtype not in _ST_DTYPES:
-            raise TypeError(f"cannot store {name} of dtype {t.dtype} in safetensors here")
-        data = t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b""
-        header[name] = {"dtype": _ST_DTYPES[t.dtype], "shape": list(t.shape), "data_offsets": [offset, offset + len(data)]}
-        blobs.append(data)
-        offset += len(data)
-    raw = json.dumps(header, separators=(",", ":"), sort_keys=True).encode("utf-8")
-    raw += b" " * (-len(raw) % 8)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "wb") as f:
-        f.write(len(raw).to_bytes(8, "little"))
-        f.write(raw)
-        for data in blobs:
-            f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    return path
-
-
-class TeacherCache:
+class TeacherCache(ShardedStore):
     """A teacher cache folder (see the module docstring). Open an existing one with
     ``TeacherCache(path)``; make one with :meth:`create` (or :func:`build_teacher_cache`)."""
 
-    def __init__(self, root: str | os.PathLike, *, max_open_shards: int = 4):
-        self.root = Path(root)
-        index = self.root / INDEX_NAME
-        if not index.is_file():
-            raise FileNotFoundError(
-                f"{self.root} is not a teacher cache (no {INDEX_NAME}): build one with "
-                "noisecraft.train.build_teacher_cache(...) or `python -m noisecraft train-refiner`"
-            )
-        self._index = json.loads(index.read_text(encoding="utf-8"))
+    _HOLDS = "a teacher cache"
+    _FOLDER = "cache"
+    _SHARD_KEYS = ("noise", "x0", "cond")
+    _REBUILD_HINT = "rebuild this shard"
+
+    def _no_index_message(self) -> str:
+        return (
+            f"{self.root} is not a teacher cache (no {INDEX_NAME}): build one with "
+            "noisecraft.train.build_teacher_cache(...) or `python -m noisecraft train-refiner`"
+        )
+
+    def _check_index(self, index: Path) -> None:
         if self._index.get("version") != CACHE_VERSION:
             raise ValueError(
                 f"{index}: teacher cache version {self._index.get('version')!r}, this NoiseCraft reads "
                 f"version {CACHE_VERSION}: rebuild the cache"
             )
-        self._load_shard = functools.lru_cache(maxsize=max(1, int(max_open_shards)))(self._read_shard)
+
+    def _missing_shard_message(self, k: int, path: Path) -> str:
+        return (
+            f"teacher cache {self.root}: shard {path.name} (samples {self.shard_range(k).start}.."
+            f"{self.shard_range(k).stop - 1}) is missing: finish the build (build_teacher_cache resumes)"
+        )
 
     # -- creation ---------------------------------------------------------------------------------
     @classmethod
@@ -149,103 +112,15 @@ class TeacherCache:
         sigma_max), checked when a build resumes.
         """
         root = Path(root)
-        if int(shard_size) < 1 or int(total) < 1:
-            raise ValueError(f"shard_size and total must be >= 1, got {shard_size} and {total}")
-        if not conds:
-            raise ValueError("conds is empty: give at least one class label or prompt")
-        definition = {
-            "version": CACHE_VERSION,
-            "shape": [int(s) for s in shape],
-            "conds": list(conds),
-            "base_seed": int(base_seed),
-            "total": int(total),
-            "shard_size": int(shard_size),
-            "meta": json.loads(json.dumps(dict(meta or {}), sort_keys=True)),
-        }
-        index = root / INDEX_NAME
-        if index.is_file():
-            old = json.loads(index.read_text(encoding="utf-8"))
-            mismatch = [k for k in definition if old.get(k) != definition[k]]
-            if mismatch:
-                raise ValueError(
-                    f"{root} already holds a teacher cache with different {mismatch} (e.g. {mismatch[0]}: "
-                    f"{old.get(mismatch[0])!r} there, {definition[mismatch[0]]!r} asked): use another folder "
-                    "or delete that one"
-                )
-            return cls(root)
-        root.mkdir(parents=True, exist_ok=True)
-        _atomic_write_json(index, {**definition, "shards": []})
-        return cls(root)
+        definition = cls._definition({"version": CACHE_VERSION}, shape=shape, conds=conds, base_seed=base_seed,
+                                     total=total, shard_size=shard_size, meta=meta)
+        cache = cls._reopen(root, definition)
+        return cls._new(root, definition) if cache is None else cache
 
-    # -- index -----------------------------------------------------------------------------------
-    @property
-    def meta(self) -> dict:
-        return dict(self._index.get("meta", {}))
-
-    @property
-    def conds(self) -> list:
-        return list(self._index["conds"])
-
-    @property
-    def shape(self) -> tuple[int, ...]:
-        return tuple(self._index["shape"])
-
-    @property
-    def shard_size(self) -> int:
-        return int(self._index["shard_size"])
-
-    @property
-    def total(self) -> int:
-        """Samples the cache is defined to hold (see :attr:`complete`)."""
-        return int(self._index["total"])
-
-    @property
-    def num_shards(self) -> int:
-        return -(-self.total // self.shard_size)
-
-    def shard_range(self, k: int) -> range:
-        start = k * self.shard_size
-        return range(start, min(start + self.shard_size, self.total))
-
-    def shard_path(self, k: int) -> Path:
-        return self.root / _SHARD.format(k)
-
-    def missing_shards(self) -> list[int]:
-        return [k for k in range(self.num_shards) if not self.shard_path(k).is_file()]
-
-    @property
-    def complete(self) -> bool:
-        return not self.missing_shards()
-
-    def reindex(self) -> None:
-        """Rewrite ``index.json`` from the shard files present (after parallel build jobs)."""
-        shards = [
-            {"file": self.shard_path(k).name, "start": self.shard_range(k).start, "count": len(self.shard_range(k))}
-            for k in range(self.num_shards)
-            if self.shard_path(k).is_file()
-        ]
-        self._index["shards"] = shards
-        _atomic_write_json(self.root / INDEX_NAME, self._index)
-        self._load_shard.cache_clear()
-
-    def __len__(self) -> int:
-        return self.total
-
-    def sample_noise(self, indices: Sequence[int]) -> torch.Tensor:
-        """The unit noise of samples ``indices`` (from their seeds), [n, C, H, W] float32."""
-        base = int(self._index["base_seed"])
-        return torch.cat([seeded_noise(base + int(i), (1, *self.shape)) for i in indices])
-
-    def sample_conds(self, indices: Sequence[int]) -> torch.Tensor:
-        n = len(self._index["conds"])
-        return torch.tensor([int(i) % n for i in indices], dtype=torch.long)
-
+    # -- shards ----------------------------------------------------------------------------------
     def write_shard(self, k: int, x0: torch.Tensor, noise: Optional[torch.Tensor] = None) -> Path:
         """Store shard ``k`` (samples ``shard_range(k)``) with the teacher's x0 for them, atomically."""
-        rng = self.shard_range(k)
-        if len(rng) == 0:
-            raise ValueError(f"shard {k} is outside this cache ({self.num_shards} shards)")
-        idx = list(rng)
+        idx = self._shard_indices(k)
         noise = self.sample_noise(idx) if noise is None else noise
         if tuple(x0.shape) != (len(idx), *self.shape) or tuple(noise.shape) != tuple(x0.shape):
             raise ValueError(
@@ -260,52 +135,26 @@ class TeacherCache:
                 "noise": noise.to(torch.float32),
                 "x0": x0.to(torch.float32),
                 "cond": self.sample_conds(idx),
-                "seed": torch.tensor([int(self._index["base_seed"]) + i for i in idx], dtype=torch.long),
+                "seed": self._sample_seeds(idx),
             },
             path,
-            {"noisecraft.kind": "teacher_cache_shard", "start": str(rng.start), "count": str(len(rng))},
+            {"noisecraft.kind": "teacher_cache_shard", "start": str(idx[0]), "count": str(len(idx))},
         )
         self.reindex()
         return path
 
     # -- reading ---------------------------------------------------------------------------------
-    def _read_shard(self, k: int) -> dict[str, torch.Tensor]:
-        from safetensors.torch import load_file
-
-        path = self.shard_path(k)
-        if not path.is_file():
-            raise FileNotFoundError(
-                f"teacher cache {self.root}: shard {path.name} (samples {self.shard_range(k).start}.."
-                f"{self.shard_range(k).stop - 1}) is missing: finish the build (build_teacher_cache resumes)"
-            )
-        data = load_file(str(path), device="cpu")
-        n = len(self.shard_range(k))
-        for key in ("noise", "x0", "cond"):
-            if key not in data or data[key].shape[0] != n:
-                raise ValueError(f"{path}: tensor {key!r} is missing or does not hold {n} samples: rebuild this shard")
-        return data
-
     def get(self, indices: Sequence[int] | torch.Tensor) -> TeacherBatch:
         """Samples ``indices`` (in that order)."""
-        idx = torch.as_tensor(indices, dtype=torch.long).reshape(-1)
-        if idx.numel() and (int(idx.min()) < 0 or int(idx.max()) >= self.total):
-            raise IndexError(f"sample index outside 0..{self.total - 1}")
-        parts: dict[str, list] = {"noise": [], "x0": [], "cond": []}
-        shard_of = idx // self.shard_size
-        out = {k: torch.empty((idx.numel(), *self.shape) if k != "cond" else (idx.numel(),),
-                              dtype=torch.long if k == "cond" else torch.float32) for k in parts}
-        for k in torch.unique(shard_of).tolist():
-            sel = (shard_of == k).nonzero().flatten()
-            local = idx[sel] - k * self.shard_size
-            data = self._load_shard(int(k))
-            for key in parts:
-                out[key][sel] = data[key][local]
+        idx = self._indices(indices, "sample")
+        out = self._gather(idx, {k: torch.empty((idx.numel(), *self.shape) if k != "cond" else (idx.numel(),),
+                                                dtype=torch.long if k == "cond" else torch.float32)
+                                 for k in ("noise", "x0", "cond")})
         return TeacherBatch(e=out["noise"], cond=out["cond"], x0=out["x0"], index=idx)
 
     def epoch_order(self, seed: int, epoch: int) -> torch.Tensor:
         """The shuffled sample order of ``epoch``: a pure function of ``(seed, epoch)``."""
-        g = torch.Generator().manual_seed((int(seed) * 1_000_003 + int(epoch)) & 0x7FFF_FFFF_FFFF_FFFF)
-        return torch.randperm(self.total, generator=g)
+        return torch.randperm(self.total, generator=epoch_generator(seed, epoch))
 
     def batches(
         self,
