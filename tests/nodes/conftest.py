@@ -7,6 +7,7 @@ a custom node: the repository folder as a package (here named ``noisecraft_pack`
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import importlib.util
 import os
@@ -100,6 +101,67 @@ class Comfy:
 @pytest.fixture(scope="session")
 def nc():
     return Comfy()
+
+
+@contextlib.contextmanager
+def _swap_model_folders(root, names, node_module, set_paths=()):
+    """Point ComfyUI's ``folder_paths`` at ``root`` for the folder ``names`` (restored afterwards);
+    ``set_paths`` are set to ``root/<name>`` directly, then the node module registers its own."""
+    import folder_paths
+
+    saved_dir = folder_paths.models_dir
+    saved = {k: folder_paths.folder_names_and_paths.pop(k, None) for k in names}
+    folder_paths.models_dir = str(root)
+    for k in set_paths:
+        folder_paths.folder_names_and_paths[k] = ([str(Path(root) / k)], set(folder_paths.supported_pt_extensions))
+    for k in names:
+        folder_paths.filename_list_cache.pop(k, None)
+    node_module.clear_cache()
+    try:
+        node_module.register_folders()
+        yield root
+    finally:
+        folder_paths.models_dir = saved_dir
+        for k, v in saved.items():
+            folder_paths.folder_names_and_paths.pop(k, None)
+            if v is not None:
+                folder_paths.folder_names_and_paths[k] = v
+            folder_paths.filename_list_cache.pop(k, None)
+        node_module.clear_cache()
+
+
+@pytest.fixture(scope="session")
+def model_folders():
+    """``with model_folders(root, names, node_module, set_paths=()):`` -- see ``_swap_model_folders``."""
+    return _swap_model_folders
+
+
+def _node_module(name: str):
+    return importlib.import_module(f"{PACK_NAME}.nodes.{name}")
+
+
+@pytest.fixture(scope="session")
+def rf(nc):
+    """nodes/nodes_refine.py as ComfyUI imports it."""
+    return _node_module("nodes_refine")
+
+
+@pytest.fixture(scope="session")
+def tr(nc):
+    """nodes/nodes_train.py."""
+    return _node_module("nodes_train")
+
+
+@pytest.fixture(scope="session")
+def npn(nc):
+    """nodes/nodes_npnet.py."""
+    return _node_module("nodes_npnet")
+
+
+@pytest.fixture(scope="session")
+def tn(nc):
+    """nodes/nodes_train_npnet.py."""
+    return _node_module("nodes_train_npnet")
 
 
 @pytest.fixture(autouse=True)

@@ -20,7 +20,6 @@ import pytest
 import torch
 
 import comfy.utils
-import folder_paths
 import nodes as comfy_nodes
 from comfy_extras.nodes_custom_sampler import Noise_RandomNoise
 
@@ -30,16 +29,6 @@ TOL = dict(rtol=1e-4, atol=1e-4)
 
 def _pack(nc) -> str:
     return nc.noise.__name__.split(".")[0]
-
-
-@pytest.fixture(scope="module")
-def rf(nc):
-    return importlib.import_module(_pack(nc) + ".nodes.nodes_refine")
-
-
-@pytest.fixture(scope="module")
-def tr(nc):
-    return importlib.import_module(_pack(nc) + ".nodes.nodes_train")
 
 
 @pytest.fixture(scope="module")
@@ -110,26 +99,10 @@ def table(core, model):
 
 
 @pytest.fixture
-def models_dir(tmp_path, rf):
+def models_dir(tmp_path, rf, model_folders):
     (tmp_path / "loras").mkdir()
-    saved_dir = folder_paths.models_dir
-    saved = {k: folder_paths.folder_names_and_paths.pop(k, None) for k in ("noise_refiners", "loras")}
-    folder_paths.models_dir = str(tmp_path)
-    folder_paths.folder_names_and_paths["loras"] = ([str(tmp_path / "loras")], set(folder_paths.supported_pt_extensions))
-    for k in ("noise_refiners", "loras"):
-        folder_paths.filename_list_cache.pop(k, None)
-    rf.clear_cache()
-    try:
-        rf.register_folders()
+    with model_folders(tmp_path, ("noise_refiners", "loras"), rf, set_paths=("loras",)):
         yield tmp_path
-    finally:
-        folder_paths.models_dir = saved_dir
-        for k, v in saved.items():
-            folder_paths.folder_names_and_paths.pop(k, None)
-            if v is not None:
-                folder_paths.folder_names_and_paths[k] = v
-            folder_paths.filename_list_cache.pop(k, None)
-        rf.clear_cache()
 
 
 def positive(nc):

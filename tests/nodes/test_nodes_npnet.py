@@ -42,17 +42,12 @@ def _core_test_helpers():
 
 
 @pytest.fixture(scope="module")
-def npn(nc):
-    return importlib.import_module(_pack(nc) + ".nodes.nodes_npnet")
-
-
-@pytest.fixture(scope="module")
 def core(nc):
     return importlib.import_module(_pack(nc) + ".noisecraft.npnet")
 
 
 @pytest.fixture(scope="module")
-def models_dir(npn, tmp_path_factory):
+def models_dir(npn, tmp_path_factory, model_folders):
     """A models folder with models/npnet/sdxl.safetensors and models/npnets/dit.pth; folder_paths points at it."""
     helpers = _core_test_helpers()
     root = tmp_path_factory.mktemp("models")
@@ -60,22 +55,8 @@ def models_dir(npn, tmp_path_factory):
     (root / "npnets").mkdir()
     save_file(helpers.flat(helpers.official_checkpoint(2048, seed=0), "embeeding"), str(root / "npnet" / SDXL_FILE))
     torch.save(helpers.official_checkpoint(1024, seed=1), root / "npnets" / DIT_FILE)
-    saved_dir = folder_paths.models_dir
-    saved = {k: folder_paths.folder_names_and_paths.pop(k, None) for k in ("npnet", "npnets")}
-    folder_paths.models_dir = str(root)
-    folder_paths.filename_list_cache.pop("npnet", None)
-    npn.clear_cache()
-    try:
-        npn.register_folders()
+    with model_folders(root, ("npnet", "npnets"), npn, set_paths=()):
         yield root
-    finally:
-        folder_paths.models_dir = saved_dir
-        for k, v in saved.items():
-            folder_paths.folder_names_and_paths.pop(k, None)
-            if v is not None:
-                folder_paths.folder_names_and_paths[k] = v
-        folder_paths.filename_list_cache.pop("npnet", None)
-        npn.clear_cache()
 
 
 @pytest.fixture(scope="module")

@@ -9,7 +9,6 @@ ComfyUI's ``folder_paths`` points at for this module only.
 from __future__ import annotations
 
 import copy
-import importlib
 
 import pytest
 import torch
@@ -24,15 +23,6 @@ from comfy_extras.nodes_custom_sampler import Noise_RandomNoise, SamplerCustomAd
 
 TARGETS = ("to_q", "to_k", "to_v", "to_out.0", "conv1", "conv2", "ff.net.0.proj", "ff.net.2")
 SEED = 3
-
-
-def _pack(nc) -> str:
-    return nc.noise.__name__.split(".")[0]
-
-
-@pytest.fixture(scope="module")
-def rf(nc):
-    return importlib.import_module(_pack(nc) + ".nodes.nodes_refine")
 
 
 def random_refiner(model, *, rank=2, seed=0, zero_up=False, kind="eps", ldm_names=False, scale=0.05):
@@ -64,7 +54,7 @@ def write(path, state, meta):
 
 
 @pytest.fixture(scope="module")
-def models_dir(rf, nc, tmp_path_factory):
+def models_dir(rf, nc, tmp_path_factory, model_folders):
     root = tmp_path_factory.mktemp("models")
     (root / "noise_refiners").mkdir()
     (root / "loras").mkdir()
@@ -79,24 +69,8 @@ def models_dir(rf, nc, tmp_path_factory):
     save_file({"weight": torch.ones(3)}, str(root / "loras" / "notalora.safetensors"))
     save_file(plain, str(root / "loras" / "npnet_like.safetensors"), metadata={"noisecraft.kind": "npnet"})
     (root / "loras" / "broken.safetensors").write_bytes(b"not a safetensors file at all")
-    saved_dir = folder_paths.models_dir
-    saved = {k: folder_paths.folder_names_and_paths.pop(k, None) for k in ("noise_refiners", "loras")}
-    folder_paths.models_dir = str(root)
-    folder_paths.folder_names_and_paths["loras"] = ([str(root / "loras")], set(folder_paths.supported_pt_extensions))
-    for k in ("noise_refiners", "loras"):
-        folder_paths.filename_list_cache.pop(k, None)
-    rf.clear_cache()
-    try:
-        rf.register_folders()
+    with model_folders(root, ("noise_refiners", "loras"), rf, set_paths=("loras",)):
         yield root
-    finally:
-        folder_paths.models_dir = saved_dir
-        for k, v in saved.items():
-            folder_paths.folder_names_and_paths.pop(k, None)
-            if v is not None:
-                folder_paths.folder_names_and_paths[k] = v
-            folder_paths.filename_list_cache.pop(k, None)
-        rf.clear_cache()
 
 
 def load(rf, name):

@@ -6,30 +6,14 @@ weights are inference tensors, as after ComfyUI's checkpoint loading).
 
 from __future__ import annotations
 
-import importlib
 
 import pytest
 import torch
 from safetensors import safe_open
 
 import comfy.model_management as mm
-import folder_paths
 import nodes as comfy_nodes
 from comfy_extras.nodes_custom_sampler import Noise_RandomNoise
-
-
-def _pack(nc) -> str:
-    return nc.noise.__name__.split(".")[0]
-
-
-@pytest.fixture(scope="module")
-def tr(nc):
-    return importlib.import_module(_pack(nc) + ".nodes.nodes_train")
-
-
-@pytest.fixture(scope="module")
-def rf(nc):
-    return importlib.import_module(_pack(nc) + ".nodes.nodes_refine")
 
 
 @pytest.fixture(scope="module")
@@ -114,26 +98,10 @@ def test_interrupt_mid_training_raises_and_leaves_the_model_unchanged(tr, nc, mo
 
 
 @pytest.fixture()
-def models_dir(tmp_path, rf):
+def models_dir(tmp_path, rf, model_folders):
     (tmp_path / "loras").mkdir()
-    saved_dir = folder_paths.models_dir
-    saved = {k: folder_paths.folder_names_and_paths.pop(k, None) for k in ("noise_refiners", "loras")}
-    folder_paths.models_dir = str(tmp_path)
-    folder_paths.folder_names_and_paths["loras"] = ([str(tmp_path / "loras")], set(folder_paths.supported_pt_extensions))
-    for k in ("noise_refiners", "loras"):
-        folder_paths.filename_list_cache.pop(k, None)
-    rf.clear_cache()
-    try:
-        rf.register_folders()
+    with model_folders(tmp_path, ("noise_refiners", "loras"), rf, set_paths=("loras",)):
         yield tmp_path
-    finally:
-        folder_paths.models_dir = saved_dir
-        for k, v in saved.items():
-            folder_paths.folder_names_and_paths.pop(k, None)
-            if v is not None:
-                folder_paths.folder_names_and_paths[k] = v
-            folder_paths.filename_list_cache.pop(k, None)
-        rf.clear_cache()
 
 
 def test_saved_refiner_loads_in_load_refiner_refine_noise_and_the_stock_lora_loader(tr, rf, nc, model, cache,

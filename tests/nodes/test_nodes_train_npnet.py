@@ -7,7 +7,6 @@ temporary models folder for this module only.
 
 from __future__ import annotations
 
-import importlib
 
 import pytest
 import torch
@@ -20,39 +19,11 @@ SIZE = 16
 SEED = 5
 
 
-def _pack(nc) -> str:
-    return nc.noise.__name__.split(".")[0]
-
-
 @pytest.fixture(scope="module")
-def tn(nc):
-    return importlib.import_module(_pack(nc) + ".nodes.nodes_train_npnet")
-
-
-@pytest.fixture(scope="module")
-def npn(nc):
-    return importlib.import_module(_pack(nc) + ".nodes.nodes_npnet")
-
-
-@pytest.fixture(scope="module")
-def models_dir(npn, tmp_path_factory):
+def models_dir(npn, tmp_path_factory, model_folders):
     root = tmp_path_factory.mktemp("models")
-    saved_dir = folder_paths.models_dir
-    saved = {k: folder_paths.folder_names_and_paths.pop(k, None) for k in ("npnet", "npnets")}
-    folder_paths.models_dir = str(root)
-    folder_paths.filename_list_cache.pop("npnet", None)
-    npn.clear_cache()
-    try:
-        npn.register_folders()
+    with model_folders(root, ("npnet", "npnets"), npn, set_paths=()):
         yield root
-    finally:
-        folder_paths.models_dir = saved_dir
-        for k, v in saved.items():
-            folder_paths.folder_names_and_paths.pop(k, None)
-            if v is not None:
-                folder_paths.folder_names_and_paths[k] = v
-        folder_paths.filename_list_cache.pop("npnet", None)
-        npn.clear_cache()
 
 
 def latent(size: int = SIZE, batch: int = 1, width: int | None = None) -> dict:
