@@ -5,8 +5,19 @@ Tier 1: torch + accelerate (installed by the ``dev`` and ``train`` extras), CPU,
 ``accelerate launch --multi_gpu --num_processes 2`` (accelerate starts the processes through
 torchrun; on a CPU-only machine they join a gloo group; ``--cpu --num_processes 2`` would start
 only one process unless an MPI hostfile is given). The global batch is 8 in both runs (4 per
-process), so the saved LoRA tensors and the loss log must agree up to the all-reduce's float
-summation order.
+process), so the saved LoRA tensors and the loss log must agree up to float32 summation order.
+
+Tolerances, from the arithmetic: a float32 sum of n terms carries a relative rounding error of at
+most about n * u (u = 2^-24); the loss is a mean over n = 8 samples x 64 latent elements, so the
+two runs' losses on the same weights agree to n * u = 3.1e-5 relative, plus, after the first step,
+the first-order effect of the weights' difference (grad_norm * |w_1 - w_2|). AdamW normalises each
+gradient component, so a relative gradient error becomes a relative update error of the same size,
+except on components whose gradient is within rounding of zero, where g / (|g| + eps) can move by
+up to 2 lr: the max-abs difference alone is not bounded by rounding (it was 2.9e-5 on one torch,
+1.7e-6 on another). The weights are therefore compared by the relative L2 norm of the difference of
+the LoRA up weights (which start at zero, so their norm is the update): <= 1e-3, 30x the n * u
+bound. A run on other data (another data-order seed: what a sharding bug gives) must exceed 5e-2
+(measured 0.42), so the comparison can fail.
 """
 
 import json
@@ -68,15 +79,41 @@ def test_two_gloo_processes_equal_one_process(tmp_path):
 
     a, b = load_file(one / "refiner.safetensors"), load_file(two / "refiner.safetensors")
     assert set(a) == set(b) and len(a) > 0
-    diff = max(float((a[k] - b[k]).abs().max()) for k in a)
-    print(f"max |w_1proc - w_2proc| = {diff:.3g}")
-    assert diff <= 1e-5, diff
+    rel, l2 = _relative_up_difference(a, b), _l2_difference(a, b)
+    print(f"1 vs 2 processes: relative L2 of the up-weight difference {rel:.3g}, "
+          f"max-abs {max(float((a[k] - b[k]).abs().max()) for k in a):.3g}")
+    assert rel <= 1e-3, rel
+
+    # the control: the same single process on another data order is far outside the tolerance
+    other = tmp_path / "other"
+    _run([sys.executable, "-m", "noisecraft", "train-refiner", *ARGS, "--seed", "1", "--out", str(other)], tmp_path)
+    control = _relative_up_difference(a, load_file(other / "refiner.safetensors"))
+    print(f"1 process vs another data order: {control:.3g}")
+    assert control >= 5e-2, control
 
     la, lb = _log(one / "loss.jsonl"), _log(two / "loss.jsonl")
     assert [r["step"] for r in la] == [r["step"] for r in lb] == [1, 2, 3]
+    n_u = 8 * 64 * 2.0 ** -24  # global batch x latent elements x unit roundoff
     for ra, rb in zip(la, lb):
         assert ra["samples"] == rb["samples"] and ra["lr"] == rb["lr"]
         for k in ("loss", "residual_rms", "grad_norm"):
-            assert abs(ra[k] - rb[k]) <= 1e-5 * max(1.0, abs(ra[k])), (k, ra, rb)
+            tol = n_u * abs(ra[k]) + (ra["grad_norm"] * l2 if ra["step"] > 1 else 0.0)
+            assert abs(ra[k] - rb[k]) <= tol, (k, ra, rb, tol)
     # the run moved the weights (the comparison is not trivially between two untouched inits)
     assert la[-1]["residual_rms"] > 0
+
+
+def _up_keys(weights):
+    return [k for k in weights if "lora_up" in k]
+
+
+def _relative_up_difference(a, b) -> float:
+    keys = _up_keys(a)
+    diff = sum(float((a[k] - b[k]).double().pow(2).sum()) for k in keys) ** 0.5
+    norm = sum(float(a[k].double().pow(2).sum()) for k in keys) ** 0.5
+    assert norm > 0  # the up weights start at zero: a zero norm would mean nothing was trained
+    return diff / norm
+
+
+def _l2_difference(a, b) -> float:
+    return sum(float((a[k] - b[k]).double().pow(2).sum()) for k in a) ** 0.5
