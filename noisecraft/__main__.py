@@ -1,8 +1,8 @@
 """Command line.
 
 ``python -m noisecraft demo [--out DIR]``: every method on the shipped toy model.
-``python -m noisecraft fetch NAME [--dest DIR] [--comfyui DIR] [--url URL]``: download a weight file
-from the manifest (resumable, sha256-checked) into the right ComfyUI folder.
+``python -m noisecraft fetch NAME [--dest DIR] [--comfyui DIR] [--url URL] [--allow-http]``: download a
+weight file from the manifest (verified before it gets its name; https only) into the right ComfyUI folder.
 ``python -m noisecraft fetch --list``: the known weight files.
 ``python -m noisecraft convert SRC DST [--preset P]``: an NPNet .pth as safetensors with metadata.
 ``python -m noisecraft train-refiner (--toy | --model DIR --prompts FILE) [--out DIR] [--resume] ...``:
@@ -10,20 +10,150 @@ train a NoiseRefine refiner LoRA with MSD (teacher cache first, then the trainer
 ``python -m noisecraft collect-pairs (--toy | --model DIR --prompts FILE) [--out DIR] ...``: NPNet
 training pairs by re-denoise sampling (safetensors shards, resumable), optionally filtered.
 ``python -m noisecraft train-npnet --pairs DIR [--out DIR] [--resume] ...``: train an NPNet on them.
+
+Failures print one line, ``noisecraft <command>: <message>``, on stderr and no traceback: return code
+2 for bad input (flags are checked before any work), 1 for a failure while running, 130 for Ctrl-C.
+Set ``NOISECRAFT_DEBUG=1`` to get the full traceback of an unexpected error.
 """
 
 from __future__ import annotations
 
 import argparse
 import logging
+import math
+import os
 import sys
 import time
 from pathlib import Path
+
+# -- argument types: numeric flags are checked before any work ------------------------------------
+# (argparse prints "argument --flag: <message>"; each message says what is allowed and what was got)
+
+
+def _int_at_least(low: int, what: str):
+    def parse(text: str) -> int:
+        try:
+            value = int(text, 10)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}") from None
+        if value < low:
+            raise argparse.ArgumentTypeError(f"expected {what}, got {value}")
+        return value
+
+    parse.__name__ = what  # argparse names the type in some messages
+    return parse
+
+
+_positive_int = _int_at_least(1, "a whole number >= 1")
+_non_negative_int = _int_at_least(0, "a whole number >= 0")
+_two_or_more_int = _int_at_least(2, "a whole number >= 2")
+
+
+def _float_in(what: str, low: float = -math.inf, high: float = math.inf, *, low_open: bool = False,
+              high_open: bool = False):
+    """A finite float in [low, high] (open ends where asked); NaN and inf are always refused."""
+
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}") from None
+        if not math.isfinite(value):
+            raise argparse.ArgumentTypeError(f"expected {what}, got {text!r} (not a finite number)")
+        if value < low or value > high or (low_open and value == low) or (high_open and value == high):
+            raise argparse.ArgumentTypeError(f"expected {what}, got {text}")
+        return value
+
+    parse.__name__ = what
+    return parse
+
+
+_finite_float = _float_in("a finite number")
+_positive_float = _float_in("a finite number > 0", 0.0, low_open=True)
+_non_negative_float = _float_in("a finite number >= 0", 0.0)
+# keep-filter margin on probability scores (the toy classifier's confidence): score' > score + m keeps
+# nothing for m >= 1 and everything for m <= -1
+_margin_float = _float_in("a number in [-1, 1) (the filter's scores are probabilities)", -1.0, 1.0, high_open=True)
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with a one-line error: ``noisecraft <command>: <message> (see --help)``, rc 2."""
+
+    def error(self, message: str):  # type: ignore[override]
+        self.exit(2, f"{self.prog}: {message} (see `{self.prog} --help`)\n")
+
+
+class _Refused(Exception):
+    """A bad input found by the CLI itself: the message is printed as is, rc 2."""
+
+
+def _check_out(path, flag: str = "--out") -> Path:
+    """An output folder that can be used (checked, not created); raises _Refused naming the flag."""
+    from .io import ensure_dir
+
+    try:
+        return ensure_dir(path, flag, create=False)
+    except ValueError as exc:
+        raise _Refused(str(exc)) from None
+
+
+def _check_scheduler(name: str) -> None:
+    from .sigmas import SCHEDULERS
+
+    if name not in SCHEDULERS:
+        raise _Refused(f"--scheduler {name!r} is not a known sigma schedule: choose one of {', '.join(SCHEDULERS)}")
+
+
+def _check_resume(out: Path, args: argparse.Namespace, result_name: str) -> None:
+    """Before any work: an existing checkpoint needs --resume, must be readable, and must not be past --steps."""
+    import json
+
+    from .io import read_safetensors_metadata
+
+    ckpt = out / "checkpoint.safetensors"
+    if not ckpt.is_file():
+        return
+    if not args.resume:
+        raise _Refused(f"{out} already holds a checkpoint: add --resume to continue it, or choose another --out")
+    meta = read_safetensors_metadata(ckpt, what="the training checkpoint to resume from (--resume)",
+                                     fix=f"delete it to start over in {out}, or choose another --out")
+    try:
+        step = int(json.loads(meta["state"])["step"])
+    except (KeyError, TypeError, ValueError):
+        raise _Refused(f"{ckpt} is not a NoiseCraft training checkpoint (no step in its metadata): delete it to "
+                       f"start over, or choose another --out") from None
+    if step > args.steps:
+        raise _Refused(f"--resume: {ckpt} is at step {step}, but --steps is {args.steps}: a resume cannot go back. "
+                       f"Give --steps {step} or more to continue training, or use {out / result_name} "
+                       "if that run finished")
+
+
+def _read_prompts(path) -> list[str]:
+    """The non-empty lines of --prompts FILE; a missing or unreadable file is refused naming the flag."""
+    p = Path(path)
+    if not p.is_file():
+        raise _Refused(f"--prompts {p}: " + ("is a folder" if p.is_dir() else "no such file")
+                       + ": expected a text file with one prompt per line")
+    try:
+        prompts = [ln.strip() for ln in p.read_text(encoding="utf-8").splitlines() if ln.strip()]
+    except UnicodeDecodeError:
+        raise _Refused(f"--prompts {p}: not UTF-8 text: expected a text file with one prompt per line") from None
+    if not prompts:
+        raise _Refused(f"--prompts {p}: the file has no prompts: put one prompt per line")
+    return prompts
+
+
+def _check_channels(shape, host) -> None:
+    want = getattr(getattr(host.unet, "config", None), "in_channels", None)
+    if want is not None and int(shape[0]) != int(want):
+        raise _Refused(f"--latent-shape {' '.join(str(v) for v in shape)}: the model takes {want}-channel latents, "
+                       f"got C = {shape[0]}: give --latent-shape {want} H W (or leave it out for the model's own size)")
 
 
 def _demo(args: argparse.Namespace) -> int:
     from .demo import DemoConfig, format_gap, format_table, gap_summary, run_demo
 
+    _check_out(args.out)
     config = DemoConfig()
     if args.quick:
         config = DemoConfig(per_class=1, candidates=2, paper_steps=3, fixed_point_steps=3, score_steps=4)
@@ -61,8 +191,9 @@ def _format_weights_table(entries) -> str:
     line = lambda r: "  ".join(str(c).ljust(w) for c, w in zip(r, widths)).rstrip()
     out = [line(header), line(tuple("-" * w for w in widths))] + [line(r) for r in rows]
     out.append("")
-    out.append("sha256 '-': none published, the download is checked for completeness only. "
-               "'by hand': no direct URL, see `page` in the manifest.")
+    out.append("sha256 '-': none published: the download cannot be verified by hash; fetch checks the size where "
+               "known and the file format instead (and refuses HTML/text). 'by hand': no direct URL, see `page` in "
+               "the manifest.")
     return "\n".join(out)
 
 
@@ -118,13 +249,16 @@ def _fetch(args: argparse.Namespace) -> int:
     except ValueError as err:
         sys.stderr.write(f"noisecraft fetch: {err}\n")
         return 2
+    for noisy in ("httpx2", "httpx"):  # huggingface_hub's client logs every request at INFO
+        logging.getLogger(noisy).setLevel(logging.WARNING)
     bar = _ProgressLine(entry.file_name or entry.name)
     try:
-        path = download(entry, dest, url=args.url, timeout=args.timeout, retries=args.retries, progress=bar)
+        path = download(entry, dest, url=args.url, timeout=args.timeout, retries=args.retries, progress=bar,
+                        allow_http=args.allow_http)
     except KeyboardInterrupt:
         bar.close()
-        sys.stderr.write(f"noisecraft fetch: interrupted; the partial file in {dest} is kept, run the same "
-                         f"command again to resume\n")
+        sys.stderr.write(f"noisecraft fetch: interrupted; nothing got its final name in {dest}. Run the same "
+                         f"command again (a plain-URL download resumes its .part; a Hugging Face one starts over)\n")
         return 130
     except (DownloadError, ValueError, OSError) as err:
         bar.close()
@@ -140,8 +274,9 @@ def _convert(args: argparse.Namespace) -> int:
 
     try:
         out = convert_pth_to_safetensors(args.src, args.dst, preset=args.preset, overwrite=args.overwrite)
-    except (ValueError, FileExistsError, FileNotFoundError) as exc:
-        sys.stderr.write(f"noisecraft convert: {exc}\n")
+    except FileExistsError:
+        sys.stderr.write(f"noisecraft convert: {args.dst} exists: give a new file name, or add --overwrite to "
+                         "replace it\n")
         return 2
     sys.stdout.write(f"{out}\n")
     return 0
@@ -189,6 +324,10 @@ def _train_refiner_run(args: argparse.Namespace, device: str, ddp, log: logging.
         return 2
     if not ddp.is_main:
         log.setLevel(logging.WARNING)  # one process reports
+    _check_scheduler(args.scheduler)
+    out = _check_out(args.out)
+    cache_dir = _check_out(args.cache, "--cache") if args.cache else out / "teacher_cache"
+    _check_resume(out, args, "refiner.safetensors")
     try:
         if args.toy:
             host = toy_host()
@@ -197,24 +336,19 @@ def _train_refiner_run(args: argparse.Namespace, device: str, ddp, log: logging.
             if not args.prompts:
                 sys.stderr.write("noisecraft train-refiner: --model needs --prompts FILE (one prompt per line)\n")
                 return 2
-            prompts = [ln.strip() for ln in Path(args.prompts).read_text(encoding="utf-8").splitlines() if ln.strip()]
+            prompts = _read_prompts(args.prompts)
             host = diffusers_host(args.model, prompts, prompt_embeds=args.prompt_embeds,
                                   negative_prompt=args.negative, device=device)
             cfg_scale = 7.0 if args.cfg is None else args.cfg
     except (ImportError, FileNotFoundError, ValueError, OSError) as exc:
         sys.stderr.write(f"noisecraft train-refiner: {exc}\n")
         return 2
-    out = Path(args.out)
-    cache_dir = Path(args.cache) if args.cache else out / "teacher_cache"
-    if (out / "checkpoint.safetensors").is_file() and not args.resume:
-        sys.stderr.write(f"noisecraft train-refiner: {out} already holds a checkpoint: add --resume to continue it, "
-                         "or choose another --out\n")
-        return 2
     shape = tuple(int(v) for v in (args.latent_shape or ()))
     if not shape:
         c = int(host.unet.config.in_channels)
         size = int(host.unet.config.sample_size)
         shape = (c, size, size)
+    _check_channels(shape, host)
     t0 = time.perf_counter()
     last = [0.0]
 
@@ -237,6 +371,7 @@ def _train_refiner_run(args: argparse.Namespace, device: str, ddp, log: logging.
             # rank 0 defines the cache, every rank samples its share of the shards, rank 0 indexes them
             if ddp.is_main:
                 cache = build(shards=[])
+                TeacherCache.clean_temps(cache_dir)  # stale temps of a killed run (the other ranks wait)
             ddp.barrier()
             num_shards = TeacherCache(cache_dir).num_shards
             build(shards=list(range(ddp.rank, num_shards, ddp.world_size)))
@@ -264,9 +399,6 @@ def _train_refiner_run(args: argparse.Namespace, device: str, ddp, log: logging.
         sys.stderr.write(f"noisecraft train-refiner: interrupted; run the same command with --resume to continue "
                          f"from the last checkpoint in {out}\n")
         return 130
-    except (ValueError, FileExistsError, FileNotFoundError) as exc:
-        sys.stderr.write(f"noisecraft train-refiner: {exc}\n")
-        return 2
     result.lora.remove()
     if not ddp.is_main:
         return 0
@@ -289,7 +421,7 @@ def _host_from_args(args: argparse.Namespace, name: str):
     else:
         if not args.prompts:
             raise ValueError("--model needs --prompts FILE (one prompt per line)")
-        prompts = [ln.strip() for ln in Path(args.prompts).read_text(encoding="utf-8").splitlines() if ln.strip()]
+        prompts = _read_prompts(args.prompts)
         device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
         host = diffusers_host(args.model, prompts, prompt_embeds=args.prompt_embeds, negative_prompt=args.negative,
                               device=device)
@@ -297,6 +429,7 @@ def _host_from_args(args: argparse.Namespace, name: str):
     if not shape:
         size = int(host.unet.config.sample_size)
         shape = (int(host.unet.config.in_channels), size, size)
+    _check_channels(shape, host)
     return host, shape
 
 
@@ -304,6 +437,8 @@ def _collect_pairs(args: argparse.Namespace) -> int:
     from .train import collect_pairs, toy_confidence_scorer
 
     log = logging.getLogger("noisecraft.collect-pairs")
+    _check_scheduler(args.scheduler)
+    _check_out(args.out)
     try:
         host, shape = _host_from_args(args, "collect-pairs")
         if args.filter == "toy-classifier" and not args.toy:
@@ -324,9 +459,6 @@ def _collect_pairs(args: argparse.Namespace) -> int:
     except KeyboardInterrupt:
         sys.stderr.write(f"noisecraft collect-pairs: interrupted; run the same command again to finish {args.out}\n")
         return 130
-    except (ImportError, FileNotFoundError, ValueError, OSError) as exc:
-        sys.stderr.write(f"noisecraft collect-pairs: {exc}\n")
-        return 2
     kept = int(store.column("kept").sum())
     sys.stdout.write(f"{store.root}\n({store.total} pairs, {kept} kept, w_l {w_l:g}, w_w {args.w_w:g}, "
                      f"{time.perf_counter() - t0:.0f} s)\n")
@@ -338,11 +470,8 @@ def _train_npnet(args: argparse.Namespace) -> int:
     from .train.npnet_trainer import SMALL_NPNET
 
     log = logging.getLogger("noisecraft.train-npnet")
-    out = Path(args.out)
-    if (out / "checkpoint.safetensors").is_file() and not args.resume:
-        sys.stderr.write(f"noisecraft train-npnet: {out} already holds a checkpoint: add --resume to continue it, "
-                         "or choose another --out\n")
-        return 2
+    out = _check_out(args.out)
+    _check_resume(out, args, "npnet.safetensors")
     try:
         pairs = PairStore(args.pairs)
         arch = args.arch or ("small" if pairs.shape[-1] <= 32 else "official")
@@ -363,16 +492,13 @@ def _train_npnet(args: argparse.Namespace) -> int:
         sys.stderr.write(f"noisecraft train-npnet: interrupted; run the same command with --resume to continue "
                          f"from the last checkpoint in {out}\n")
         return 130
-    except (ValueError, FileExistsError, FileNotFoundError) as exc:
-        sys.stderr.write(f"noisecraft train-npnet: {exc}\n")
-        return 2
     sys.stdout.write(f"{result.npnet_path}\n({result.step} steps, {arch} NPNet, final loss {result.losses[-1]:.5f}; "
                      f"loss log {out / 'loss.jsonl'}, plot {out / 'loss.png'}, {time.perf_counter() - t0:.0f} s)\n")
     return 0
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="noisecraft", description=__doc__)
+    parser = _Parser(prog="noisecraft", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     demo = sub.add_parser("demo", help="run every method on the shipped toy model and print the results table")
     demo.add_argument("--out", default="demo_out", help="folder for results.json and samples.png (default: demo_out)")
@@ -380,8 +506,12 @@ def main(argv: list[str] | None = None) -> int:
     demo.set_defaults(func=_demo)
     fetch = sub.add_parser(
         "fetch", help="download a weight file from weights_manifest.json into the right ComfyUI folder",
-        description="Download a weight file listed in weights_manifest.json: resumes interrupted transfers, "
-                    "checks the published size and sha256, and only then gives the file its final name. "
+        description="Download a weight file listed in weights_manifest.json into one folder (the file name comes "
+                    "from the manifest; nothing is written outside the folder). Hugging Face files go through "
+                    "huggingface_hub (HF_TOKEN for gated repos), other URLs resume with Range + If-Range. Every "
+                    "download is checked before it gets its final name: the published sha256, else the size and "
+                    "the file format (HTML/text refused); a file that fails is deleted. https only, unless "
+                    "--allow-http. "
                     "The folder is --dest, else <ComfyUI>/models/<folder> with ComfyUI from --comfyui, "
                     "$COMFYUI_PATH, or the ComfyUI this pack is installed in.")
     fetch.add_argument("name", nargs="?", help="manifest name, e.g. npnet-sdxl-lucipherdev (see --list)")
@@ -390,9 +520,12 @@ def main(argv: list[str] | None = None) -> int:
     fetch.add_argument("--comfyui", help="the ComfyUI folder; the file goes to <this>/models/<folder>")
     fetch.add_argument("--url", help="download from this URL instead of the manifest's (a mirror); "
                                      "the manifest's size and sha256 are still checked")
-    fetch.add_argument("--retries", type=int, default=3,
+    fetch.add_argument("--retries", type=_non_negative_int, default=3,
                        help="resume a broken transfer this many times before giving up (default 3; 0: never)")
-    fetch.add_argument("--timeout", type=float, default=30, help="network timeout in seconds (default 30)")
+    fetch.add_argument("--timeout", type=_positive_float, default=30, help="network timeout in seconds (default 30)")
+    fetch.add_argument("--allow-http", action="store_true",
+                       help="accept a plain http:// URL (or a redirect to one); refused by default because anyone on "
+                            "the network can alter it. Use only for a local mirror you trust")
     fetch.set_defaults(func=_fetch)
     convert = sub.add_parser(
         "convert", help="convert an NPNet .pth (official layout) to safetensors with metadata",
@@ -417,33 +550,34 @@ def main(argv: list[str] | None = None) -> int:
     src.add_argument("--prompt-embeds", help="safetensors with 'cond' [P, L, D] and 'uncond' [1, L, D] (no text "
                                              "encoder or transformers needed)")
     src.add_argument("--negative", default="", help="the unconditional prompt for the teacher's CFG (default empty)")
-    src.add_argument("--latent-shape", type=int, nargs=3, metavar=("C", "H", "W"),
+    src.add_argument("--latent-shape", type=_positive_int, nargs=3, metavar=("C", "H", "W"),
                      help="latent size (default: the UNet's in_channels x sample_size^2)")
     src.add_argument("--device", help="cpu or cuda (default: cuda when available)")
     tr.add_argument("--out", default="refiner_out", help="output folder (default refiner_out)")
     tr.add_argument("--cache", help="teacher cache folder (default <out>/teacher_cache); may be shared between runs")
     tr.add_argument("--resume", action="store_true", help="continue from <out>/checkpoint.safetensors")
-    tr.add_argument("--steps", type=int, default=300, help="optimizer steps (default 300)")
-    tr.add_argument("--rank", type=int, default=4, help="LoRA rank (default 4; the paper uses 128 on SD2.1)")
-    tr.add_argument("--alpha", type=float, help="LoRA alpha (default = rank)")
-    tr.add_argument("--lr", type=float, default=1e-3, help="AdamW learning rate (default 1e-3)")
+    tr.add_argument("--steps", type=_positive_int, default=300, help="optimizer steps (default 300)")
+    tr.add_argument("--rank", type=_positive_int, default=4, help="LoRA rank (default 4; the paper uses 128 on SD2.1)")
+    tr.add_argument("--alpha", type=_positive_float, help="LoRA alpha (default = rank)")
+    tr.add_argument("--lr", type=_positive_float, default=1e-3, help="AdamW learning rate (default 1e-3)")
     tr.add_argument("--lr-schedule", choices=["constant", "cosine"], default="cosine")
-    tr.add_argument("--warmup", type=int, default=10)
-    tr.add_argument("--batch", type=int, default=32,
+    tr.add_argument("--warmup", type=_non_negative_int, default=10)
+    tr.add_argument("--batch", type=_positive_int, default=32,
                     help="samples per micro-batch over all processes (default 32; under accelerate launch / "
                          "torchrun each of N processes takes batch/N)")
-    tr.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step (default 1)")
-    tr.add_argument("--student-steps", type=int, default=10, help="N, unguided student steps (default 10)")
-    tr.add_argument("--teacher-steps", type=int, default=20, help="N', guided teacher steps (default 20)")
-    tr.add_argument("--cfg", type=float, help="teacher CFG scale (default 3 for --toy, 7 otherwise)")
-    tr.add_argument("--scheduler", default="normal", help="sigma schedule name (default normal)")
-    tr.add_argument("--samples", type=int, default=1024, help="teacher-cache size (default 1024)")
-    tr.add_argument("--shard-size", type=int, default=256)
-    tr.add_argument("--seed-base", type=int, default=10_000, help="sample i starts from seed seed_base + i")
-    tr.add_argument("--seed", type=int, default=0, help="data-order seed")
+    tr.add_argument("--grad-accum", type=_positive_int, default=1, help="micro-batches per optimizer step (default 1)")
+    tr.add_argument("--student-steps", type=_positive_int, default=10, help="N, unguided student steps (default 10)")
+    tr.add_argument("--teacher-steps", type=_positive_int, default=20, help="N', guided teacher steps (default 20)")
+    tr.add_argument("--cfg", type=_finite_float, help="teacher CFG scale (default 3 for --toy, 7 otherwise)")
+    tr.add_argument("--scheduler", default="normal",
+                    help="sigma schedule: normal, karras, exponential, sgm_uniform, simple or ddim_uniform (default normal)")
+    tr.add_argument("--samples", type=_positive_int, default=1024, help="teacher-cache size (default 1024)")
+    tr.add_argument("--shard-size", type=_positive_int, default=256)
+    tr.add_argument("--seed-base", type=_non_negative_int, default=10_000, help="sample i starts from seed seed_base + i")
+    tr.add_argument("--seed", type=_non_negative_int, default=0, help="data-order seed")
     tr.add_argument("--precision", choices=["auto", "fp32", "bf16", "fp16"], default="auto",
                     help="autocast: auto = fp32 on CPU, bf16 (else fp16) on CUDA")
-    tr.add_argument("--checkpoint-every", type=int, default=50)
+    tr.add_argument("--checkpoint-every", type=_positive_int, default=50)
     tr.set_defaults(func=_train_refiner)
     cp = sub.add_parser(
         "collect-pairs", help="collect NPNet training pairs (re-denoise sampling) on the toy or a local diffusers model",
@@ -458,22 +592,23 @@ def main(argv: list[str] | None = None) -> int:
     src.add_argument("--prompts", help="text file, one prompt per line (with --model)")
     src.add_argument("--prompt-embeds", help="safetensors with 'cond' [P, L, D] and 'uncond' [1, L, D]")
     src.add_argument("--negative", default="", help="the unconditional prompt for CFG (default empty)")
-    src.add_argument("--latent-shape", type=int, nargs=3, metavar=("C", "H", "W"),
+    src.add_argument("--latent-shape", type=_positive_int, nargs=3, metavar=("C", "H", "W"),
                      help="latent size (default: the UNet's in_channels x sample_size^2)")
     src.add_argument("--device", help="cpu or cuda (default: cuda when available)")
     cp.add_argument("--out", default="npnet_pairs", help="pair folder (default npnet_pairs)")
-    cp.add_argument("--pairs", type=int, default=1024, help="number of pairs (default 1024)")
-    cp.add_argument("--w-l", type=float, help="CFG of the denoising step (default 3 for --toy, 5.5 otherwise: the paper's SDXL value)")
-    cp.add_argument("--w-w", type=float, default=1.0, help="CFG of the inversion step (default 1, the paper's)")
-    cp.add_argument("--steps", type=int, default=10, help="collection schedule steps (default 10, the paper's)")
-    cp.add_argument("--scheduler", default="normal", help="sigma schedule name (default normal)")
+    cp.add_argument("--pairs", type=_positive_int, default=1024, help="number of pairs (default 1024)")
+    cp.add_argument("--w-l", type=_finite_float, help="CFG of the denoising step (default 3 for --toy, 5.5 otherwise: the paper's SDXL value)")
+    cp.add_argument("--w-w", type=_finite_float, default=1.0, help="CFG of the inversion step (default 1, the paper's)")
+    cp.add_argument("--steps", type=_two_or_more_int, default=10, help="collection schedule steps (default 10, the paper's)")
+    cp.add_argument("--scheduler", default="normal",
+                    help="sigma schedule: normal, karras, exponential, sgm_uniform, simple or ddim_uniform (default normal)")
     cp.add_argument("--filter", choices=["none", "toy-classifier"], default="none",
                     help="keep-filter: none keeps every pair; toy-classifier (with --toy) keeps a pair when the digit "
                          "classifier is more confident on the sample from the target noise")
-    cp.add_argument("--margin", type=float, default=0.0, help="filter threshold m: keep when score' > score + m (default 0)")
-    cp.add_argument("--seed-base", type=int, default=20_000, help="pair i starts from seed seed_base + i")
-    cp.add_argument("--shard-size", type=int, default=256)
-    cp.add_argument("--batch", type=int, default=64, help="samples per model batch (default 64)")
+    cp.add_argument("--margin", type=_margin_float, default=0.0, help="filter threshold m in [-1, 1): keep when score' > score + m (default 0)")
+    cp.add_argument("--seed-base", type=_non_negative_int, default=20_000, help="pair i starts from seed seed_base + i")
+    cp.add_argument("--shard-size", type=_positive_int, default=256)
+    cp.add_argument("--batch", type=_positive_int, default=64, help="samples per model batch (default 64)")
     cp.set_defaults(func=_collect_pairs)
     tn = sub.add_parser(
         "train-npnet", help="train an NPNet (golden noise) on a folder of collected pairs",
@@ -486,21 +621,62 @@ def main(argv: list[str] | None = None) -> int:
     tn.add_argument("--arch", choices=["official", "small"],
                     help="official: Swin-T at 224 and the official SVD widths (28M parameters); small: a 2-stage Swin "
                          "at 32 (the toy NPNet's). Default: small for latents up to 32x32, else official")
-    tn.add_argument("--steps", type=int, default=600, help="optimizer steps (default 600)")
-    tn.add_argument("--lr", type=float, default=1e-3)
+    tn.add_argument("--steps", type=_positive_int, default=600, help="optimizer steps (default 600)")
+    tn.add_argument("--lr", type=_positive_float, default=1e-3)
     tn.add_argument("--lr-schedule", choices=["constant", "cosine"], default="cosine")
-    tn.add_argument("--warmup", type=int, default=20)
-    tn.add_argument("--weight-decay", type=float, default=0.01)
-    tn.add_argument("--batch", type=int, default=64, help="pairs per step (default 64, the paper's)")
-    tn.add_argument("--margin", type=float, help="re-filter the pairs by score margin (default: the stored kept flags)")
-    tn.add_argument("--seed", type=int, default=0, help="data-order seed")
-    tn.add_argument("--init-seed", type=int, default=0, help="weight-init seed")
-    tn.add_argument("--checkpoint-every", type=int, default=100)
+    tn.add_argument("--warmup", type=_non_negative_int, default=20)
+    tn.add_argument("--weight-decay", type=_non_negative_float, default=0.01)
+    tn.add_argument("--batch", type=_positive_int, default=64, help="pairs per step (default 64, the paper's)")
+    tn.add_argument("--margin", type=_finite_float, help="re-filter the pairs by score margin (default: the stored kept flags)")
+    tn.add_argument("--seed", type=_non_negative_int, default=0, help="data-order seed")
+    tn.add_argument("--init-seed", type=_non_negative_int, default=0, help="weight-init seed")
+    tn.add_argument("--checkpoint-every", type=_positive_int, default=100)
     tn.add_argument("--device", help="cpu or cuda (default cpu)")
     tn.set_defaults(func=_train_npnet)
-    args = parser.parse_args(argv)
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exc:  # a bad flag (one line already printed) or --help: a return code, not an exit
+        return exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 2)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    return args.func(args)
+    return _run(args)
+
+
+# Expected failures and their return codes: bad input 2, runtime failure 1, Ctrl-C 130.
+_BAD_INPUT = (_Refused, ValueError, FileExistsError, FileNotFoundError, NotADirectoryError, IsADirectoryError,
+              PermissionError)
+_RUNTIME = (OSError, FloatingPointError, RuntimeError, MemoryError, ImportError)
+
+
+def _run(args: argparse.Namespace) -> int:
+    """Run the command; every failure becomes one line ``noisecraft <command>: <message>`` on stderr."""
+    command = getattr(args, "command", "")
+
+    def say(text: str) -> None:
+        text = " ".join(part.strip() for part in text.strip().splitlines() if part.strip())  # one line
+        sys.stderr.write(f"noisecraft {command}: {text}\n")
+
+    debug = bool(os.environ.get("NOISECRAFT_DEBUG"))
+
+    try:
+        return args.func(args)
+    except KeyboardInterrupt:
+        say("interrupted")
+        return 130
+    except _BAD_INPUT as exc:
+        say(str(exc) or type(exc).__name__)
+        return 2
+    except _RUNTIME as exc:
+        if debug:
+            raise
+        hint = " (NOISECRAFT_DEBUG=1 shows the traceback)" if isinstance(exc, RuntimeError) else ""
+        say(f"{type(exc).__name__ if isinstance(exc, RuntimeError) else 'failed'}: {exc or type(exc).__name__}{hint}")
+        return 1
+    except Exception as exc:  # a bug: still one line, the traceback on request
+        if debug:
+            raise
+        say(f"unexpected error, {type(exc).__name__}: {exc} (this is a bug, please report it; run again with "
+            f"NOISECRAFT_DEBUG=1 for the full traceback)")
+        return 1
 
 
 if __name__ == "__main__":

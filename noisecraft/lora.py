@@ -27,6 +27,11 @@ wrapper, see ``nodes/``). Choices:
   ``.lora_up.weight`` [out, rank(, 1, 1)], ``.alpha`` (0-dim), plus string metadata
   (``noisecraft.kind = refiner``, the convention, rank, alpha, targets, and what the caller adds:
   base model, model kind, sigma_max, training settings).
+
+Reading (:func:`read_safetensors`, shared with the NPNet loader; :func:`read_lora_file`,
+:func:`load_lora`): a directory, an empty, text, truncated or otherwise unreadable file gives one
+``ValueError`` naming the path and what was expected, never a raw safetensors error; tensors with
+NaN/inf are refused at load naming the file and the tensors; an ``alpha`` must be one number.
 """
 
 from __future__ import annotations
@@ -51,6 +56,7 @@ __all__ = [
     "attach_lora",
     "load_lora",
     "read_lora_file",
+    "read_safetensors",
     "flat_name",
 ]
 
@@ -264,10 +270,11 @@ class LoRASet(nn.Module):
         plain keys get the ``noisecraft.`` prefix)."""
         from safetensors.torch import save_file
 
+        from .io import atomic_path
+
         path = Path(path)
-        tmp = path.with_name(path.name + ".tmp")
-        save_file(self.export_state_dict(dtype), str(tmp), metadata=self.metadata(metadata))
-        os.replace(tmp, path)
+        with atomic_path(path) as tmp:  # our temp name, fsynced, renamed, folder fsynced
+            save_file(self.export_state_dict(dtype), str(tmp), metadata=self.metadata(metadata))
         return path
 
     def load_exported(self, state: Mapping[str, torch.Tensor], source: str = "the state dict") -> None:
@@ -291,7 +298,7 @@ class LoRASet(nn.Module):
                             f"{self.module_names[key]!r} needs {tuple(param.shape)}"
                         )
                     param.copy_(t)
-                layer.alpha = float(state[f"{key}.alpha"])
+                layer.alpha = _alpha(state[f"{key}.alpha"], key, source, layer.rank)
 
 
 def _candidates(model: nn.Module) -> dict[str, tuple[str, nn.Module]]:
@@ -351,19 +358,108 @@ def attach_lora(
     return lora
 
 
-def read_lora_file(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """``(state_dict, metadata)`` of a safetensors LoRA (CPU, no unpickling)."""
+_MAX_HEADER = 100 * 1024 * 1024  # safetensors' own limit on the JSON header
+
+
+def _safetensors_problem(path: Path, size: int) -> Optional[str]:
+    """Why ``path`` is no complete safetensors file, in words, or None if its header and data fit."""
+    if size == 0:
+        return "is empty (0 bytes)"
+    with open(path, "rb") as f:
+        head = f.read(9)
+        if len(head) < 9 or head[8:9] != b"{":
+            text = head and all(32 <= c < 127 or c in (9, 10, 13) for c in head)
+            what = "a text file" if text else "not a safetensors file"
+            return f"is {what} ({size} bytes, starting with {head[:8]!r})"
+        n = int.from_bytes(head[:8], "little")
+        if n > _MAX_HEADER or 8 + n > size:
+            return f"is truncated (its safetensors header needs {8 + n} bytes, the file has {size})"
+        f.seek(8)
+        try:
+            header = json.loads(f.read(n))
+        except (UnicodeDecodeError, ValueError):
+            return f"has a damaged safetensors header ({size} bytes)"
+    if not isinstance(header, dict):
+        return f"has a damaged safetensors header ({size} bytes)"
+    end = 0
+    for key, entry in header.items():
+        if key == "__metadata__":
+            continue
+        offsets = entry.get("data_offsets") if isinstance(entry, dict) else None
+        if not (isinstance(offsets, list) and len(offsets) == 2 and all(isinstance(v, int) for v in offsets)):
+            return f"has a damaged safetensors header (entry {key!r})"
+        end = max(end, offsets[1])
+    if 8 + n + end > size:
+        return f"is truncated (its tensors need {8 + n + end} bytes, the file has {size})"
+    return None
+
+
+def read_safetensors(path: str | os.PathLike, expected: str,
+                     advice: str = "Download or save it again.") -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """``(tensors, metadata)`` of a safetensors file, on the CPU (no unpickling, any torch).
+
+    Raises ``FileNotFoundError`` for a missing path and one ``ValueError`` naming the path,
+    ``expected`` (what the caller wanted, e.g. "a safetensors refiner LoRA") and ``advice`` for a
+    directory, an unreadable, empty, text, truncated or corrupt file; never a safetensors error.
+    """
     from safetensors import safe_open
 
     path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"LoRA file {path} does not exist")
-    if path.suffix != ".safetensors":
-        raise ValueError(f"{path}: refiner LoRAs are read from .safetensors files only")
-    with safe_open(str(path), framework="pt", device="cpu") as f:
-        meta = dict(f.metadata() or {})
-        state = {k: f.get_tensor(k) for k in f.keys()}
+    if not path.exists():
+        raise FileNotFoundError(f"{path}: no such file; expected {expected}")
+    if path.is_dir():
+        raise ValueError(f"{path}: is a directory; expected {expected} (a file): pass the file inside it")
+    try:
+        size = path.stat().st_size
+        problem = _safetensors_problem(path, size)
+    except OSError as exc:
+        raise ValueError(f"{path}: could not read it ({type(exc).__name__}: {exc.strerror or exc}); expected "
+                         f"{expected}: check its permissions") from None
+    if problem is None:
+        try:
+            with safe_open(str(path), framework="pt", device="cpu") as f:
+                meta = dict(f.metadata() or {})
+                tensors = {k: f.get_tensor(k) for k in f.keys()}
+            return tensors, meta
+        except Exception as exc:  # noqa: BLE001 - SafetensorsError, OSError, ...: one message for all
+            problem = f"failed in the safetensors reader ({type(exc).__name__}: {str(exc)[:200]})"
+    raise ValueError(f"{path}: could not read it as safetensors: it {problem}; expected {expected}. {advice}")
+
+
+_LORA_EXPECTED = ("a safetensors LoRA (kohya/ComfyUI '<name>.lora_down.weight' / '.lora_up.weight' / '.alpha' "
+                  "keys, e.g. a refiner from `python -m noisecraft train-refiner`)")
+
+
+def read_lora_file(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """``(state_dict, metadata)`` of a safetensors LoRA (CPU, no unpickling).
+
+    A missing file is a ``FileNotFoundError``; a directory, a file without the ``.safetensors``
+    suffix, an empty, text, truncated or corrupt file, and NaN/inf tensors are one ``ValueError``
+    naming the path and what was expected."""
+    from .ode import check_tensors_finite
+
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"LoRA file {path} does not exist; expected {_LORA_EXPECTED}")
+    if not path.is_dir() and path.suffix != ".safetensors":
+        raise ValueError(f"{path}: refiner LoRAs are read from .safetensors files only; expected {_LORA_EXPECTED}")
+    state, meta = read_safetensors(path, _LORA_EXPECTED, "Download it again or re-save the refiner.")
+    check_tensors_finite(state, str(path), fix="re-download it, or retrain it (e.g. with a lower learning rate)")
     return state, meta
+
+
+def _alpha(t: Optional[torch.Tensor], key: str, label: str, rank: int) -> float:
+    """A LoRA layer's alpha: one finite number (0-dim or 1 element), or the rank when absent."""
+    if t is None:
+        return float(rank)
+    if not isinstance(t, torch.Tensor) or t.numel() != 1:
+        shape = list(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
+        raise ValueError(f"{label}: {key}.alpha has shape {shape}; expected one number (a scalar alpha per layer, "
+                         f"as kohya and NoiseCraft write it): the file is damaged or no kohya LoRA; re-save it")
+    alpha = float(t)
+    if not math.isfinite(alpha):
+        raise ValueError(f"{label}: {key}.alpha is {alpha}; expected a finite number: the file is damaged, re-save it")
+    return alpha
 
 
 def load_lora(
@@ -379,6 +475,9 @@ def load_lora(
     """
     if isinstance(source, Mapping):
         state, label = dict(source), "the LoRA state dict"
+        from .ode import check_tensors_finite
+
+        check_tensors_finite(state, label)
     else:
         state, meta = read_lora_file(source)
         label = str(source)
@@ -401,9 +500,12 @@ def load_lora(
         down, up = state[f"{key}.lora_down.weight"], state.get(f"{key}.lora_up.weight")
         if up is None:
             raise ValueError(f"{label}: {key}.lora_up.weight is missing")
+        if not isinstance(down, torch.Tensor) or down.ndim not in (2, 4) or not isinstance(up, torch.Tensor):
+            raise ValueError(f"{label}: {key}.lora_down.weight has shape "
+                             f"{list(getattr(down, 'shape', ())) or type(down).__name__}; expected a 2-d (linear) or "
+                             f"4-d (conv) LoRA down weight: the file is damaged or no kohya LoRA")
         rank = int(down.shape[0])
-        alpha_t = state.get(f"{key}.alpha")
-        alpha = float(alpha_t) if alpha_t is not None else float(rank)
+        alpha = _alpha(state.get(f"{key}.alpha"), key, label, rank)
         layer = LoRALayer(module, rank, alpha, dtype=dtype or torch.float32, device=module.weight.device)
         for part, t, param in (("lora_down", down, layer.lora_down.weight), ("lora_up", up, layer.lora_up.weight)):
             if tuple(t.shape) != tuple(param.shape):

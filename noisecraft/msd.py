@@ -46,7 +46,7 @@ import torch
 import torch.nn.functional as F
 
 from . import ode
-from .ode import Denoiser, StepCallback
+from .ode import Denoiser, StepCallback, check_latent
 from .sigmas import ModelKind, start_factor
 
 __all__ = ["msd_loss", "teacher_x0", "check_schedule"]
@@ -93,6 +93,7 @@ def teacher_x0(
     cache stores per (seed, prompt).
     """
     s = check_schedule(sigmas, "teacher")
+    check_latent(e, "teacher_x0 e (the teacher's start noise)")
     x_t = e.detach() * start_factor(kind, float(s[0]))
     return ode.sample(guided_denoiser, x_t, s, callback=callback)
 
@@ -128,13 +129,13 @@ def msd_loss(
     """
     _need_autograd()
     s = check_schedule(sigmas, "student")
-    if not isinstance(e, torch.Tensor) or not e.is_floating_point() or e.ndim < 2:
-        raise TypeError(f"e must be a floating-point noise batch [B, ...], got {getattr(e, 'shape', type(e).__name__)}")
+    check_latent(e, "msd_loss e (the unit noise batch)")
     if not isinstance(teacher_x0, torch.Tensor) or teacher_x0.shape != e.shape:
         raise ValueError(
             f"teacher_x0 has shape {tuple(getattr(teacher_x0, 'shape', ()))} but the noise batch is "
             f"{tuple(e.shape)}: pass the teacher x0 computed from this very noise (teacher_x0(...))"
         )
+    check_latent(teacher_x0, "msd_loss teacher_x0", fix="rebuild the teacher cache (its x0 are damaged)")
     factor = start_factor(kind, float(s[0]))
     if e.is_inference():  # e.g. a ComfyUI NOISE made under inference mode: autograd cannot save it
         e = e.clone()

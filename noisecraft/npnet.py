@@ -79,6 +79,20 @@ Checkpoint flavours read by :func:`load_npnet` (all strict, no unpickling):
 The file kind is read from the file's first bytes, not its name. This module's own
 ``state_dict()`` uses the ``text_embedding.*`` names; :func:`save_npnet_safetensors` writes that
 flavour with ``noisecraft.*`` metadata.
+
+Security floor for ``.pth`` files: ``torch.load(weights_only=True)`` can be made to run code by a
+crafted file on torch <= 2.5.1 (PyTorch advisory GHSA-53q9-r3pm-6pq6, CVE-2025-32434, fixed in
+2.6.0), and its unpickler can be made to corrupt memory, again up to code execution, on every
+torch before 2.10.0 (PyTorch advisory of 2026-01-26, CVE-2026-24747: opcodes and storage sizes not
+validated; fixed in 2.10.0). So a ``.pth`` is read only on torch >= 2.10 (:data:`PTH_MIN_TORCH`,
+:func:`check_torch_for_pth`); on older torch it is refused with a pointer to
+``python -m noisecraft convert SRC.pth DST.safetensors``, run once on a machine with torch >= 2.10.
+safetensors files never execute code and load on any torch.
+
+Bad input is refused naming its source (:mod:`noisecraft.ode`'s boundary checks): a file whose
+tensors hold NaN/inf (naming the file and the tensors), a directory, an empty, text or truncated
+file; noise that is not floating point, empty (B = 0, a 0x0 latent) or not finite (before the
+SVD); a non-finite prompt embedding (naming ``prompt_embeds``).
 """
 
 from __future__ import annotations
@@ -86,7 +100,6 @@ from __future__ import annotations
 import logging
 import math
 import pickle
-import struct
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -95,6 +108,8 @@ from typing import Optional, Union
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+from .ode import NonFiniteError, check_latent, check_number, check_tensors_finite
 
 __all__ = [
     "NPNetConfig",
@@ -116,6 +131,8 @@ __all__ = [
     "band_map",
     "canonicalize_svd_signs",
     "random_npnet",
+    "PTH_MIN_TORCH",
+    "check_torch_for_pth",
 ]
 
 logger = logging.getLogger(__name__)
@@ -592,6 +609,9 @@ class NPNet(nn.Module):
         return self.text_embedding(noise.to(device=device, dtype=dtype), prompt)
 
     def _check_inputs(self, noise: torch.Tensor, prompt_embeds: torch.Tensor) -> None:
+        for what, t in (("noise", noise), ("prompt_embeds", prompt_embeds)):
+            if not isinstance(t, torch.Tensor):
+                raise TypeError(f"NPNet {what}: expected a floating-point tensor, got {type(t).__name__}")
         cfg = self.config
         want = (cfg.latent_channels, cfg.latent_size, cfg.latent_size)
         name = f"this NPNet ({self.preset or 'custom'})"
@@ -619,6 +639,9 @@ class NPNet(nn.Module):
                 f"NPNet: prompt batch {bp} does not fit noise batch {bn}; expected 1 prompt (shared by "
                 f"the whole batch) or one prompt per noise item ({bn})"
             )
+        check_latent(noise, "NPNet noise", ndim=4, fix="pass unit Gaussian noise (ComfyUI's NOISE output)")
+        check_latent(prompt_embeds, "NPNet prompt_embeds", ndim=3,
+                     fix="the text encoder's conditioning is broken (check the model's precision and the CLIP input)")
 
     def forward(self, noise: torch.Tensor, prompt_embeds: torch.Tensor, canonical_signs: bool = False) -> torch.Tensor:
         """Golden noise for ``noise`` [B, C, H, W] and ``prompt_embeds`` [1 or B, tokens, width].
@@ -684,30 +707,73 @@ def _flatten(state: Mapping, source: str = "<state dict>") -> dict[str, torch.Te
     return flat
 
 
+PTH_MIN_TORCH = (2, 10)
+"""The oldest torch whose ``torch.load(weights_only=True)`` NoiseCraft trusts with a ``.pth``:
+GHSA-53q9-r3pm-6pq6 / CVE-2025-32434 (remote code execution through a crafted file even with
+``weights_only=True``) affects torch <= 2.5.1 and is fixed in 2.6.0; CVE-2026-24747 (the
+weights_only unpickler corrupts memory on crafted opcodes / storage sizes, up to code execution)
+affects every torch before 2.10.0 and is fixed in 2.10.0."""
+
+_ADVISORY = "GHSA-53q9-r3pm-6pq6 / CVE-2025-32434, fixed in torch 2.6.0; CVE-2026-24747, fixed in torch 2.10.0"
+
+
+def _torch_release(version: str) -> Optional[tuple[int, int]]:
+    """(major, minor) of a torch version string ('2.5.1+cu121', '2.6.0a0+git1234', '2.10.0'), or None."""
+    import re
+
+    m = re.match(r"\s*(\d+)\.(\d+)", str(version))
+    return (int(m.group(1)), int(m.group(2))) if m else None
+
+
+def check_torch_for_pth(version: Optional[str] = None, path: Optional[PathLike] = None) -> None:
+    """Refuse to read a ``.pth`` on a torch older than :data:`PTH_MIN_TORCH` (default: the running
+    torch's ``torch.__version__``; pass ``version`` to test another). Raises ValueError naming the
+    file, the advisory and the fix: convert the file once to safetensors where torch >= 2.10 runs
+    (``python -m noisecraft convert SRC.pth DST.safetensors``) and load that. An unparseable
+    version is refused too (it cannot be shown to be safe)."""
+    version = torch.__version__ if version is None else version
+    release = _torch_release(version)
+    if release is not None and release >= PTH_MIN_TORCH:
+        return
+    need = ".".join(map(str, PTH_MIN_TORCH))
+    what = f"{path}: " if path is not None else ""
+    raise ValueError(
+        f"{what}reading a .pth file needs torch >= {need}, this is torch {version}: before torch {need} "
+        f"torch.load(weights_only=True) can be made to run code from a crafted file ({_ADVISORY}). Convert it once on a machine with torch >= {need}: `python -m noisecraft "
+        f"convert SRC.pth DST.safetensors`, and use the .safetensors file (safetensors files load on any "
+        f"torch); or upgrade torch to >= {need}"
+    )
+
+
 def _read_file(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str], str]:
-    """Return (flat tensors, safetensors metadata, 'pth' | 'safetensors'); never unpickles."""
-    if not path.is_file():
+    """Return (flat tensors, safetensors metadata, 'pth' | 'safetensors'); never unpickles.
+
+    A ``.pth`` (zip or legacy torch.save) is read only on torch >= :data:`PTH_MIN_TORCH`
+    (:func:`check_torch_for_pth`). Missing: FileNotFoundError; a directory, an unreadable, empty,
+    text, truncated or corrupt file: one ValueError naming the path and what was expected."""
+    from .lora import read_safetensors
+
+    if not path.exists():
         raise FileNotFoundError(f"{path}: no such NPNet file; expected {_HELP_FILES} (ComfyUI folder models/npnet)")
-    size = path.stat().st_size
-    with open(path, "rb") as f:
-        head = f.read(16)
+    if path.is_dir():
+        raise ValueError(f"{path}: is a directory; expected an NPNet file inside it: {_HELP_FILES}")
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            head = f.read(16)
+    except OSError as exc:
+        raise ValueError(f"{path}: could not read it ({type(exc).__name__}: {exc.strerror or exc}); expected an "
+                         f"NPNet file: check its permissions") from None
+    if size == 0:
+        raise ValueError(f"{path}: the file is empty (0 bytes); expected {_HELP_FILES}: download it again")
     # safetensors: u64 little-endian header length, then a JSON object
     if len(head) >= 9 and head[8:9] == b"{":
-        header_len = struct.unpack("<Q", head[:8])[0]
-        if 8 + header_len > size:
-            raise ValueError(f"{path}: a safetensors header of {header_len} bytes but the file has only {size} "
-                             f"bytes: it is truncated; download it again")
-        from safetensors import safe_open
-
-        try:
-            with safe_open(str(path), framework="pt", device="cpu") as f:
-                metadata = dict(f.metadata() or {})
-                tensors = {k: f.get_tensor(k) for k in f.keys()}
-        except Exception as exc:  # SafetensorsError and friends
-            raise ValueError(f"{path}: could not read it as safetensors ({type(exc).__name__}: {exc}); the "
-                             f"file ({size} bytes) is truncated or corrupt: download it again") from exc
+        tensors, metadata = read_safetensors(
+            path, f"an NPNet checkpoint ({_HELP_FILES})",
+            f"The file ({size} bytes) is truncated or corrupt: download it again.")
         return _flatten(tensors, str(path)), metadata, "safetensors"
     if head[:4] == b"PK\x03\x04" or head[:1] == b"\x80":  # torch.save zip archive, or legacy pickle
+        check_torch_for_pth(path=path)
         try:
             # zip archives are memory-mapped (the tensors are copied into the module right after)
             obj = torch.load(path, map_location="cpu", weights_only=True, mmap=head[:2] == b"PK")
@@ -733,8 +799,9 @@ def _read_file(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str], str
             raise ValueError(f"{path}: holds a {type(obj).__name__}, expected a dict of NPNet tensors; "
                              f"use {_HELP_FILES}")
         return _flatten(obj, str(path)), {}, "pth"
-    raise ValueError(f"{path}: neither safetensors nor a PyTorch checkpoint (first bytes {head[:8]!r}, "
-                     f"{size} bytes); expected {_HELP_FILES}")
+    text = all(32 <= c < 127 or c in (9, 10, 13) for c in head)
+    raise ValueError(f"{path}: neither safetensors nor a PyTorch checkpoint ({'a text file, ' if text else ''}"
+                     f"first bytes {head[:8]!r}, {size} bytes); expected {_HELP_FILES}: download it again")
 
 
 def _meta_int(metadata: Mapping[str, str], key: str, default: int, source: str) -> int:
@@ -902,12 +969,14 @@ def npnet_from_state_dict(state: Mapping, preset: Optional[str] = None, device: 
     """Build an eval-mode :class:`NPNet` from a state dict in any of the three layouts, strictly.
 
     ``preset`` None reads the shape from the tensors; a preset name also checks them against it.
-    Raises ValueError (naming ``source``, what was expected and got) for anything else.
+    Raises ValueError (naming ``source``, what was expected and got) for anything else, including
+    NaN/inf tensors (:class:`~noisecraft.ode.NonFiniteError`, naming them).
     """
     flat = _flatten(state, source)
     preset = _norm_preset(preset)
     cfg, name = _resolve_config(flat, metadata or {}, preset, source)
     _check_layout(flat, cfg, preset, source)
+    check_tensors_finite(flat, source, fix="download the NPNet file again, or use another one")
     with torch.device("meta"):
         model = NPNet(cfg, preset=name)
     model = model.to_empty(device=device)
@@ -926,8 +995,10 @@ def load_npnet(path: PathLike, preset: Optional[str] = None, device: Union[str, 
             layout from the file (text width from the embedding weight).
         device: where the module lives.
     Returns an eval-mode module (deterministic). Raises ValueError naming the file for another
-    model's NPNet, another text width than the preset's, a LoRA or unrelated file, a truncated or
-    corrupt file, and a ``.pth`` that would need unpickling; FileNotFoundError if it is absent.
+    model's NPNet, another text width than the preset's, a LoRA or unrelated file, a directory, an
+    empty, text, truncated or corrupt file, NaN/inf tensors (naming them), a ``.pth`` that would
+    need unpickling, and any ``.pth`` on torch < 2.10 (:func:`check_torch_for_pth`);
+    FileNotFoundError if it is absent.
     """
     path = Path(path)
     flat, metadata, fmt = _read_file(path)
@@ -992,10 +1063,22 @@ def convert_pth_to_safetensors(src: PathLike, dst: PathLike, preset: Optional[st
     The source is read with ``torch.load(weights_only=True)`` and checked strictly (against
     ``preset`` if given); ``noisecraft.source_sha256`` and ``noisecraft.source_name`` record it.
     The official SDXL and DreamShaper files have the same shapes: pass ``preset`` to record which.
+    ``dst`` is written atomically (:mod:`noisecraft.io`); stale temp files of a killed conversion in
+    its folder are removed first. A folder as ``dst`` or an unusable folder raises ``ValueError``.
     """
+    import os
+
+    from .io import atomic_path, clean_stale_temps, ensure_file_target
     from .weights import sha256_file
 
     src, dst = Path(src), Path(dst)
+    if not src.is_file():
+        raise FileNotFoundError(f"{src} " + ("is a folder" if src.is_dir() else "does not exist")
+                                + ": expected an NPNet .pth or .safetensors file to convert")
+    if os.path.isdir(dst):  # (no OSError for a name too long: ensure_file_target says that)
+        raise ValueError(f"{dst} is a folder: the destination must be a file name, e.g. "
+                         f"{dst / (src.stem + '.safetensors')}")
+    ensure_file_target(dst, "the destination", create_parent=False)
     if dst.exists() and not overwrite:
         raise FileExistsError(f"{dst} exists; expected a new file name (or pass overwrite=True)")
     flat, metadata, fmt = _read_file(src)
@@ -1007,9 +1090,13 @@ def convert_pth_to_safetensors(src: PathLike, dst: PathLike, preset: Optional[st
         "noisecraft.source_sha256": sha256_file(src),
         "noisecraft.source_format": fmt,
     })
-    out = save_npnet_safetensors(model, dst, extra)
+    ensure_file_target(dst, "the destination")  # creates its folder
+    clean_stale_temps(dst.parent)  # what a killed conversion into this folder left
+    # our own temp file + os.replace (not whatever the safetensors version does), fsynced
+    with atomic_path(dst) as tmp:
+        save_npnet_safetensors(model, tmp, extra)
     logger.info("converted %s -> %s (preset %s)", src, dst, model.preset or "unknown")
-    return out
+    return dst
 
 
 # -- golden noise at any size, long prompts, device-independent signs ---------------------------
@@ -1039,6 +1126,8 @@ def band_map(length: int, size: int, device: Union[str, torch.device] = "cpu") -
     variance-preserving (orthonormal) scale: rows orthonormal when size <= length (P P^T = I),
     columns orthonormal when size >= length (P^T P = I). P^T is the way back.
     """
+    length = check_number(length, "band_map length", lo=1, integer=True, fix="a latent side of 1 pixel or more")
+    size = check_number(size, "band_map size", lo=1, integer=True, fix="the NPNet's trained size, 1 or more")
     k = min(length, size)
     return (_dct64(size)[:k].T @ _dct64(length)[:k]).to(device=device, dtype=torch.float32)
 
@@ -1204,12 +1293,22 @@ def golden_noise(model: NPNet, noise: torch.Tensor, prompt_embeds: torch.Tensor,
     if not 0.0 <= strength <= 1.0:
         raise ValueError(f"golden_noise strength: expected a number in [0, 1] (0 = off, 1 = the net's output), "
                          f"got {strength}")
+    if not isinstance(model, NPNet):
+        raise TypeError(f"golden_noise model: expected an NPNet (load_npnet(path)), got {type(model).__name__}")
     cfg = model.config
     size = cfg.latent_size
+    fix = "pass unit Gaussian noise (ComfyUI's NOISE output, e.g. RandomNoise) of the latent's shape"
+    if not isinstance(noise, torch.Tensor):
+        raise TypeError(f"golden_noise noise: expected a floating-point tensor [B, {cfg.latent_channels}, H, W], "
+                        f"got {type(noise).__name__}; {fix}")
     if noise.ndim != 4 or noise.shape[1] != cfg.latent_channels:
         raise ValueError(f"golden_noise noise: expected [B, {cfg.latent_channels}, H, W] (this NPNet was trained "
                          f"for {cfg.latent_channels}-channel latents), got {list(noise.shape)}; use the NPNet "
                          f"trained for your model's latent")
+    # before the SVD: NaN would end in LinAlgError, an integer tensor would come back as integers
+    check_latent(noise, "golden_noise noise", ndim=4, fix=fix)
+    check_latent(prompt_embeds, "golden_noise prompt_embeds", min_dim=1,
+                 fix="the text encoder's conditioning is broken (check the model's precision and the CLIP input)")
     if strength == 0.0:
         return noise.clone()
     b, _, h, w = noise.shape
@@ -1232,6 +1331,13 @@ def golden_noise(model: NPNet, noise: torch.Tensor, prompt_embeds: torch.Tensor,
             x_s = to_trained_size(x, size)
             r = model(x_s, prompt, canonical_signs=canonical_signs).float() - x_s
             out = x + strength * from_trained_size(r, h, w)
+    if not bool(torch.isfinite(out).all()):
+        bad = int((~torch.isfinite(out)).sum())
+        raise NonFiniteError(
+            f"golden_noise: the NPNet (preset {model.preset or 'custom'}, dtype {model.alpha.dtype}) produced "
+            f"{bad} NaN/inf value(s) from finite noise and prompt_embeds: its weights were changed after loading "
+            f"or its precision overflows; reload the NPNet file in float32 (load_npnet)"
+        )
     return out.to(device=noise.device, dtype=noise.dtype)
 
 

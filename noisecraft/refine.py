@@ -35,6 +35,11 @@ error rather than silently clamped.
 
 Cost: two single-cond model passes once per image (:func:`refine_noise`), against two passes
 per *step* for CFG.
+
+Bad input is refused at the entry points, naming its source (:func:`noisecraft.ode.check_latent`):
+the input noise must be a non-empty floating-point tensor of finite values (NaN/inf noise is
+blamed on the noise, before any model call); a non-finite *refined* noise is blamed on the
+refiner (``refiner`` names the file or LoRA in the message).
 """
 
 from __future__ import annotations
@@ -44,7 +49,7 @@ from typing import Callable
 
 import torch
 
-from .ode import Denoiser
+from .ode import Denoiser, NonFiniteError, check_latent
 from .sigmas import ModelKind, start_factor
 
 __all__ = [
@@ -123,8 +128,7 @@ def refine_with(residual_fn: ResidualFn, e: torch.Tensor, strength: float = 1.0)
     unchanged without calling ``residual_fn``.
     """
     s = check_strength(strength)
-    if not isinstance(e, torch.Tensor) or not e.is_floating_point():
-        raise TypeError(f"e must be a floating-point noise tensor [B, ...], got {type(e).__name__}")
+    check_latent(e, "refine_with e (the input noise)", finite=False)
     if s == 0.0:
         return e
     r = residual_fn(e)
@@ -144,6 +148,8 @@ def refine_noise(
     kind: ModelKind | str,
     sigma_max: float,
     strength: float = 1.0,
+    *,
+    refiner: str = "the refiner",
 ) -> torch.Tensor:
     """Refined unit noise for inference (DESIGN.md convention, see the module docstring).
 
@@ -155,21 +161,29 @@ def refine_noise(
         kind: the model kind (eps, v, flow), which fixes ``x_T = noise_to_x(e)``.
         sigma_max: the first sigma of the sampling schedule (flow models: 1).
         strength: 0 = off (returns ``e``, no model call), 1 = as trained, up to ``STRENGTH_MAX``.
+        refiner: how to name the refiner in an error (its file name or LoRA name).
 
     Returns ``e_hat`` in ``e``'s dtype and device: unit-noise scale, ready to be sampled
     without guidance exactly like ``e`` would be. Cost: two single-cond passes (one call of
-    each denoiser), once per image. Raises if the refined noise is not finite (a broken
-    refiner, or fp16 overflow) instead of returning a black image.
+    each denoiser), once per image. Refuses (``TypeError`` / ``ValueError``) a non-floating,
+    empty or non-finite ``e`` before any model call, naming the input noise; raises
+    :class:`~noisecraft.ode.NonFiniteError` (a ``ValueError`` and a ``FloatingPointError``)
+    naming ``refiner`` if the refined noise is not finite (a broken refiner, or fp16 overflow)
+    instead of returning a black image.
     """
     s = check_strength(strength)
     start_factor(kind, sigma_max)  # validate kind and sigma_max even when off
+    check_latent(e, "refine_noise e (the input noise, before refinement)",
+                 fix="the noise source (seed / NOISE node) produced it, not the refiner")
     if s == 0.0:
         return e
     e_hat = refine_with(residual_from_denoisers(base_denoiser, lora_denoiser, kind, sigma_max), e, s)
     if not bool(torch.isfinite(e_hat).all()):
-        raise FloatingPointError(
-            "the refined noise contains NaN or inf: the refiner (or the model in this precision) "
-            "produced non-finite predictions at sigma_max; check that the refiner was trained for "
-            "this model, or run the refiner pass in float32"
+        bad = int((~torch.isfinite(e_hat)).sum())
+        raise NonFiniteError(
+            f"the refined noise contains {bad} NaN/inf value(s) although the input noise was finite: "
+            f"{refiner} (or the model in this precision) produced non-finite predictions at sigma_max "
+            f"{float(sigma_max):g}; check that {refiner} was trained for this model and is not damaged, "
+            f"or run the refiner pass in float32"
         )
     return e_hat

@@ -12,6 +12,8 @@ from typing import Sequence
 
 import torch
 
+from .ode import check_number
+
 __all__ = ["seeded_noise", "candidate_noises"]
 
 
@@ -28,8 +30,13 @@ def candidate_noises(seed: int, k: int, shape: Sequence[int], batch_index: int =
     Candidate i is item ``batch_index`` of ``seeded_noise(seed + i, shape)``: exactly what
     ComfyUI's ``RandomNoise(seed + i)`` gives that item. Returns [K, *shape[1:]].
     """
-    if k < 1:
-        raise ValueError(f"the number of candidates K must be >= 1, got {k}")
-    if not 0 <= batch_index < shape[0]:
-        raise ValueError(f"batch_index {batch_index} outside a batch of {shape[0]}")
+    k = check_number(k, "candidate_noises K (the number of candidates)", lo=1, integer=True,
+                     fix="K = 1 is the seed itself")
+    shape = tuple(int(n) for n in shape)
+    if len(shape) < 2 or any(n < 1 for n in shape):
+        raise ValueError(f"candidate_noises shape: expected a latent batch shape [B, C, ...] with every size >= 1, "
+                         f"got {list(shape)}")
+    batch_index = check_number(batch_index, "candidate_noises batch_index", lo=0, integer=True)
+    if batch_index >= shape[0]:
+        raise ValueError(f"batch_index {batch_index} outside a batch of {shape[0]}: expected 0..{shape[0] - 1}")
     return torch.stack([seeded_noise(seed + i, shape)[batch_index] for i in range(k)])

@@ -23,6 +23,8 @@ from typing import Sequence
 
 import torch
 
+from .ode import check_number
+
 __all__ = [
     "ModelKind",
     "SCHEDULERS",
@@ -224,11 +226,9 @@ def get_sigmas(table: SigmaTable, scheduler: str, steps: int, denoise: float = 1
     ``denoise < 1`` keeps the last ``steps`` sigmas of a ``steps / denoise`` schedule (ComfyUI's
     ``BasicScheduler``). Returns float32 of length ``steps + 1``.
     """
-    if int(steps) != steps or steps < 1:
-        raise ValueError(f"steps must be a positive integer, got {steps!r}")
-    steps = int(steps)
-    if not 0.0 < denoise <= 1.0:
-        raise ValueError(f"denoise must be in (0, 1], got {denoise}")
+    steps = check_number(steps, "get_sigmas steps", lo=1, integer=True, fix="steps must be a positive integer")
+    denoise = check_number(denoise, "get_sigmas denoise", lo=0, lo_open=True, hi=1,
+                           fix="1.0 is a full denoise (sampling from pure noise)")
     total = steps if denoise >= 1.0 else int(steps / denoise)
     if scheduler == "normal":
         sigs = _normal(table, total)

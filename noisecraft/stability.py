@@ -41,6 +41,12 @@ Our choices where the paper is silent (measured by ``benchmarks/bench_stability.
   method at lr 100: 0.63 after 100 steps in the demo) with 39% saturated pixels.
 * ``renormalize``: rescale each sample to unit second moment (``|e| = sqrt(d)``) after each step,
   so the optimized noise keeps a Gaussian's scale.
+
+Inputs are checked once per call of :func:`round_trip`, :func:`select` and :func:`optimize`, never
+per step (:func:`check_noise`, :func:`noisecraft.ode.check_number`): the noise must be a non-empty
+floating-point batch of finite values (named in the message), ``sigmas`` the descending sampling
+schedule (an ascending one is refused saying so), ``method`` one of :class:`OptimizeMethod` (the
+message lists them), and every numeric knob a finite number in its range (NaN is refused).
 """
 
 from __future__ import annotations
@@ -52,7 +58,7 @@ from typing import Callable, Optional
 
 import torch
 
-from .ode import Denoiser, as_sigmas, invert, sample
+from .ode import Denoiser, as_sigmas, check_latent, check_number, invert, sample
 from .sigmas import ModelKind, noise_to_x, x_to_noise
 
 __all__ = [
@@ -84,18 +90,32 @@ DEFAULT_MAX_CHANGE = {OptimizeMethod.MOMENTUM: None, OptimizeMethod.FIXED_POINT:
 
 
 def check_noise(e: torch.Tensor, what: str = "noise") -> None:
-    """Raise a clear error for NaN/inf or empty noise."""
-    if e.numel() == 0 or e.dim() < 2:
-        raise ValueError(f"{what} must be a batch [B, ...] with at least one element, got shape {tuple(e.shape)}")
-    if not bool(torch.all(torch.isfinite(e))):
-        bad = int((~torch.isfinite(e)).sum())
-        raise ValueError(f"{what} contains {bad} NaN/inf values: check the node or seed that produced it")
+    """Raise a clear error for non-floating, empty or NaN/inf noise (:func:`noisecraft.ode.check_latent`):
+    TypeError for a non-floating tensor, ValueError for an empty batch or latent, NonFiniteError
+    (a ValueError) for NaN/inf, each naming ``what``."""
+    check_latent(e, what, fix="check the node or seed that produced it")
+
+
+def _schedule(sigmas, what: str) -> torch.Tensor:
+    """The descending sampling schedule of a round trip: sigma_max > 0 first, going down."""
+    s = as_sigmas(sigmas)
+    if bool(torch.any(s[1:] > s[:-1])) or float(s[0]) <= 0.0:
+        order = "ascending" if bool(torch.all(s[1:] >= s[:-1])) else "not monotone"
+        shown = [round(float(v), 4) for v in s.tolist()]
+        shown = shown if len(shown) <= 6 else shown[:3] + ["..."] + shown[-2:]
+        raise ValueError(
+            f"{what} sigmas: expected the descending sampling schedule (sigma_max > 0 first, down to 0; the "
+            f"round trip samples down it and inverts back up it itself), got {order} {shown}; pass the "
+            f"sampler's sigmas as they are (e.g. noisecraft.sigmas.get_sigmas(...)), not flipped"
+        )
+    return s
 
 
 def stability_score(e: torch.Tensor, e_inv: torch.Tensor) -> torch.Tensor:
     """Cosine similarity of ``e`` and ``e_inv`` over all elements of each sample -> [B] (float32)."""
     if e.shape != e_inv.shape:
         raise ValueError(f"shape mismatch: noise {tuple(e.shape)} vs inverted noise {tuple(e_inv.shape)}")
+    check_latent(e, "stability_score noise", finite=False)
     a = e.reshape(e.shape[0], -1).to(torch.float64)
     b = e_inv.reshape(e_inv.shape[0], -1).to(torch.float64)
     return torch.nn.functional.cosine_similarity(a, b, dim=1, eps=1e-12).to(torch.float32)
@@ -119,9 +139,14 @@ def round_trip(
 
     ``sigmas`` is the descending sampling schedule; ``sigmas[0]`` is the start sigma (sigma_max
     for a full denoise). ``inverse_denoiser`` defaults to ``denoiser`` (pass an unguided one for
-    the usual cfg-1 inversion).
+    the usual cfg-1 inversion). ``e`` is checked (floating, non-empty, finite) once here.
     """
-    s = as_sigmas(sigmas)
+    check_noise(e, "round_trip noise e")
+    return _round_trip(denoiser, e, _schedule(sigmas, "round_trip"), kind, inverse_denoiser)
+
+
+def _round_trip(denoiser: Denoiser, e: torch.Tensor, s: torch.Tensor, kind, inverse_denoiser) -> RoundTrip:
+    """:func:`round_trip` without the input checks (callers checked once, not per step)."""
     sigma_max = float(s[0])
     x0 = sample(denoiser, noise_to_x(e, kind, sigma_max), s)
     xt = invert(inverse_denoiser or denoiser, x0, s)
@@ -173,23 +198,25 @@ def select(
     bounded whatever K is; round-trip x0s move to the CPU as they come. ``callback(done, K)``
     runs after each micro-batch (raise from it to interrupt). Cost: K round trips per item.
     """
-    if candidates.dim() < 3:
+    if not isinstance(candidates, torch.Tensor) or candidates.dim() < 3:
         raise ValueError(
-            f"candidates must be [K, B, ...] (K candidates per batch item), got shape {tuple(candidates.shape)}"
+            f"candidates must be [K, B, ...] (K candidates per batch item), got shape "
+            f"{tuple(getattr(candidates, 'shape', ())) or type(candidates).__name__}"
         )
-    check_noise(candidates, "candidate noise")
+    if candidates.shape[0] == 0:
+        raise ValueError(f"select() needs at least one candidate (K >= 1), got candidates of shape "
+                         f"{list(candidates.shape)}: generate K >= 1 noises (e.g. noisecraft.rng.candidate_noises)")
+    check_noise(candidates, "select() candidate noise")
     k, b = candidates.shape[0], candidates.shape[1]
-    if k < 1:
-        raise ValueError("select() needs at least one candidate (K >= 1)")
-    if int(micro_batch) < 1:
-        raise ValueError(f"micro_batch must be >= 1, got {micro_batch}")
-    micro_batch = int(micro_batch)
+    micro_batch = check_number(micro_batch, "select() micro_batch", lo=1, integer=True,
+                               fix="the number of candidates scored at once, 1 or more")
+    s = _schedule(sigmas, "select()")
     scores = torch.empty(k, b, dtype=torch.float32)
     x0s = [] if keep_x0 else None
     for start in range(0, k, micro_batch):
         chunk = candidates[start : start + micro_batch]
         m = chunk.shape[0]
-        rt = round_trip(denoiser, chunk.reshape(m * b, *chunk.shape[2:]), sigmas, kind, inverse_denoiser)
+        rt = _round_trip(denoiser, chunk.reshape(m * b, *chunk.shape[2:]), s, kind, inverse_denoiser)
         scores[start : start + m] = rt.score.detach().cpu().reshape(m, b)
         if keep_x0:
             x0s.append(rt.x0.detach().cpu().reshape(m, b, *chunk.shape[2:]))
@@ -277,21 +304,35 @@ def optimize(
     stable iterate seen per sample. ``callback(step, steps, scores)`` runs after each step's
     round trip (raise from it to interrupt). ``steps=0`` only scores ``e``.
     """
-    check_noise(e, "noise")
-    method = OptimizeMethod(method) if not isinstance(method, OptimizeMethod) else method
+    check_noise(e, "optimize() noise e")
+    if not isinstance(method, OptimizeMethod):
+        try:
+            method = OptimizeMethod(str(method).lower() if isinstance(method, str) else method)
+        except ValueError:
+            raise ValueError(f"optimize() method: expected one of {[m.value for m in OptimizeMethod]} "
+                             f"('momentum' = the paper's Algorithm 2, 'fixed_point' = ours, faster), "
+                             f"got {method!r}") from None
     if lr is None:
         lr = DEFAULT_LR[method]
     if isinstance(max_change, str):
         if max_change != "default":
             raise ValueError(f"max_change must be a number, None (no limit) or 'default', got {max_change!r}")
         max_change = DEFAULT_MAX_CHANGE[method]
-    if int(steps) != steps or steps < 0:
-        raise ValueError(f"steps must be an integer >= 0, got {steps!r}")
-    if not math.isfinite(lr) or lr <= 0:
-        raise ValueError(f"lr must be a positive number, got {lr}")
-    if not 0.0 <= momentum < 1.0:
-        raise ValueError(f"momentum must be in [0, 1), got {momentum}")
-    steps = int(steps)
+    steps = check_number(steps, "optimize() steps", lo=0, integer=True, fix="0 only scores the noise")
+    lr = check_number(lr, "optimize() lr", lo=0, lo_open=True,
+                      fix=f"a positive step size, None for the method's default ({DEFAULT_LR[method]:g})")
+    momentum = check_number(momentum, "optimize() momentum", lo=0, hi=1, hi_open=True, fix="0 turns momentum off")
+    tol = check_number(tol, "optimize() tol", lo=0, fix="the smallest stability gain that counts as progress")
+    patience = check_number(patience, "optimize() patience", lo=0, integer=True, fix="0 turns early stopping off")
+    if target is not None:
+        target = check_number(target, "optimize() target", lo=-1, hi=1, fix="a stability (cosine) to stop at, "
+                              "or None to run every step")
+    if max_change is not None:
+        max_change = check_number(max_change, "optimize() max_change", lo=0, lo_open=True,
+                                  fix="a positive fraction of the noise's norm, or None for no limit")
+    reference_numel = check_number(reference_numel, "optimize() reference_numel", lo=1, integer=True,
+                                   fix=f"the latent size the lr is set for ({REFERENCE_NUMEL} = SDXL)")
+    s = _schedule(sigmas, "optimize()")
     d = e[0].numel()
     scale = d / float(reference_numel)
 
@@ -299,9 +340,7 @@ def optimize(
     if renormalize:
         cur = _renorm(cur)
     start = cur
-    if max_change is not None and not (math.isfinite(max_change) and max_change > 0):
-        raise ValueError(f"max_change must be a positive number (or None for no limit), got {max_change}")
-    rt = round_trip(denoiser, cur, sigmas, kind, inverse_denoiser)
+    rt = _round_trip(denoiser, cur, s, kind, inverse_denoiser)
     history = [rt.score.clone()]
     best, best_score, best_x0 = cur.clone(), rt.score.clone(), rt.x0.detach().clone()
     m = torch.zeros_like(cur)
@@ -326,7 +365,7 @@ def optimize(
             cur = _project(cur, start, max_change)
         if renormalize:
             cur = _renorm(cur)
-        rt = round_trip(denoiser, cur, sigmas, kind, inverse_denoiser)
+        rt = _round_trip(denoiser, cur, s, kind, inverse_denoiser)
         trips += 1
         taken += 1
         score = rt.score

@@ -7,6 +7,8 @@ scores generated x0. Both are small enough to run many samples per second on one
 tests and demos can measure guidance, noise refinement and noise selection end to end.
 
 Pixel scaling: ``x = pixel / 8 - 1`` (``load_digits`` values 0..16 -> [-1, 1]), one channel, 8x8.
+The UNet takes any H, W but only 1 channel: a latent of another channel count is refused before
+the network runs (:meth:`ToyModel.check_latent_shape`), naming ``--latent-shape 1 H W``.
 Weights are safetensors in ``noisecraft/assets/`` (reproduce them with ``scripts/train_toy.py``).
 """
 
@@ -23,7 +25,8 @@ import torch
 from safetensors.torch import load_file
 from torch import nn
 
-from .hosts.diffusers import DiffusersDenoiser
+from .hosts.diffusers import DiffusersDenoiser, check_latent_shape
+from .ode import check_number
 from .sigmas import ModelKind, SigmaTable
 
 __all__ = [
@@ -62,6 +65,8 @@ def digits_to_x(pixels: torch.Tensor) -> torch.Tensor:
 
 
 def _need(path: Path) -> Path:
+    if path.is_dir():
+        raise ValueError(f"toy model file {path} is a directory, expected a file: {_REPRODUCE}")
     if not path.is_file():
         raise FileNotFoundError(f"toy model file {path} is missing: {_REPRODUCE}")
     return path
@@ -107,8 +112,15 @@ class ToyModel:
         uncond = self.uncond(1) if float(cfg) != 1.0 else None
         return DiffusersDenoiser(self.unet, self.table, cond, uncond, cfg=cfg)
 
+    def check_latent_shape(self, shape, what: str = "the latent") -> None:
+        """Raise ValueError if a latent of ``shape`` ([B, C, H, W] or [C, H, W]) does not fit the toy
+        UNet: it takes 1 channel (any H, W >= 1); the message names the CLI's ``--latent-shape C H W``.
+        Every :meth:`denoiser` call checks this too (shapes only, no sync)."""
+        check_latent_shape(self.unet, shape, what)
+
     def noise(self, batch: int, generator: torch.Generator | None = None) -> torch.Tensor:
         """Unit Gaussian noise [batch, C, H, W] on the CPU (ComfyUI's NOISE convention)."""
+        batch = check_number(batch, "ToyModel.noise batch", lo=1, integer=True, fix="the number of samples, >= 1")
         return torch.randn((batch, *self.latent_shape), generator=generator, dtype=torch.float32)
 
 

@@ -13,6 +13,13 @@ algorithm written against a denoiser behaves the same here and inside ComfyUI:
 
 The adapter runs under the caller's grad mode (gradients flow to ``x`` and to any trainable
 weights, e.g. a LoRA) and counts model passes per sample in :attr:`DiffusersDenoiser.passes`.
+
+The latent is checked against the model's config before the network runs
+(:func:`check_latent_shape`): its channel count must be the config's ``in_channels``, and where the
+network patchifies (a ``patch_size`` in the config, SD3-class transformers) height and width must
+be multiples of it (a ``UNet2DConditionModel`` takes any size: it upsamples to the skip
+connections' sizes). The message says what the model expects and that the CLI's
+``--latent-shape C H W`` sets the latent. The check reads shapes only (no device sync).
 """
 
 from __future__ import annotations
@@ -25,7 +32,13 @@ import torch
 
 from ..sigmas import ModelKind, SigmaTable
 
-__all__ = ["DiffusersDenoiser", "sigma_table_from_scheduler", "alphas_cumprod_from_config"]
+__all__ = [
+    "DiffusersDenoiser",
+    "sigma_table_from_scheduler",
+    "alphas_cumprod_from_config",
+    "latent_requirements",
+    "check_latent_shape",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -37,6 +50,61 @@ def _module_device_dtype(module: torch.nn.Module) -> tuple[torch.device, torch.d
     for p in module.parameters():
         return p.device, p.dtype
     return torch.device("cpu"), torch.float32
+
+
+def _config_int(config: Any, key: str) -> Optional[int]:
+    value = config.get(key) if isinstance(config, Mapping) else getattr(config, key, None)
+    if isinstance(value, (list, tuple)) and value:
+        value = value[0]
+    return int(value) if isinstance(value, int) and not isinstance(value, bool) and value > 0 else None
+
+
+def latent_requirements(unet: Any) -> dict[str, Optional[int]]:
+    """What a diffusers network needs of its latent, from its ``config``: ``channels``
+    (``in_channels``), ``multiple`` (H and W must be multiples of it: the ``patch_size`` of a
+    patchifying transformer, else 1) and ``sample_size`` (its native latent size, for messages).
+    Values the config does not give are None (channels) or 1 (multiple)."""
+    config = getattr(unet, "config", None)
+    if config is None:
+        return {"channels": None, "multiple": 1, "sample_size": None}
+    return {"channels": _config_int(config, "in_channels"), "multiple": _config_int(config, "patch_size") or 1,
+            "sample_size": _config_int(config, "sample_size")}
+
+
+def check_latent_shape(unet: Any, shape, what: str = "the latent", *, batched: Optional[bool] = None) -> None:
+    """Raise ValueError if a latent of ``shape`` does not fit ``unet``.
+
+    ``shape`` is a batch [B, C, ...] (``batched=True``), or one latent [C, H, W]
+    (``batched=False``, e.g. the CLI's ``--latent-shape``); by default 4 or more sizes are a batch.
+    Checks that no size is 0, the channel count against the config's ``in_channels``, and H, W
+    against a ``patch_size``; the message says what the model expects and that the CLI's
+    ``--latent-shape C H W`` sets it. Shapes only: no tensor is touched."""
+    dims = [int(v) for v in shape]
+    batched = len(dims) >= 4 if batched is None else batched
+    item = dims[1:] if batched else dims
+    req = latent_requirements(unet)
+    ch, mult, size = req["channels"], req["multiple"], req["sample_size"]
+    name = type(unet).__name__
+    default = (f"; leave --latent-shape out for the model's own {ch}x{size}x{size}" if ch and size else "")
+    if not item or any(v < 1 for v in dims):
+        raise ValueError(f"{what} has shape {dims}: expected [B, C, H, W] with every size >= 1 (a batch of at "
+                         f"least one latent with {ch or 'C'} channel(s); the CLI's --latent-shape C H W sets C, H, "
+                         f"W){default}")
+    c = item[0]
+    h, w = (item[-2], item[-1]) if len(item) >= 3 else (None, None)
+    if ch is not None and c != ch:
+        eg = f"{ch} {h} {w}" if h is not None else f"{ch} H W"
+        raise ValueError(
+            f"{what} has {c} channels (shape {dims}) but this model ({name}, config in_channels = {ch}) takes "
+            f"{ch}-channel latents: make the latent [B, {ch}, H, W] (the CLI's --latent-shape C H W sets it, e.g. "
+            f"--latent-shape {eg}){default}"
+        )
+    if mult > 1 and h is not None and (h % mult or w % mult):
+        raise ValueError(
+            f"{what} is {h}x{w} (shape {dims}) but this model ({name}, config patch_size = {mult}) needs height and "
+            f"width that are multiples of {mult}: e.g. --latent-shape {c} {max(mult, h - h % mult)} "
+            f"{max(mult, w - w % mult)} (the CLI's --latent-shape C H W){default}"
+        )
 
 
 def _batch(t: Optional[torch.Tensor], b: int, name: str) -> Optional[torch.Tensor]:
@@ -122,6 +190,7 @@ class DiffusersDenoiser:
         )
         self.cfg = cfg
         self.passes = 0
+        self._checked_shape: Optional[tuple] = None
 
     @property
     def cfg(self) -> float:
@@ -171,6 +240,12 @@ class DiffusersDenoiser:
         return out
 
     def __call__(self, x: torch.Tensor, sigma: torch.Tensor | float) -> torch.Tensor:
+        if not isinstance(x, torch.Tensor) or not x.is_floating_point():
+            raise TypeError(f"DiffusersDenoiser x: expected a floating-point latent [B, C, H, W], got "
+                            f"{getattr(x, 'dtype', type(x).__name__)}")
+        if tuple(x.shape) != self._checked_shape:  # once per shape: Python ints only, no device sync
+            check_latent_shape(self.unet, x.shape, batched=True)
+            self._checked_shape = tuple(x.shape)
         b = x.shape[0]
         sig = torch.as_tensor(sigma, dtype=torch.float32, device=x.device)
         if sig.ndim == 0:

@@ -37,8 +37,8 @@ Layout of a pair folder::
 
 As the teacher cache (:mod:`noisecraft.train.teacher_cache`): sample ``i`` has noise
 ``seeded_noise(base_seed + i, (1, C, H, W))`` and condition ``i % len(conds)``, so any shard can be
-made by any job in any order; files are written under a temporary name and renamed; a killed
-collection resumes at the first missing shard; identical definitions give identical bytes.
+made by any job in any order; files are written atomically (:mod:`noisecraft.io`); a killed
+collection resumes at the first missing shard (and its stale temp files are removed); identical definitions give identical bytes.
 Cost per pair: 2 + 1 model passes (w_l != 1, w_w = 1), plus ``4 * filter_steps`` with a scorer.
 """
 
@@ -55,6 +55,7 @@ import torch
 
 from .. import ode
 from ..sigmas import get_sigmas, noise_to_x, x_to_noise
+from ..io import ensure_dir, load_safetensors
 from .shards import INDEX_NAME, ShardedStore, epoch_generator, write_safetensors
 
 __all__ = [
@@ -155,6 +156,10 @@ class PairStore(ShardedStore):
                 f"version {self._index.get('version')!r}): collect the pairs again"
             )
 
+    @classmethod
+    def _corrupt_fix(cls, root: Path) -> str:
+        return f"delete the folder {root} and run the collection again (collect-pairs / collect_pairs)"
+
     def _missing_shard_message(self, k: int, path: Path) -> str:
         return f"NPNet pairs {self.root}: {path.name} is missing: finish the collection (collect_pairs resumes)"
 
@@ -176,7 +181,7 @@ class PairStore(ShardedStore):
                 raise ValueError(f"{root} holds pairs made with other prompt embeddings ({CONDS_NAME}): use "
                                  "another folder or delete that one")
             return store
-        root.mkdir(parents=True, exist_ok=True)
+        ensure_dir(root, None)
         write_safetensors({"embeds": embeds}, root / CONDS_NAME, {"noisecraft.kind": "npnet_pair_conds"})
         return cls._new(root, definition)
 
@@ -185,12 +190,14 @@ class PairStore(ShardedStore):
     def embeds(self) -> torch.Tensor:
         """Prompt embeddings [P, tokens, width]: row ``p`` for condition id ``p``."""
         if self._embeds is None:
-            from safetensors.torch import load_file
-
             path = self.root / CONDS_NAME
             if not path.is_file():
                 raise FileNotFoundError(f"{path} is missing: the pair folder is incomplete; collect the pairs again")
-            self._embeds = load_file(str(path))["embeds"]
+            data = load_safetensors(path, what="the prompt embeddings of the pairs", fix=self._corrupt_fix(self.root))
+            if "embeds" not in data or data["embeds"].ndim != 3:
+                raise ValueError(f"{path}: expected a tensor 'embeds' [P, tokens, width], got {sorted(data)}: "
+                                 f"{self._corrupt_fix(self.root)}")
+            self._embeds = data["embeds"]
         return self._embeds
 
     def write_shard(self, k: int, noise: torch.Tensor, target: torch.Tensor, kept: torch.Tensor,
@@ -300,13 +307,17 @@ def collect_pairs(
         steps, scheduler: the collection schedule (its first step is the re-denoise step; the filter
             samples with all of it).
         scorer, margin: keep-filter (see the module docstring); None keeps every pair.
-        shards: only these shard numbers (parallel jobs); a killed collection resumes.
+        shards: only these shard numbers (parallel jobs); a killed collection resumes (and, unless
+            ``shards`` is given, removes the stale temp files of killed writes).
         progress: ``progress(done, total_to_do)`` after each micro-batch.
         shape: one latent's [C, H, W]; default: the UNet config's ``in_channels`` and ``sample_size``.
     Determinism: the same arguments give byte-identical shards (on the same hardware and threads).
     """
     if not (math.isfinite(float(w_l)) and math.isfinite(float(w_w))):
         raise ValueError(f"w_l and w_w must be finite numbers, got {w_l} and {w_w}")
+    if not math.isfinite(float(margin)):
+        raise ValueError(f"margin must be a finite number (keep a pair when score' > score + margin), got {margin}: "
+                         "with NaN no pair would be kept")
     if float(w_w) > float(w_l):
         logger.warning("re-denoise sampling with w_w = %g > w_l = %g removes guidance from the noise", w_w, w_l)
     sigmas = _check_sigmas(get_sigmas(host.table, scheduler, int(steps)))
@@ -329,6 +340,8 @@ def collect_pairs(
     shape = tuple(int(v) for v in shape)
     store = PairStore.create(root, shape=shape, conds=labels, embeds=host.conds, base_seed=base_seed, total=total,
                              meta=definition, shard_size=shard_size)
+    if shards is None:  # a parallel job (its own shard list) leaves this to a job over the whole folder
+        PairStore.clean_temps(store.root)
     todo = [k for k in (range(store.num_shards) if shards is None else shards) if not store.shard_path(k).is_file()]
     work = sum(len(store.shard_range(k)) for k in todo)
     done = 0

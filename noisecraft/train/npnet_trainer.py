@@ -18,7 +18,9 @@ Choices (ours; the paper is silent or we differ on purpose):
 * Data order: a pure function of ``(seed, epoch)`` over the kept pairs (:meth:`PairStore.batches`);
   nothing else is random, so the data position is the whole RNG state.
 * Checkpoints: one safetensors file (weights, AdamW moments and step counts) + JSON metadata
-  (step, data position, config, samples, time), written to a temporary name and renamed; resuming
+  (step, data position, config, samples, time), written atomically (:mod:`noisecraft.io`; a start or
+  resume removes the temp files of a killed write); a resume with fewer ``steps`` than the
+  checkpoint is refused; resuming
   truncates the loss log to the checkpoint's step, so kill + resume equals an uninterrupted run
   bit for bit on CPU (tested).
 * Output ``npnet.safetensors``: the ``text_embedding.*`` flavour that :func:`noisecraft.npnet.load_npnet`
@@ -44,7 +46,8 @@ import torch.nn.functional as F
 
 from ..npnet import NPNet, NPNetConfig, random_npnet
 from .npnet_pairs import PairStore
-from .refiner import _read_log, plot_losses
+from ..io import atomic_write_text, clean_stale_temps, ensure_dir, read_safetensors
+from .refiner import _fewer_steps_message, _read_log, plot_losses
 from .teacher_cache import write_safetensors
 
 __all__ = ["NPNetTrainConfig", "NPNetTrainResult", "train_npnet", "init_npnet", "npnet_config_for",
@@ -88,6 +91,13 @@ class NPNetTrainConfig:
                 raise ValueError(f"{name} must be a positive integer, got {v!r}")
         if not (math.isfinite(self.lr) and self.lr > 0):
             raise ValueError(f"lr must be a positive number, got {self.lr}")
+        if int(self.warmup) != self.warmup or self.warmup < 0:
+            raise ValueError(f"warmup must be a whole number of steps >= 0, got {self.warmup!r}")
+        if not (math.isfinite(self.weight_decay) and self.weight_decay >= 0):
+            raise ValueError(f"weight_decay must be a finite number >= 0, got {self.weight_decay}")
+        if self.margin is not None and not math.isfinite(float(self.margin)):
+            raise ValueError(f"margin must be a finite number or None (the stored kept flags), got {self.margin}: "
+                             "with NaN no pair would be kept")
         if self.lr_schedule not in ("constant", "cosine"):
             raise ValueError(f"lr_schedule must be 'constant' or 'cosine', got {self.lr_schedule!r}")
 
@@ -187,11 +197,9 @@ def _save_checkpoint(path: Path, model: NPNet, opt: torch.optim.Optimizer, state
 
 
 def _load_checkpoint(path: Path, model: NPNet, opt: torch.optim.Optimizer) -> dict:
-    from safetensors import safe_open
-
-    with safe_open(str(path), framework="pt", device="cpu") as f:
-        meta = dict(f.metadata() or {})
-        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    tensors, meta = read_safetensors(
+        path, what="the training checkpoint to resume from",
+        fix="delete it (and resume from nothing) or choose another output folder")
     if meta.get("noisecraft.kind") != "npnet_checkpoint":
         raise ValueError(f"{path} is not a NoiseCraft NPNet checkpoint: resume from the folder train-npnet wrote")
     own = model.state_dict()
@@ -253,12 +261,12 @@ def train_npnet(
             f"({want.latent_channels}x{want.latent_size}x{want.latent_size}, {want.tokens}x{want.text_width}): "
             "use npnet_config_for(pairs, ...)"
         )
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    out = ensure_dir(out_dir, "output folder")
     ckpt_path, log_path = out / CHECKPOINT_NAME, out / LOG_NAME
     if ckpt_path.is_file() and not resume:
         raise FileExistsError(f"{ckpt_path} exists: resume that run (resume=True / --resume) or choose another "
                               "output folder")
+    clean_stale_temps(out)
     model = init_npnet(npnet_config, config.init_seed).to(device).train()
     embeds = pairs.embeds.to(device)
     params = [p for p in model.parameters() if p.requires_grad]
@@ -279,13 +287,12 @@ def train_npnet(
         if state.get("npnet_config") != _config_json(npnet_config) or state.get("pairs") != [pairs.total, kept]:
             raise ValueError(f"{ckpt_path} was trained with another NPNet shape or other pairs: start a new folder")
         step, (epoch, offset) = int(state["step"]), state["position"]
+        if step > config.steps:
+            raise ValueError(_fewer_steps_message(ckpt_path, step, config.steps, out / NPNET_NAME))
         samples, wall_prev = int(state["samples"]), float(state["wall_s"])
         logger.info("resuming %s at step %d (epoch %d, offset %d)", out, step, epoch, offset)
     records = _read_log(log_path, upto_step=step) if resume else []
-    tmp = log_path.with_name(log_path.name + ".tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.writelines(json.dumps(r, sort_keys=True) + "\n" for r in records)
-    os.replace(tmp, log_path)
+    atomic_write_text(log_path, "".join(json.dumps(r, sort_keys=True) + "\n" for r in records))
 
     t0 = time.perf_counter()
 

@@ -26,10 +26,11 @@ Choices (the paper is silent on them; measured on the toy model, see README):
   no noise augmentation), so the data position ``(epoch, offset)`` is the trainer's whole RNG state;
   the global RNG is never touched.
 * Checkpoints: one safetensors file (LoRA weights, AdamW moments and step counts, GradScaler state
-  for fp16) with JSON metadata (step, data position, config, samples seen, elapsed time), written to
-  a temporary name and renamed. Resuming restores all of it and truncates the loss log to the
-  checkpoint's step, so a run killed at any moment and resumed equals an uninterrupted run (bit
-  for bit on CPU; the tests check it).
+  for fp16) with JSON metadata (step, data position, config, samples seen, elapsed time), written
+  atomically (:mod:`noisecraft.io`; a start or resume removes the temp files of a killed write; a
+  resume with fewer ``steps`` than the checkpoint is refused). Resuming restores all of it and
+  truncates the loss log to the checkpoint's step, so a run killed at any moment and resumed equals
+  an uninterrupted run (bit for bit on CPU; the tests check it).
 * Precision: ``"auto"`` is float32 on CPU, bf16 autocast on CUDA when supported (else fp16 with a
   GradScaler). LoRA weights and optimizer state stay float32.
 * Several processes (``accelerate launch`` / ``torchrun``, data parallel): detected from the
@@ -67,6 +68,7 @@ import torch
 from torch import nn
 
 from ..hosts.diffusers import DiffusersDenoiser
+from ..io import atomic_write, atomic_write_text, clean_stale_temps, ensure_dir, load_safetensors, read_safetensors
 from ..lora import CONVENTION, DEFAULT_TARGETS, LoRASet, attach_lora
 from ..msd import msd_loss
 from ..refine import refine_with, residual_from_denoisers
@@ -179,9 +181,8 @@ def diffusers_host(
     if not prompts:
         raise ValueError("no prompts: give a text file with one prompt per line (--prompts FILE)")
     if prompt_embeds is not None:
-        from safetensors.torch import load_file
-
-        data = load_file(str(prompt_embeds))
+        data = load_safetensors(prompt_embeds, what="prompt embeddings (--prompt-embeds)",
+                                fix="give a safetensors with 'cond' [P, L, D] and 'uncond' [1, L, D]")
         if "cond" not in data or "uncond" not in data:
             raise ValueError(f"{prompt_embeds}: expected tensors 'cond' [P, L, D] and 'uncond' [1, L, D], got {sorted(data)}")
         cond, uncond = data["cond"], data["uncond"]
@@ -262,6 +263,10 @@ class RefinerTrainConfig:
                 raise ValueError(f"{name} must be a positive integer, got {v!r}")
         if not (math.isfinite(self.lr) and self.lr > 0):
             raise ValueError(f"lr must be a positive number, got {self.lr}")
+        if int(self.warmup) != self.warmup or self.warmup < 0:
+            raise ValueError(f"warmup must be a whole number of steps >= 0, got {self.warmup!r}")
+        if self.alpha is not None and not (math.isfinite(float(self.alpha)) and float(self.alpha) > 0):
+            raise ValueError(f"alpha must be a positive number (or None: alpha = rank), got {self.alpha}")
         if self.precision not in ("auto", "fp32", "bf16", "fp16"):
             raise ValueError(f"precision must be auto, fp32, bf16 or fp16, got {self.precision!r}")
         if self.lr_schedule not in ("constant", "cosine"):
@@ -342,10 +347,16 @@ def plot_losses(steps: Sequence[int], losses: Sequence[float], path: str | os.Pa
         draw.line([xy(s, ly) for s, ly in zip(xs, smooth)], fill="black", width=2)
     else:
         draw.text((left, h // 2), "not enough points to plot", fill="black")
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp.png")
-    img.save(tmp)
-    os.replace(tmp, path)
+    with atomic_write(path, "wb") as f:
+        img.save(f, format="PNG")
     return path
+
+
+def _fewer_steps_message(ckpt_path: Path, step: int, steps: int, output: Path) -> str:
+    """The refusal of a resume whose ``steps`` lies below the checkpoint's step (shared with the NPNet trainer)."""
+    return (f"{ckpt_path} is at step {step}, but this run asks for steps = {steps} (--steps {steps}): a resume "
+            f"cannot go back. Give --steps {step} or more to continue training, or use the result already in "
+            f"{output} if that run finished")
 
 
 def _read_log(path: Path, upto_step: Optional[int] = None) -> list[dict]:
@@ -383,11 +394,9 @@ def _save_checkpoint(path: Path, lora: LoRASet, opt: torch.optim.Optimizer, scal
 
 
 def _load_checkpoint(path: Path, lora: LoRASet, opt: torch.optim.Optimizer, scaler) -> dict:
-    from safetensors import safe_open
-
-    with safe_open(str(path), framework="pt", device="cpu") as f:
-        meta = dict(f.metadata() or {})
-        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    tensors, meta = read_safetensors(
+        path, what="the training checkpoint to resume from",
+        fix="delete it (and resume from nothing) or choose another output folder")
     if meta.get("noisecraft.kind") != "refiner_checkpoint":
         raise ValueError(f"{path} is not a NoiseCraft refiner checkpoint")
     lora_sd = {k[len("lora."):]: v for k, v in tensors.items() if k.startswith("lora.")}
@@ -557,8 +566,7 @@ def train_refiner(
     config = config or RefinerTrainConfig()
     config.check()
     cache = cache if isinstance(cache, TeacherCache) else TeacherCache(cache)
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    out = ensure_dir(out_dir, "output folder")
     ckpt_path, log_path = out / CHECKPOINT_NAME, out / LOG_NAME
     if ckpt_path.is_file() and not resume:
         raise FileExistsError(
@@ -603,6 +611,8 @@ def train_refiner(
 
 def _train(host, cache, out, config, ddp, device, ckpt_path, log_path, kind, sigmas, sigma_max,
            resume, stop_after, progress, metadata) -> TrainResult:
+    if ddp.is_main:  # the one writer cleans up after a killed one (never another rank's live write)
+        clean_stale_temps(out)
     amp_dtype = _precision(config, device)
     lora = attach_lora(host.unet, config.rank, config.alpha, config.targets, seed=config.lora_seed)
     try:
@@ -624,13 +634,13 @@ def _train(host, cache, out, config, ddp, device, ckpt_path, log_path, kind, sig
             if state.get("cache_total") != cache.total or state.get("cache_conds") != len(cache.conds):
                 raise ValueError(f"{ckpt_path} was trained on another teacher cache ({state.get('cache_total')} samples)")
             step, (epoch, offset) = int(state["step"]), state["position"]
+            if step > config.steps:
+                raise ValueError(_fewer_steps_message(ckpt_path, step, config.steps, out / REFINER_NAME))
             samples, wall_prev = int(state["samples"]), float(state["wall_s"])
             logger.info("resuming %s at step %d (epoch %d, offset %d)", out, step, epoch, offset)
         records = _read_log(log_path, upto_step=step) if resume else []
         if ddp.is_main:
-            with open(log_path.with_name(log_path.name + ".tmp"), "w", encoding="utf-8") as f:
-                f.writelines(json.dumps(r, sort_keys=True) + "\n" for r in records)
-            os.replace(log_path.with_name(log_path.name + ".tmp"), log_path)
+            atomic_write_text(log_path, "".join(json.dumps(r, sort_keys=True) + "\n" for r in records))
 
         def checkpoint(at_step: int, position) -> None:
             if not ddp.is_main:

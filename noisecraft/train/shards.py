@@ -3,8 +3,10 @@
 A store folder holds ``index.json`` (its definition: ``shape``, ``conds``, ``base_seed``, ``total``,
 ``shard_size``, ``meta`` and a list of ``shards``) and ``shard_00000.safetensors`` ... Sample ``i``
 has noise ``seeded_noise(base_seed + i, (1, C, H, W))`` and condition id ``i % len(conds)``, so any
-shard can be made by any job in any order. Every file is written under a temporary name and renamed
-(``os.replace``): a file that exists under its final name is complete.
+shard can be made by any job in any order. Every file is written atomically (:mod:`noisecraft.io`: a
+temp file of our own naming, fsynced, ``os.replace``, folder fsynced): a file that exists under its
+final name is complete; :meth:`ShardedStore.clean_temps` removes what a killed write left. A corrupt
+``index.json`` or shard raises ``ValueError`` naming the file and the fix.
 
 :class:`ShardedStore` is the shared part; :class:`noisecraft.train.TeacherCache` and
 :class:`noisecraft.train.PairStore` add their shard contents, batches and wording.
@@ -20,6 +22,7 @@ from typing import Any, Mapping, Optional, Sequence
 
 import torch
 
+from ..io import atomic_write_json, clean_stale_temps, ensure_dir, load_safetensors, read_json, write_safetensors
 from ..rng import seeded_noise
 
 __all__ = ["ShardedStore", "write_safetensors", "INDEX_NAME"]
@@ -29,44 +32,7 @@ _SHARD = "shard_{:05d}.safetensors"
 
 
 def _atomic_write_json(path: Path, payload: Any) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(payload, indent=1, sort_keys=True) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
-
-
-_ST_DTYPES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16", torch.int64: "I64",
-              torch.int32: "I32", torch.uint8: "U8", torch.float64: "F64"}
-
-
-def write_safetensors(tensors: Mapping[str, torch.Tensor], path: str | os.PathLike, metadata: Mapping[str, str]) -> Path:
-    """Write a safetensors file atomically and byte-for-byte reproducibly (sorted names and metadata).
-
-    (The library writer orders ``__metadata__`` through a hash map, so identical runs can give
-    different bytes; see ``scripts/train_toy.py``.)
-    """
-    path = Path(path)
-    header: dict = {"__metadata__": {str(k): str(v) for k, v in sorted(metadata.items())}}
-    blobs, offset = [], 0
-    for name in sorted(tensors):
-        t = tensors[name].detach().cpu().contiguous()
-        if t.dtype not in _ST_DTYPES:
-            raise TypeError(f"cannot store {name} of dtype {t.dtype} in safetensors here")
-        data = t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b""
-        header[name] = {"dtype": _ST_DTYPES[t.dtype], "shape": list(t.shape), "data_offsets": [offset, offset + len(data)]}
-        blobs.append(data)
-        offset += len(data)
-    raw = json.dumps(header, separators=(",", ":"), sort_keys=True).encode("utf-8")
-    raw += b" " * (-len(raw) % 8)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "wb") as f:
-        f.write(len(raw).to_bytes(8, "little"))
-        f.write(raw)
-        for data in blobs:
-            f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    return path
+    atomic_write_json(path, payload)
 
 
 def epoch_generator(seed: int, epoch: int) -> torch.Generator:
@@ -88,9 +54,31 @@ class ShardedStore:
         index = self.root / INDEX_NAME
         if not index.is_file():
             raise FileNotFoundError(self._no_index_message())
-        self._index = json.loads(index.read_text(encoding="utf-8"))
+        self._index = self._read_index(self.root)
         self._check_index(index)
         self._load_shard = functools.lru_cache(maxsize=max(1, int(max_open_shards)))(self._read_shard)
+
+    _REQUIRED = ("shape", "conds", "base_seed", "total", "shard_size")
+
+    @classmethod
+    def _corrupt_fix(cls, root: Path) -> str:
+        return f"delete the folder {root} and run the same command again to rebuild it"
+
+    @classmethod
+    def _read_index(cls, root: Path) -> dict:
+        """``index.json`` as a dict with the common fields; a corrupt one raises ValueError naming it."""
+        index = root / INDEX_NAME
+        data = read_json(index, what=f"the index of {cls._HOLDS}", fix=cls._corrupt_fix(root))
+        missing = [k for k in cls._REQUIRED if k not in data] if isinstance(data, dict) else list(cls._REQUIRED)
+        if missing:
+            raise ValueError(f"{index} is not an index of {cls._HOLDS} (missing {missing}): "
+                             f"{cls._corrupt_fix(root)}")
+        return data
+
+    @staticmethod
+    def clean_temps(root: str | os.PathLike) -> list[Path]:
+        """Remove stale temp files of killed writes in a store folder (see :func:`noisecraft.io.clean_stale_temps`)."""
+        return clean_stale_temps(root)
 
     # -- hooks -----------------------------------------------------------------------------------
     def _no_index_message(self) -> str:
@@ -127,7 +115,7 @@ class ShardedStore:
         index = root / INDEX_NAME
         if not index.is_file():
             return None
-        old = json.loads(index.read_text(encoding="utf-8"))
+        old = cls._read_index(root)
         mismatch = [k for k in definition if old.get(k) != definition[k]]
         if mismatch:
             raise ValueError(
@@ -140,7 +128,7 @@ class ShardedStore:
     @classmethod
     def _new(cls, root: Path, definition: Mapping[str, Any]):
         """Make the folder and write an index without shards."""
-        root.mkdir(parents=True, exist_ok=True)
+        ensure_dir(root, None)
         _atomic_write_json(root / INDEX_NAME, {**definition, "shards": []})
         return cls(root)
 
@@ -218,12 +206,10 @@ class ShardedStore:
         return list(rng)
 
     def _read_shard(self, k: int) -> dict[str, torch.Tensor]:
-        from safetensors.torch import load_file
-
         path = self.shard_path(k)
         if not path.is_file():
             raise FileNotFoundError(self._missing_shard_message(k, path))
-        data = load_file(str(path), device="cpu")
+        data = load_safetensors(path, what=f"shard {k} of {self.root}", fix=self._REBUILD_HINT)
         n = len(self.shard_range(k))
         for key in self._SHARD_KEYS:
             if key not in data or data[key].shape[0] != n:

@@ -20,8 +20,9 @@ Layout of a cache folder::
   and its condition is ``conds[i % len(conds)]``. So shard ``k`` (samples ``k * shard_size ...``) can
   be produced by any job, in any order, and a build that was killed restarts at the first
   missing shard. The noise is stored as well (the reader never regenerates it).
-* Every file is written to a temporary name and renamed (``os.replace``): a shard or index that
-  exists under its final name is complete. The index is rewritten after each shard from a scan of
+* Every file is written atomically (:mod:`noisecraft.io`: a temp file of our own naming, fsynced,
+  renamed, folder fsynced): a shard or index that exists under its final name is complete, and a
+  build that starts or resumes removes the temp files a killed one left. The index is rewritten after each shard from a scan of
   the folder; :meth:`TeacherCache.reindex` rebuilds it after parallel jobs.
 * Reading (:meth:`TeacherCache.batches`) yields shuffled batches whose order is a pure function of
   ``(seed, epoch)``: the data position ``(epoch, offset)`` is the whole reader state (what a
@@ -70,7 +71,7 @@ class TeacherCache(ShardedStore):
     _HOLDS = "a teacher cache"
     _FOLDER = "cache"
     _SHARD_KEYS = ("noise", "x0", "cond")
-    _REBUILD_HINT = "rebuild this shard"
+    _REBUILD_HINT = "delete that shard file and build again (the build resumes and remakes it)"
 
     def _no_index_message(self) -> str:
         return (
@@ -84,6 +85,10 @@ class TeacherCache(ShardedStore):
                 f"{index}: teacher cache version {self._index.get('version')!r}, this NoiseCraft reads "
                 f"version {CACHE_VERSION}: rebuild the cache"
             )
+
+    @classmethod
+    def _corrupt_fix(cls, root: Path) -> str:
+        return f"delete the folder {root} and run the build again (train-refiner / build_teacher_cache remakes it)"
 
     def _missing_shard_message(self, k: int, path: Path) -> str:
         return (
@@ -219,13 +224,16 @@ def build_teacher_cache(
     indices (CFG, + PAG, ...). ``sigmas`` is the teacher schedule (N' steps, ends at 0). ``shards``
     restricts the work to some shard numbers (parallel jobs: give each job its own; then
     :meth:`TeacherCache.reindex`). Killed builds resume where they stopped (finished shards are
-    kept). ``progress(done_samples, total_samples)`` is called after each micro-batch.
+    kept; stale temp files of killed writes are removed, except by a parallel job with its own
+    ``shards``). ``progress(done_samples, total_samples)`` is called after each micro-batch.
     Cost: 2N' model passes per sample with CFG.
     """
     s = check_schedule(sigmas, "teacher")
     meta = {**dict(meta or {}), "teacher_steps": int(len(s) - 1), "sigma_max": float(s[0]), "kind": str(kind)}
     cache = TeacherCache.create(root, shape=shape, conds=conds, base_seed=base_seed, total=total,
                                 meta=meta, shard_size=shard_size)
+    if shards is None:  # a parallel job (its own shard list) leaves this to the job that defines the cache
+        TeacherCache.clean_temps(cache.root)
     todo = [k for k in (range(cache.num_shards) if shards is None else shards) if not cache.shard_path(k).is_file()]
     done, work = 0, sum(len(cache.shard_range(k)) for k in todo)
     for k in todo:

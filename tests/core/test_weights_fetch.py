@@ -1,7 +1,10 @@
 """The weight downloader (noisecraft.weights.download / resolve_models_dir) and `python -m noisecraft
 fetch`, against a real HTTP server on 127.0.0.1: full downloads, an interrupted transfer resumed
-with a Range request, a server that ignores Range, redirects, a hash mismatch, a wrong size, and an
-already-present file. Also the NPNet entries of weights_manifest.json.
+with a Range + If-Range request (the ETag kept in the .part's sidecar), a server that ignores Range,
+redirects, a hash mismatch, a wrong size, and an already-present file. Also the NPNet entries of
+weights_manifest.json. The security regressions (traversal names, HTML, changed remotes, plain
+http, the Hugging Face path) are in test_weights_security.py. The server is plain http, so every
+download here passes allow_http=True / --allow-http.
 
 Tier 1: standard library only (no torch needed), CPU, no network beyond 127.0.0.1.
 """
@@ -10,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import http.server
+import json
 import random
 import re
 import socket
@@ -33,9 +37,19 @@ from noisecraft.weights import (
 )
 
 REPO = Path(__file__).resolve().parents[2]
-PAYLOAD = random.Random(0).randbytes(300_000)
+
+
+def safetensors_bytes(data: bytes) -> bytes:
+    """A valid safetensors file holding ``data`` as one U8 tensor (built by hand: tier 1 needs no torch)."""
+    header = json.dumps({"w": {"dtype": "U8", "shape": [len(data)], "data_offsets": [0, len(data)]}}).encode()
+    header += b" " * (-len(header) % 8)
+    return len(header).to_bytes(8, "little") + header + data
+
+
+PAYLOAD = safetensors_bytes(random.Random(0).randbytes(300_000))
 PAYLOAD_SHA = hashlib.sha256(PAYLOAD).hexdigest()
 CHUNK = 16_384
+LAST_MODIFIED = "Sun, 08 Dec 2024 10:00:00 GMT"
 
 
 # -- a real HTTP server ----------------------------------------------------------------------------
@@ -46,8 +60,10 @@ class _Handler(http.server.BaseHTTPRequestHandler):
 
     Modes: ``normal``; ``drop`` (send the headers for the full answer, then close the connection
     after ``drop_after`` body bytes, once; later requests are normal); ``ignore_range`` (always a
-    200 with the whole file); ``wrong`` (same length, different bytes). ``/r/<path>`` redirects (302)
-    to ``/<path>``, as Hugging Face's resolve URLs redirect to a CDN. Every request is logged."""
+    200 with the whole file); ``wrong`` (same length, different last bytes). ``/r/<path>`` redirects (302)
+    to ``/<path>``, as Hugging Face's resolve URLs redirect to a CDN. Every request is logged.
+    ``validators``: send ETag (from the content) and Last-Modified; ``if_range``: honour If-Range
+    (a validator that does not match gets the whole current file with 200), else ignore it."""
 
     protocol_version = "HTTP/1.1"
     state: dict = {}
@@ -73,10 +89,14 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             return
         data = st["payload"]
         if st["mode"] == "wrong":
-            data = bytes(b ^ 0xFF for b in data[:10]) + data[10:]
+            data = data[:-10] + bytes(b ^ 0xFF for b in data[-10:])
         total = len(data)
         start = 0
+        etag = etag_of(data)
+        entry["if_range"] = self.headers.get("If-Range")
         m = re.fullmatch(r"bytes=(\d+)-", rng or "")
+        if m and st["if_range"] and entry["if_range"] not in (etag, LAST_MODIFIED):
+            m = None  # RFC 9110 13.1.5: a validator that does not match -> the whole (new) file, 200
         if m and st["mode"] != "ignore_range":
             start = int(m.group(1))
             if start >= total:
@@ -93,6 +113,9 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             entry["status"] = 200
             self.send_response(200)
         body = data[start:]
+        if st["validators"]:
+            self.send_header("ETag", etag)
+            self.send_header("Last-Modified", LAST_MODIFIED)
         self.send_header("Content-Length", str(len(body)))
         self.send_header("Content-Type", "application/octet-stream")
         self.end_headers()
@@ -125,9 +148,20 @@ def server():
 def srv(server):
     """Reset the server's mode and request log for one test; yields (base_url, state)."""
     _Handler.state.clear()
-    _Handler.state.update(payload=PAYLOAD, mode="normal", drop_after=None, requests=[])
+    _Handler.state.update(payload=PAYLOAD, mode="normal", drop_after=None, requests=[], validators=True, if_range=True)
     host, port = server.server_address[:2]
     return f"http://{host}:{port}", _Handler.state
+
+
+def etag_of(data: bytes) -> str:
+    return '"' + hashlib.sha256(data).hexdigest()[:16] + '"'
+
+
+def _partial(part: Path, data: bytes, url: str, etag: str | None = None) -> None:
+    """A .part as an earlier run leaves it: the bytes, and the sidecar with the validator for If-Range."""
+    part.write_bytes(data)
+    (part.parent / (part.name + ".json")).write_text(json.dumps({"url": url, "etag": etag or etag_of(PAYLOAD),
+                                                                 "last_modified": LAST_MODIFIED}))
 
 
 def _entry(**kw) -> WeightEntry:
@@ -150,7 +184,8 @@ def test_full_download_verifies_and_lands_atomically(srv, tmp_path):
         seen.append((done, total))
         assert not final.exists()  # the final name appears only after verification
 
-    path = download(entry, tmp_path / "npnet", url=f"{base}/file.bin", chunk=CHUNK, timeout=5, progress=progress)
+    path = download(entry, tmp_path / "npnet", url=f"{base}/file.bin", chunk=CHUNK, timeout=5, progress=progress,
+                    allow_http=True)
     assert path == final and path.read_bytes() == PAYLOAD
     assert not (tmp_path / "npnet" / "test-npnet.safetensors.part").exists()
     assert seen[-1] == (len(PAYLOAD), len(PAYLOAD)) and len(seen) > 5
@@ -163,13 +198,13 @@ def test_interrupted_transfer_resumes_with_range(srv, tmp_path):
     entry = _entry()
     part = tmp_path / "test-npnet.safetensors.part"
     with pytest.raises(DownloadError, match="resume") as info:
-        download(entry, tmp_path, url=f"{base}/file.bin", chunk=CHUNK, timeout=5)
+        download(entry, tmp_path, url=f"{base}/file.bin", chunk=CHUNK, timeout=5, allow_http=True)
     assert str(part) in str(info.value)
     kept = part.stat().st_size if part.is_file() else 0
     assert 0 < kept <= 100_000 and PAYLOAD.startswith(part.read_bytes())  # normally exactly 100_000
     assert not (tmp_path / "test-npnet.safetensors").exists()
 
-    path = download(entry, tmp_path, url=f"{base}/file.bin", chunk=CHUNK, timeout=5)
+    path = download(entry, tmp_path, url=f"{base}/file.bin", chunk=CHUNK, timeout=5, allow_http=True)
     assert path.read_bytes() == PAYLOAD and not part.exists()
     last = st["requests"][-1]
     assert last["range"] == f"bytes={kept}-" and last["status"] == 206
@@ -180,7 +215,7 @@ def test_interrupted_transfer_resumes_with_range(srv, tmp_path):
 def test_retries_resume_within_one_call_and_through_a_redirect(srv, tmp_path):
     base, st = srv
     st.update(mode="drop", drop_after=50_000)
-    path = download(_entry(), tmp_path, url=f"{base}/r/file.bin", chunk=CHUNK, timeout=5, retries=1)
+    path = download(_entry(), tmp_path, url=f"{base}/r/file.bin", chunk=CHUNK, timeout=5, retries=1, allow_http=True)
     assert path.read_bytes() == PAYLOAD
     got = [(r["path"], r["range"], r["status"]) for r in st["requests"]]
     kept = len(PAYLOAD) - st["requests"][-1]["sent"]  # normally exactly 50_000
@@ -193,16 +228,17 @@ def test_retries_resume_within_one_call_and_through_a_redirect(srv, tmp_path):
 def test_server_ignoring_range_restarts_cleanly(srv, tmp_path):
     base, st = srv
     st["mode"] = "ignore_range"
-    (tmp_path / "test-npnet.safetensors.part").write_bytes(b"\0" * 40_000)  # junk: appending would corrupt
-    path = download(_entry(), tmp_path, url=f"{base}/file.bin", chunk=CHUNK, timeout=5)
+    junk = b"\0" * 40_000  # appending to it would corrupt the file
+    _partial(tmp_path / "test-npnet.safetensors.part", junk, f"{base}/file.bin")
+    path = download(_entry(), tmp_path, url=f"{base}/file.bin", chunk=CHUNK, timeout=5, allow_http=True)
     assert path.read_bytes() == PAYLOAD
     assert [(r["range"], r["status"], r["sent"]) for r in st["requests"]] == [("bytes=40000-", 200, len(PAYLOAD))]
 
 
 def test_complete_part_with_unknown_size_is_checked_not_refetched(srv, tmp_path):
     base, st = srv
-    (tmp_path / "test-npnet.safetensors.part").write_bytes(PAYLOAD)
-    path = download(_entry(size=None), tmp_path, url=f"{base}/file.bin", timeout=5)
+    _partial(tmp_path / "test-npnet.safetensors.part", PAYLOAD, f"{base}/file.bin")
+    path = download(_entry(size=None), tmp_path, url=f"{base}/file.bin", timeout=5, allow_http=True)
     assert path.read_bytes() == PAYLOAD
     assert [(r["range"], r["status"]) for r in st["requests"]] == [(f"bytes={len(PAYLOAD)}-", 416)]
 
@@ -210,9 +246,9 @@ def test_complete_part_with_unknown_size_is_checked_not_refetched(srv, tmp_path)
 def test_hash_mismatch_raises_and_leaves_no_file(srv, tmp_path):
     base, st = srv
     st["mode"] = "wrong"
-    wrong_sha = hashlib.sha256(bytes(b ^ 0xFF for b in PAYLOAD[:10]) + PAYLOAD[10:]).hexdigest()
+    wrong_sha = hashlib.sha256(PAYLOAD[:-10] + bytes(b ^ 0xFF for b in PAYLOAD[-10:])).hexdigest()
     with pytest.raises(ValueError, match="sha256") as info:
-        download(_entry(), tmp_path, url=f"{base}/file.bin", chunk=CHUNK, timeout=5)
+        download(_entry(), tmp_path, url=f"{base}/file.bin", chunk=CHUNK, timeout=5, allow_http=True)
     msg = str(info.value)
     assert PAYLOAD_SHA in msg and wrong_sha in msg  # expected and got
     assert "test-npnet.safetensors" in msg and "again" in msg  # which file, what to do
@@ -222,7 +258,7 @@ def test_hash_mismatch_raises_and_leaves_no_file(srv, tmp_path):
 def test_wrong_known_size_is_an_error(srv, tmp_path):
     base, st = srv
     with pytest.raises(ValueError) as info:
-        download(_entry(size=len(PAYLOAD) + 1), tmp_path, url=f"{base}/file.bin", timeout=5)
+        download(_entry(size=len(PAYLOAD) + 1), tmp_path, url=f"{base}/file.bin", timeout=5, allow_http=True)
     msg = str(info.value)
     assert str(len(PAYLOAD) + 1) in msg and str(len(PAYLOAD)) in msg
     assert list(tmp_path.iterdir()) == []
@@ -231,7 +267,7 @@ def test_wrong_known_size_is_an_error(srv, tmp_path):
 def test_unknown_hash_and_size_still_downloads(srv, tmp_path, caplog):
     base, st = srv
     with caplog.at_level("WARNING", logger="noisecraft.weights"):
-        path = download(_entry(sha256=None, size=None), tmp_path, url=f"{base}/file.bin", timeout=5)
+        path = download(_entry(sha256=None, size=None), tmp_path, url=f"{base}/file.bin", timeout=5, allow_http=True)
     assert path.read_bytes() == PAYLOAD
     assert PAYLOAD_SHA in caplog.text  # the computed hash is reported so that it can be pinned
 
@@ -239,7 +275,7 @@ def test_unknown_hash_and_size_still_downloads(srv, tmp_path, caplog):
 def test_existing_good_file_is_skipped_without_a_request(srv, tmp_path):
     base, st = srv
     (tmp_path / "test-npnet.safetensors").write_bytes(PAYLOAD)
-    path = download(_entry(), tmp_path, url=f"{base}/file.bin", timeout=5)
+    path = download(_entry(), tmp_path, url=f"{base}/file.bin", timeout=5, allow_http=True)
     assert path == tmp_path / "test-npnet.safetensors"
     assert st["requests"] == []
 
@@ -249,7 +285,7 @@ def test_existing_bad_file_is_left_alone_and_reported(srv, tmp_path):
     bad = tmp_path / "test-npnet.safetensors"
     bad.write_bytes(PAYLOAD[:-1] + b"x")
     with pytest.raises(ValueError, match="already exists") as info:
-        download(_entry(), tmp_path, url=f"{base}/file.bin", timeout=5)
+        download(_entry(), tmp_path, url=f"{base}/file.bin", timeout=5, allow_http=True)
     assert PAYLOAD_SHA in str(info.value)
     assert bad.read_bytes() == PAYLOAD[:-1] + b"x" and st["requests"] == []
 
@@ -257,7 +293,7 @@ def test_existing_bad_file_is_left_alone_and_reported(srv, tmp_path):
 def test_http_error_and_missing_url(srv, tmp_path):
     base, st = srv
     with pytest.raises(DownloadError, match="404"):
-        download(_entry(), tmp_path, url=f"{base}/missing", timeout=5, retries=3)
+        download(_entry(), tmp_path, url=f"{base}/missing", timeout=5, retries=3, allow_http=True)
     assert len(st["requests"]) == 1  # a 404 is not retried
     with pytest.raises(ValueError, match="by hand from https://example.org/page"):
         download(_entry(url=None, page="https://example.org/page"), tmp_path)
@@ -362,12 +398,12 @@ def test_cli_fetch_downloads_with_url_override(srv, tmp_path, capsys):
     base, st = srv
     entry = next(e for e in load_manifest() if e.name == "npnet-dreamshaper-asagi4")
     assert entry.sha256 is None and entry.size is None  # nothing to check against but completeness
-    assert main(["fetch", entry.name, "--url", f"{base}/file.bin", "--dest", str(tmp_path), "--timeout", "5"]) == 0
+    assert main(["fetch", entry.name, "--url", f"{base}/file.bin", "--dest", str(tmp_path), "--timeout", "5", "--allow-http"]) == 0
     assert (tmp_path / entry.file_name).read_bytes() == PAYLOAD
     assert str(tmp_path / entry.file_name) in capsys.readouterr().out
     # an entry with a published sha256 refuses bytes that do not match it (exit 1, message on stderr)
     pinned = next(e for e in load_manifest() if e.name == "npnet-dit-asagi4")
-    assert main(["fetch", pinned.name, "--url", f"{base}/file.bin", "--dest", str(tmp_path), "--timeout", "5"]) == 1
+    assert main(["fetch", pinned.name, "--url", f"{base}/file.bin", "--dest", str(tmp_path), "--timeout", "5", "--allow-http"]) == 1
     err = capsys.readouterr().err
     assert pinned.sha256 in err and PAYLOAD_SHA in err
     assert not (tmp_path / pinned.file_name).exists()
