@@ -16,6 +16,11 @@ sees condition b for every sample of item b.
 Inversion runs with its own guidance scale: the inverse denoiser sets the guider's ``cfg`` for
 the duration of one call (``CFGGuider.predict_noise`` reads ``self.cfg`` at every call, and at
 cfg 1 ``sampling_function`` skips the negative pass, so a cfg-1 inversion costs one pass per step).
+
+Input checks shared by the nodes live here too: :func:`prepare_latent` (an empty, non-float or
+wrong-channel LATENT) and :func:`check_conditioning` (an empty CONDITIONING, NaN/inf embeddings,
+or a text width the MODEL does not read, :func:`context_width`), with messages that start with
+the node's name and name the input.
 """
 
 from __future__ import annotations
@@ -46,6 +51,8 @@ __all__ = [
     "scheduler_names",
     "get_sigmas",
     "prepare_latent",
+    "context_width",
+    "check_conditioning",
     "run_core",
 ]
 
@@ -105,27 +112,42 @@ def get_sigmas(model, scheduler: str, steps: int) -> torch.Tensor:
     return comfy.samplers.calculate_sigmas(ms, scheduler, int(steps)).detach().cpu().to(torch.float32)
 
 
-def prepare_latent(model, latent: dict) -> dict:
+def _prefix(node: Optional[str]) -> str:
+    return f"{node}: " if node else ""
+
+
+def prepare_latent(model, latent: dict, node: Optional[str] = None) -> dict:
     """A copy of a LATENT dict whose samples fit ``model``; raises a clear error otherwise.
 
     Empty latents get the model's channel count the way SamplerCustomAdvanced does
     (``fix_empty_latent_channels``: SD3's 16 channels from a 4-channel EmptyLatentImage).
+    ``node`` (the node's display name) starts every message, which names the ``latent`` input.
     """
+    at = _prefix(node)
     if not isinstance(latent, dict) or not torch.is_tensor(latent.get("samples")):
         raise ValueError(
-            f"expected a LATENT (a dict with a 'samples' tensor), got {type(latent).__name__}: "
+            f"{at}latent: expected a LATENT (a dict with a 'samples' tensor), got {type(latent).__name__}: "
             f"connect an Empty Latent Image or a VAE Encode output"
         )
     samples = latent["samples"]
-    if samples.dim() < 4 or samples.shape[0] < 1 or samples.numel() == 0:
+    if samples.dim() < 4:
         raise ValueError(
-            f"expected LATENT samples of shape [batch, channels, height, width], got {tuple(samples.shape)}"
+            f"{at}latent: expected LATENT samples of shape [batch, channels, height, width], got "
+            f"{list(samples.shape)}: connect an image latent (Empty Latent Image or VAE Encode)"
         )
+    if samples.numel() == 0:
+        raise ValueError(
+            f"{at}latent: the LATENT is empty (shape {list(samples.shape)}: batch, channels, height and width must "
+            f"all be >= 1); set Empty Latent Image's batch_size to 1 or more and width/height to 8 pixels or more"
+        )
+    if not samples.is_floating_point():
+        raise ValueError(f"{at}latent: expected floating-point LATENT samples, got {samples.dtype}; connect an Empty "
+                         f"Latent Image or a VAE Encode output")
     samples = comfy.sample.fix_empty_latent_channels(model, samples)
     want = int(model.get_model_object("latent_format").latent_channels)
     if samples.shape[1] != want:
         raise ValueError(
-            f"LATENT from a different model family: this MODEL ({_model_name(model)}) uses "
+            f"{at}latent: LATENT from a different model family: this MODEL ({_model_name(model)}) uses "
             f"{want}-channel latents, the LATENT has {samples.shape[1]} channels. Make the latent "
             f"for this model (an empty latent node, or VAE Encode with this model's VAE)."
         )
@@ -134,12 +156,65 @@ def prepare_latent(model, latent: dict) -> dict:
     return out
 
 
-def check_conditioning(cond, name: str) -> None:
+def context_width(model) -> Optional[int]:
+    """The text-embedding width the MODEL reads, where it is certain: ComfyUI's UNet (SD1.x/SD2.x/SDXL:
+    ``context_dim``) and MMDiT (SD3: the context embedder's input width); None for anything else."""
+    inner = getattr(model, "model", None)
+    net = getattr(inner, "diffusion_model", None)
+    try:
+        from comfy.ldm.modules.diffusionmodules.mmdit import MMDiT
+        from comfy.ldm.modules.diffusionmodules.openaimodel import UNetModel
+    except ImportError:  # pragma: no cover - another ComfyUI layout: no check
+        return None
+    if isinstance(net, UNetModel):
+        cfg = getattr(getattr(inner, "model_config", None), "unet_config", None) or {}
+        width = cfg.get("context_dim")
+        return int(width) if isinstance(width, int) else None
+    if isinstance(net, MMDiT):
+        width = getattr(getattr(net, "context_embedder", None), "in_features", None)
+        return int(width) if isinstance(width, int) else None
+    return None
+
+
+def check_conditioning(cond, name: str, node: Optional[str] = None, model=None) -> None:
+    """A CONDITIONING input: a non-empty list of [tensor, dict] entries with finite values.
+
+    With ``model``, the embedding width is checked against the model's cross-attention width
+    where it is known (:func:`context_width`). Messages start with ``node`` and name the input.
+    """
+    at = _prefix(node)
     if not isinstance(cond, list) or len(cond) == 0:
+        got = "an empty list" if isinstance(cond, list) else type(cond).__name__
         raise ValueError(
-            f"{name}: expected CONDITIONING (a non-empty list from a text encoder), got "
-            f"{type(cond).__name__}; connect a CLIP Text Encode output"
+            f"{at}{name}: expected CONDITIONING (a non-empty list from a text encoder), got "
+            f"{got}; connect a CLIP Text Encode output"
         )
+    if node is None and model is None:
+        return
+    want = context_width(model) if model is not None else None
+    for i, entry in enumerate(cond):
+        if not isinstance(entry, (list, tuple)) or len(entry) < 1 or not torch.is_tensor(entry[0]):
+            raise ValueError(f"{at}{name}: entry {i} of the CONDITIONING is not a [tensor, dict] pair; connect a "
+                             f"CLIP Text Encode output")
+        emb = entry[0]
+        extra = entry[1] if len(entry) > 1 and isinstance(entry[1], dict) else {}
+        for what, t in (("text embedding", emb), ("pooled_output", extra.get("pooled_output"))):
+            if torch.is_tensor(t) and t.is_floating_point() and not bool(torch.isfinite(t).all()):
+                bad = int((~torch.isfinite(t)).sum())
+                raise ValueError(
+                    f"{at}{name}: the CONDITIONING's {what} (entry {i}) contains {bad} NaN/inf values of "
+                    f"{t.numel()}; check the text encoder and the conditioning nodes that feed {name} "
+                    f"(re-encode the prompt)"
+                )
+        if emb.ndim < 2 or emb.numel() == 0:
+            raise ValueError(f"{at}{name}: entry {i} of the CONDITIONING has shape {list(emb.shape)}; expected "
+                             f"[batch, tokens, width] from a text encoder")
+        if want is not None and emb.ndim == 3 and int(emb.shape[-1]) != want:
+            raise ValueError(
+                f"{at}{name}: the CONDITIONING is {int(emb.shape[-1])} wide, but this MODEL ({_model_name(model)}) "
+                f"reads {want}-wide text embeddings; encode the prompt with this checkpoint's CLIP (the prompt "
+                f"is from another model family)"
+            )
 
 
 class Progress:

@@ -24,9 +24,11 @@ Choices where the issue was silent:
 * Strength 0 is off: the node returns the input NOISE itself and NPNet is not run.
 * Singular-vector signs: the core's default (canonical signs) is used, so the same seed gives the
   same golden noise on CPU and GPU; the official code's device-dependent signs are not offered.
-* The width of the conditioning is checked when the node runs (the error shows at this node);
-  batch and latent channels are checked when the sampler asks for noise (the first time the
-  latent is known).
+* The width and the values (NaN/inf) of the conditioning are checked when the node runs (the
+  error shows at this node); batch and latent channels, an empty latent and the input NOISE's
+  values are checked when the sampler asks for noise (the first time the latent is known). Load
+  NPNet's errors (a file that is empty, truncated, not an NPNet, or holds NaN/inf weights) start
+  with the node's name and the chosen file.
 """
 
 from __future__ import annotations
@@ -46,6 +48,7 @@ import folder_paths
 
 from ..noisecraft.npnet import LONG_PROMPT_POLICIES, PRESETS, RESOLUTION_POLICIES, NPNet, golden_noise, load_npnet
 from ..noisecraft.weights import load_folder_aliases
+from . import bridge
 from .noise import NoiseTransform
 
 log = logging.getLogger(__name__)
@@ -169,7 +172,10 @@ def load_cached(name: str, preset: Optional[str]) -> LoadedNPNet:
     if hit is not None:
         _CACHE.move_to_end(key)
         return hit
-    net = load_npnet(path, preset=preset, device="cpu")
+    try:
+        net = load_npnet(path, preset=preset, device="cpu")
+    except (ValueError, OSError) as e:  # the core names the file, what was expected and the fix
+        raise ValueError(f"{LOAD_NAME}: npnet_name {name!r}: {e}") from None
     loaded = LoadedNPNet(net, name, path)
     for old in [k for k in _CACHE if k[0] == key[0] and k[3] == preset]:  # older versions of this file
         del _CACHE[old]
@@ -209,6 +215,7 @@ def prompt_embeds(positive, npnet: LoadedNPNet) -> torch.Tensor:
     if emb.ndim != 3 or emb.shape[0] < 1 or emb.shape[1] < 1:
         raise ValueError(f"{GOLDEN_NAME}: expected the conditioning tensor as [batch, tokens, width], got "
                          f"{list(emb.shape)}")
+    bridge.check_conditioning(positive, "positive", GOLDEN_NAME)  # NaN/inf values (NPNet would give NaN noise)
     want = npnet.config.text_width
     got = int(emb.shape[2])
     if got != want:

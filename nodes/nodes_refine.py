@@ -16,7 +16,9 @@ Choices where the issue was silent:
   ``<key>.lora_up.weight``, optional ``<key>.alpha``). Metadata ``noisecraft.kind = refiner`` is
   expected; a LoRA *without* ``noisecraft.kind`` loads with a warning in the log (it may come
   from another trainer); one that declares another kind, a file with no LoRA pairs, or LoRA
-  variants (LoCon ``mid``, DoRA, LoHa/LoKr) are refused with an error. ``noisecraft.model_kind``
+  variants (LoCon ``mid``, DoRA, LoHa/LoKr) are refused with an error, as are NaN/inf tensors, an
+  alpha of more than one number, and a file that is empty, truncated or no safetensors (the
+  message names the node, the file and what was expected). ``noisecraft.model_kind``
   (eps/v/flow) is checked against the MODEL when Refine Noise runs: flow against eps/v is an error,
   eps against v a warning (both refine by an eps difference).
 * Keys: mapped with ComfyUI's own table (``comfy.lora.model_lora_keys_unet``), which knows the
@@ -176,6 +178,9 @@ def parse_refiner(state: dict, metadata: dict, name: str) -> Refiner:
                 f"down [rank, in(, kh, kw)] and up [out, rank(, 1, 1)] with the same rank"
             )
         alpha_t = state.get(f"{p}.alpha")
+        if alpha_t is not None and alpha_t.numel() != 1:
+            raise ValueError(f"{LOAD_NAME}: {name}: {p}.alpha has shape {list(alpha_t.shape)}; expected one number "
+                             f"(a scalar alpha per layer, as kohya and NoiseCraft write it): re-save the refiner")
         alpha = float(alpha_t) if alpha_t is not None else float(down.shape[0])
         pairs[p] = (down.to(torch.float32), up.to(torch.float32), alpha)
     if kind is None:
@@ -199,11 +204,15 @@ def load_cached(name: str) -> Refiner:
         _CACHE.move_to_end(key)
         return hit
     try:
-        state, meta = read_lora_file(path)
-    except (OSError, ValueError) as e:
-        raise ValueError(f"{LOAD_NAME}: could not read {path} as a safetensors LoRA ({e})") from e
-    except Exception as e:  # safetensors raises its own error type for a corrupt header
-        raise ValueError(f"{LOAD_NAME}: {path} is not a readable safetensors file ({type(e).__name__}: {e})") from e
+        state, meta = read_lora_file(path)  # refuses empty, text, truncated files and NaN/inf tensors
+    except ValueError as e:  # the core's message names the file, what was expected and the fix
+        raise ValueError(f"{LOAD_NAME}: refiner_name {name!r}: {e}") from None
+    except Exception as e:  # noqa: BLE001 - a library error type (e.g. a permission error) the core passed on
+        raise ValueError(
+            f"{LOAD_NAME}: refiner_name {name!r}: {path} could not be read ({type(e).__name__}: {e}); expected a "
+            f"readable .safetensors refiner LoRA (from Save Refiner or `python -m noisecraft train-refiner`): check "
+            f"the file's permissions, re-download or re-save it, or pick another file"
+        ) from None
     refiner = parse_refiner(state, meta, name)
     for old in [k for k in _CACHE if k[0] == key[0]]:
         del _CACHE[old]
@@ -371,11 +380,12 @@ class RefinedNoise(NoiseTransform):
 
     def generate_noise(self, input_latent: dict) -> torch.Tensor:
         base = self.base_noise(input_latent)
-        latent = bridge.prepare_latent(self.model, {"samples": base})
+        latent = bridge.prepare_latent(self.model, {"samples": base}, REFINE_NAME)
         smax = bridge.sigma_max(self.model)
         sigmas = torch.tensor([smax, 0.0], dtype=torch.float32)
         switch = RefinerSwitch(self.targets)
         kind, strength = self.kind, self.strength
+        label = f"{REFINE_NAME}: refiner {self.refiner.name!r}"
         progress = bridge.Progress(2)
 
         def fn(ctx: bridge.BridgeContext) -> torch.Tensor:
@@ -392,7 +402,7 @@ class RefinedNoise(NoiseTransform):
 
             with switch.attached(ctx.model_wrap.inner_model):
                 e = base.to(ctx.device, torch.float32)
-                return refine_noise(e, d_base, d_lora, kind, smax, strength).to("cpu")
+                return refine_noise(e, d_base, d_lora, kind, smax, strength, refiner=label).to("cpu")
 
         out = bridge.run_core(self.model, self.positive, self.positive, latent["samples"], fn, sigmas=sigmas,
                               cfg=1.0, seed=self.seed, progress=progress)
@@ -480,7 +490,7 @@ class RefineNoise(io.ComfyNode):
             return io.NodeOutput(noise)
         if not isinstance(refiner, Refiner):
             raise ValueError(f"{REFINE_NAME}: expected a REFINER from {LOAD_NAME}, got {type(refiner).__name__}")
-        bridge.check_conditioning(positive, "positive")
+        bridge.check_conditioning(positive, "positive", REFINE_NAME, model)
         kind = bridge.model_kind(model)
         check_kind(refiner, kind, model)
         targets = map_refiner(refiner, model)

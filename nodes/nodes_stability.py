@@ -13,6 +13,9 @@ Choices where the issue was silent:
   ...); the node's UI data holds all of them, one list per batch item.
 * ``top_seeds`` lists the best seeds best-first, comma-separated, one line per batch item.
 * ``best_stability`` of Optimize Noise is the mean over batch items (the value itself for one image).
+* Inputs ComfyUI does not check itself are checked here, naming the node and the input: NaN/inf
+  in the FLOAT inputs (its range check lets NaN through), an empty LATENT, NaN/inf conditioning or
+  conditioning of another text width than the MODEL reads, and an integer or NaN/inf NOISE.
 """
 
 from __future__ import annotations
@@ -26,7 +29,8 @@ from comfy_api.latest import io
 from ..noisecraft import stability
 from ..noisecraft.sigmas import ModelKind, noise_to_x
 from . import bridge
-from .noise import SEED_MASK, FixedNoise, SeededNoise, candidate_stack
+from .common import check_number
+from .noise import SEED_MASK, FixedNoise, SeededNoise, candidate_stack, check_input_noise
 
 log = logging.getLogger(__name__)
 
@@ -87,6 +91,18 @@ def _check_combo(name: str, value: str, options: list[str]) -> None:
     # /prompt does not validate V3 combo values at this ComfyUI version: do it here.
     if value not in options:
         raise ValueError(f"{name}: expected one of {options}, got {value!r}")
+
+
+def _check_model_inputs(node: str, model, positive, negative, latent, cfg,
+                        inversion_cfg) -> tuple[dict, float, float]:
+    """The shared inputs of the search nodes, checked with messages naming ``node`` and the input."""
+    lat = bridge.prepare_latent(model, latent, node)
+    bridge.check_conditioning(positive, "positive", node, model)
+    bridge.check_conditioning(negative, "negative", node, model)
+    cfg = check_number(node, "cfg", cfg, 0.0, 100.0, "use your sampler's cfg (1 turns guidance off)")
+    inversion_cfg = check_number(node, "inversion_cfg", inversion_cfg, 0.0, 100.0,
+                                 "1 (default) turns guidance off for the inversion")
+    return lat, cfg, inversion_cfg
 
 
 def _calls_per_round_trip(sigmas: torch.Tensor) -> int:
@@ -154,7 +170,8 @@ class InversionStabilitySelect(io.ComfyNode):
         if int(micro_batch) < 1:
             raise ValueError(f"micro_batch must be >= 1, got {micro_batch}")
         kind = bridge.model_kind(model)
-        lat = bridge.prepare_latent(model, latent)
+        lat, cfg, inversion_cfg = _check_model_inputs(SELECT_NAME, model, positive, negative, latent, cfg,
+                                                      inversion_cfg)
         k = int(candidates)
         cands = candidate_stack(seed, k, lat)  # [K, B, ...]
         stability.check_noise(cands, "candidate noise")
@@ -265,8 +282,12 @@ class OptimizeNoise(io.ComfyNode):
         _check_combo("method", method, METHODS)
         if int(steps) < 0:
             raise ValueError(f"steps must be >= 0, got {steps}")
+        lr = check_number(OPTIMIZE_NAME, "lr", lr, 0.0, None, "0 uses the method's default")
+        momentum = check_number(OPTIMIZE_NAME, "momentum", momentum, 0.0, 0.99, "0 turns momentum off")
+        max_change = check_number(OPTIMIZE_NAME, "max_change", max_change, 0.0, None, "0 turns the limit off")
         kind = bridge.model_kind(model)
-        lat = bridge.prepare_latent(model, latent)
+        lat, cfg, inversion_cfg = _check_model_inputs(OPTIMIZE_NAME, model, positive, negative, latent, cfg,
+                                                      inversion_cfg)
         source = noise if noise is not None else SeededNoise(seed)
         e = _noise_for(source, lat, OPTIMIZE_NAME)
         sigmas = bridge.get_sigmas(model, scheduler, score_steps)
@@ -331,7 +352,7 @@ class NoiseToLatent(io.ComfyNode):
                 "(SD3/Flux class), whose samplers multiply a start latent by zero. Connect the NOISE directly "
                 "to SamplerCustomAdvanced's noise input instead."
             )
-        lat = bridge.prepare_latent(model, latent)
+        lat = bridge.prepare_latent(model, latent, "Noise to Latent")
         e = _noise_for(noise, lat, "Noise to Latent")
         x_t = noise_to_x(e, kind, bridge.sigma_max(model))
         out = dict(lat)
@@ -352,9 +373,8 @@ def _noise_for(noise, lat: dict, node: str) -> torch.Tensor:
             f"{node}: channel/shape mismatch: the NOISE gave {got} for a latent of shape {want}. "
             f"Use a NOISE made for this latent and model (re-run the node that produced it)."
         )
-    e = e.detach().to("cpu", torch.float32)
-    stability.check_noise(e, f"{node}: the input NOISE")
-    return e
+    check_input_noise(e, node)
+    return e.detach().to("cpu", torch.float32)
 
 
 NODES = [InversionStabilitySelect, OptimizeNoise, NoiseToLatent]

@@ -49,7 +49,9 @@ Choices where the issue was silent:
 * Save Refiner writes ``<folder>/<filename>_<counter>.safetensors`` atomically and reproducibly
   (:func:`noisecraft.train.teacher_cache.write_safetensors`), never overwriting. The default folder
   is ``models/loras``, where both Load Refiner and ComfyUI's stock LoraLoader(ModelOnly) find it;
-  ``noise_refiners`` keeps it out of the LoRA lists.
+  ``noise_refiners`` keeps it out of the LoRA lists. The filename is refused (not sanitized) when it
+  is empty, longer than 200 characters, or has a folder part ('/', '\\', '..'), so nothing is
+  written outside that folder.
 """
 
 from __future__ import annotations
@@ -57,7 +59,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import re
 import time
 from pathlib import Path
 from typing import Optional
@@ -73,6 +74,7 @@ from ..noisecraft.msd import msd_loss, teacher_x0
 from ..noisecraft.refine import refine_with, residual_from_denoisers
 from ..noisecraft.train.teacher_cache import write_safetensors
 from . import bridge
+from .common import check_number, check_save_name, inside
 from .nodes_refine import (
     FOLDER as REFINER_FOLDER,
     LORA_FOLDER,
@@ -174,14 +176,15 @@ class TeacherCache:
 def build_teacher_cache(model, positive, negative, latent, *, samples_per_prompt: int, seed: int, cfg: float,
                         steps: int, scheduler: str, node_id=None) -> TeacherCache:
     prompts = split_prompts(positive, CACHE_NAME)
-    bridge.check_conditioning(negative, "negative")
+    bridge.check_conditioning(positive, "positive", CACHE_NAME, model)
+    bridge.check_conditioning(negative, "negative", CACHE_NAME, model)
     n = _check_int("samples_per_prompt", samples_per_prompt, 1, CACHE_NAME, "set it to 1 or more")
     steps = _check_int("steps", steps, 1, CACHE_NAME, "the teacher needs at least one guided step (the paper uses 20)")
     cfg = _check_float("cfg", cfg, CACHE_NAME)
     if scheduler not in bridge.scheduler_names():
         raise ValueError(f"{CACHE_NAME}: unknown scheduler {scheduler!r}: expected one of {bridge.scheduler_names()}")
     kind = bridge.model_kind(model)
-    lat = bridge.prepare_latent(model, latent)["samples"]
+    lat = bridge.prepare_latent(model, latent, CACHE_NAME)["samples"]
     shape = tuple(lat.shape[1:])
     sigmas = bridge.get_sigmas(model, scheduler, steps)
     g = torch.Generator().manual_seed(int(seed))
@@ -341,7 +344,8 @@ def train(model, cache: TeacherCache, *, steps: int, student_steps: int, batch_s
     batch_size = _check_int("batch_size", batch_size, 1, TRAIN_NAME, "set it to 1 or more")
     rank = _check_int("rank", rank, 1, TRAIN_NAME, "set the LoRA rank to 1 or more")
     lr = _check_float("learning_rate", learning_rate, TRAIN_NAME)
-    alpha = float(alpha) if float(alpha) > 0 else float(rank)
+    alpha = check_number(TRAIN_NAME, "alpha", alpha, 0.0, None, "0 uses alpha = rank (scale 1)")
+    alpha = alpha if alpha > 0 else float(rank)
     kind = bridge.model_kind(model)
     smax = bridge.sigma_max(model)
     channels = int(model.get_model_object("latent_format").latent_channels)
@@ -438,27 +442,19 @@ def train(model, cache: TeacherCache, *, steps: int, student_steps: int, batch_s
 
 # -- saving ------------------------------------------------------------------------------------------
 
-_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9 ._-]*$")
-
-
 def save_refiner(refiner: Refiner, filename: str, folder: str) -> Path:
     if not isinstance(refiner, Refiner):
         raise ValueError(f"{SAVE_NAME}: expected a REFINER from {TRAIN_NAME} or Load Refiner, got {type(refiner).__name__}")
     if folder not in SAVE_FOLDERS:
         raise ValueError(f"{SAVE_NAME}: folder must be one of {SAVE_FOLDERS}, got {folder!r}")
-    stem = str(filename).strip()
-    if stem.endswith(".safetensors"):
-        stem = stem[: -len(".safetensors")]
-    if not _NAME_RE.match(stem) or ".." in stem:
-        raise ValueError(f"{SAVE_NAME}: filename {filename!r} must be a plain file name (letters, digits, space, '.', "
-                         f"'_', '-'; no folders), e.g. 'my_refiner'")
+    stem = check_save_name(filename, SAVE_NAME, "my_refiner")
     register_folders()
     root = Path(folder_paths.get_folder_paths(folder)[0])
     root.mkdir(parents=True, exist_ok=True)
     i = 1
     while (root / f"{stem}_{i:05d}.safetensors").exists():
         i += 1
-    path = root / f"{stem}_{i:05d}.safetensors"
+    path = inside(root, root / f"{stem}_{i:05d}.safetensors", SAVE_NAME)
     state = {}
     for key, (down, up, alpha) in refiner.pairs.items():
         state[f"{key}.lora_down.weight"] = down.to(torch.float32)

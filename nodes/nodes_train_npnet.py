@@ -33,6 +33,8 @@ Choices where the issue was silent:
 * Saving: ``models/npnet/<filename>.safetensors`` (the first ``npnet`` folder), so Load NPNet lists
   it after a refresh; written with ``save_npnet_safetensors`` to a temporary name and renamed;
   an existing file is kept and a numbered name (``_00001``) is used unless ``overwrite`` is on.
+  The filename is refused (not sanitized) when it is empty, too long or has a folder part
+  (:func:`nodes.common.check_save_name`), so nothing is written outside models/npnet.
 """
 
 from __future__ import annotations
@@ -40,8 +42,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
@@ -53,11 +53,13 @@ from comfy_api.latest import io
 import comfy.model_management
 import folder_paths
 
+from ..noisecraft.io import atomic_path, clean_stale_temps
 from ..noisecraft.npnet import NPNet, NPNetConfig, fit_prompt, save_npnet_safetensors
 from ..noisecraft.rng import seeded_noise
 from ..noisecraft.train.npnet_pairs import re_denoise
 from ..noisecraft.train.npnet_trainer import SMALL_NPNET, init_npnet
 from . import bridge
+from .common import check_save_name, inside
 from .nodes_npnet import FOLDER, LOAD_NAME, LoadedNPNet, NPNetType, _check_combo, _width_note, register_folders
 
 log = logging.getLogger(__name__)
@@ -108,8 +110,10 @@ def _positive_embeds(positive) -> torch.Tensor:
     """[P, tokens <= 77, width] prompt embeddings of the positive CONDITIONING (its first entry)."""
     if (not isinstance(positive, (list, tuple)) or not positive or not isinstance(positive[0], (list, tuple))
             or not torch.is_tensor(positive[0][0])):
-        raise ValueError(f"{COLLECT_NAME}: positive: expected a CONDITIONING (e.g. from CLIP Text Encode), got "
-                         f"{type(positive).__name__}")
+        got = "an empty list (no prompts)" if isinstance(positive, (list, tuple)) and not positive else \
+            type(positive).__name__
+        raise ValueError(f"{COLLECT_NAME}: positive: expected a CONDITIONING with at least one prompt (e.g. from CLIP "
+                         f"Text Encode), got {got}")
     if len(positive) > 1:
         log.info("%s: the conditioning has %d entries; NPNet reads the first one's prompt", COLLECT_NAME, len(positive))
     emb = positive[0][0]
@@ -149,9 +153,10 @@ def collect(model, positive, negative, latent: dict, *, seed: int, count: int, w
             f"{COLLECT_NAME}: w_w ({w_w}) must be smaller than w_l ({w_l}): the guidance gap w_l - w_w is what the "
             f"pairs teach NPNet (the paper: w_l 5.5, w_w 1.0 for SDXL). Lower w_w or raise w_l"
         )
-    bridge.check_conditioning(negative, "negative")
     embeds = _positive_embeds(positive)
-    lat = bridge.prepare_latent(model, latent)
+    bridge.check_conditioning(positive, "positive", COLLECT_NAME, model)
+    bridge.check_conditioning(negative, "negative", COLLECT_NAME, model)
+    lat = bridge.prepare_latent(model, latent, COLLECT_NAME)
     c, h, w = (int(s) for s in lat["samples"].shape[1:])
     if lat["samples"].ndim != 4 or h != w:
         raise ValueError(f"{COLLECT_NAME}: NPNet trains on square latents; the LATENT is {h}x{w} "
@@ -398,28 +403,20 @@ class TrainNPNet(io.ComfyNode):
 
 # -- Save NPNet ---------------------------------------------------------------------------------------
 
-_BAD_NAME = re.compile(r"[^A-Za-z0-9._\- ]")
-
-
 def output_folder() -> Path:
     register_folders()
     return Path(folder_paths.get_folder_paths(FOLDER)[0])
 
 
 def _target_path(folder: Path, filename: str, overwrite: bool) -> Path:
-    name = (filename or "").strip()
-    if name.endswith(".safetensors"):
-        name = name[: -len(".safetensors")]
-    if not name or _BAD_NAME.search(name) or name.startswith("."):
-        raise ValueError(f"{SAVE_NAME}: filename must be a plain file name (letters, digits, '.', '_', '-', space; "
-                         f"no folders), got {filename!r}")
+    name = check_save_name(filename, SAVE_NAME, "my_npnet")
     path = folder / f"{name}.safetensors"
     if overwrite or not path.exists():
-        return path
+        return inside(folder, path, SAVE_NAME)
     for i in range(1, 100_000):
         cand = folder / f"{name}_{i:05d}.safetensors"
         if not cand.exists():
-            return cand
+            return inside(folder, cand, SAVE_NAME)
     raise FileExistsError(f"{SAVE_NAME}: no free file name for {name!r} in {folder}")
 
 
@@ -434,13 +431,9 @@ def save(npnet: LoadedNPNet, filename: str, overwrite: bool = False) -> Path:
     if training:
         meta["noisecraft.training"] = json.dumps(training, sort_keys=True)
         meta["noisecraft.base_model"] = str(training.get("pairs", {}).get("base_model", ""))
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
+    clean_stale_temps(folder)  # a killed earlier save's temp file (our own naming only)
+    with atomic_path(path) as tmp:  # temp file + fsync + os.replace: no half-written file under the name
         save_npnet_safetensors(npnet.net, tmp, meta)
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
     folder_paths.filename_list_cache.pop(FOLDER, None)  # Load NPNet lists it on the next refresh
     return path
 

@@ -19,7 +19,8 @@ from ..noisecraft.stability import check_noise
 
 log = logging.getLogger(__name__)
 
-__all__ = ["SEED_MASK", "SeededNoise", "FixedNoise", "NoiseTransform", "latent_samples", "comfy_noise", "candidate_stack"]
+__all__ = ["SEED_MASK", "SeededNoise", "FixedNoise", "NoiseTransform", "latent_samples", "comfy_noise",
+           "candidate_stack", "check_input_noise"]
 
 SEED_MASK = 0xFFFF_FFFF_FFFF_FFFF  # ComfyUI seeds are unsigned 64-bit
 
@@ -93,7 +94,12 @@ class FixedNoise:
         if not torch.is_tensor(noise):
             raise ValueError(f"FixedNoise expects a tensor, got {type(noise).__name__}")
         noise = noise.detach().to("cpu", torch.float32).clone()
-        check_noise(noise, f"noise from {source}")
+        bad = int((~torch.isfinite(noise)).sum())
+        if bad:
+            raise ValueError(f"{source} produced {bad} NaN/inf values (of {noise.numel()}) in its noise of shape "
+                             f"{list(noise.shape)}: the MODEL gave non-finite predictions; check the model (e.g. run "
+                             f"it in float32) and the inputs of {source}")
+        check_noise(noise, f"noise from {source}")  # an empty batch or latent
         self.noise = noise
         self.seed = int(seed) & SEED_MASK
         self.source = source
@@ -120,8 +126,9 @@ class NoiseTransform:
     """Base of the lazy NOISE -> NOISE transforms (golden noise, refined noise).
 
     The work happens when the sampler asks: :meth:`base_noise` asks the input NOISE for the very
-    same latent dict (so ComfyUI's per-batch-index seeding is unchanged) and checks its shape;
-    subclasses transform that tensor. ``.seed`` is the input NOISE's.
+    same latent dict (so ComfyUI's per-batch-index seeding is unchanged) and checks its shape, its
+    dtype (floating point) and its values (NaN/inf are refused naming this node; so is an empty
+    latent); subclasses transform that tensor. ``.seed`` is the input NOISE's.
     """
 
     node_name = "a NoiseCraft noise node"
@@ -135,9 +142,27 @@ class NoiseTransform:
 
     def base_noise(self, input_latent: dict) -> torch.Tensor:
         samples = latent_samples(input_latent)
+        if samples.numel() == 0:
+            raise ValueError(f"{self.node_name}: the sampler asked for noise for an empty LATENT (shape "
+                             f"{list(samples.shape)}); set Empty Latent Image's batch_size to 1 or more and "
+                             f"width/height to 8 pixels or more")
         base = self.noise.generate_noise(input_latent)
         if not torch.is_tensor(base) or tuple(base.shape) != tuple(samples.shape):
             got = list(base.shape) if torch.is_tensor(base) else type(base).__name__
             raise ValueError(f"{self.node_name}: the input NOISE gave {got} for a latent of shape "
                              f"{list(samples.shape)}; use a NOISE made for this latent (re-run the node that made it)")
+        check_input_noise(base, self.node_name)
         return base
+
+
+def check_input_noise(e: torch.Tensor, node: str) -> None:
+    """Refuse a NOISE input's tensor that is not floating point or holds NaN/inf, naming ``node``."""
+    if not e.is_floating_point():
+        raise ValueError(f"{node}: the input NOISE gave a {e.dtype} tensor; expected floating-point unit Gaussian "
+                         f"noise. Connect RandomNoise (or another NOISE node) to this node's noise input")
+    finite = torch.isfinite(e)
+    if not bool(finite.all()):
+        bad = int((~finite).sum())
+        raise ValueError(f"{node}: the input NOISE produced NaN/inf values ({bad} of {e.numel()}) for a latent of "
+                         f"shape {list(e.shape)}; the node connected to this node's noise input is broken or was "
+                         f"fed NaN: check it, or connect RandomNoise")
