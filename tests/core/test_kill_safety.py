@@ -190,7 +190,7 @@ def test_train_refiner_killed_after_a_checkpoint_then_resumed(tmp_path: Path):
 
 
 def test_train_npnet_and_convert_remove_stale_temps(tmp_path: Path):
-    from noisecraft.toy import NPNET_WEIGHTS
+    from noisecraft.hosts.toy import NPNET_WEIGHTS
 
     _cli(["collect-pairs", "--toy", "--out", "pairs", "--pairs", "8", "--steps", "2", "--shard-size", "4",
           "--batch", "8"], tmp_path)
@@ -214,8 +214,11 @@ def test_train_npnet_and_convert_remove_stale_temps(tmp_path: Path):
 def test_ctrl_c_during_training_is_rc_130_one_line_and_no_litter(tmp_path: Path):
     args = ["train-refiner", "--toy", "--out", "run", "--steps", "400", "--samples", "8", "--batch", "4",
             "--student-steps", "1", "--teacher-steps", "2", "--rank", "1", "--shard-size", "4", "--checkpoint-every", "1"]
+    # a shell starts background jobs with SIGINT ignored, and Python keeps an ignored SIGINT ignored:
+    # give the child the default disposition, as a terminal's Ctrl-C would find it
     proc = subprocess.Popen([sys.executable, "-m", "noisecraft", *args], cwd=str(tmp_path), env=_env(),
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     t0 = time.monotonic()
     while not (tmp_path / "run" / "checkpoint.safetensors").exists():
         assert proc.poll() is None and time.monotonic() - t0 < 120, "the run ended before its first checkpoint"
