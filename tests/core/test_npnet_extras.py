@@ -15,7 +15,7 @@ import math
 import pytest
 import torch
 
-from noisecraft import npnet as npnet_mod
+from noisecraft.npnet import golden as npnet_mod
 from noisecraft.npnet import (
     LONG_PROMPT_POLICIES,
     RESOLUTION_POLICIES,
