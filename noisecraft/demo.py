@@ -167,7 +167,7 @@ def save_grid(images: dict[str, torch.Tensor], path: Path, columns: int, scale: 
 def _refined_rows(toy, cfg, sigma_max, base, base_stability, unguided, guided, generate, score, add, log) -> None:
     """The NoiseRefine rows: refine once at sigma_max (2 passes), then sample unguided / with CFG."""
     from .refine import refine_noise
-    from .toy import REFINER_WEIGHTS, load_toy_refiner
+    from .hosts.toy import REFINER_WEIGHTS, load_toy_refiner
 
     if not REFINER_WEIGHTS.is_file():
         log(f"skipping the refined rows: {REFINER_WEIGHTS} is missing (python scripts/train_toy_refiner.py makes it)")
@@ -195,7 +195,7 @@ def _refined_rows(toy, cfg, sigma_max, base, base_stability, unguided, guided, g
 def _golden_row(toy, cfg, labels, base, base_stability, guided, generate, score, add, log) -> None:
     """The NPNet row: golden noise from the class token (no model pass), then the cfg sample."""
     from .npnet import golden_noise
-    from .toy import NPNET_WEIGHTS, load_toy_npnet
+    from .hosts.toy import NPNET_WEIGHTS, load_toy_npnet
 
     if not NPNET_WEIGHTS.is_file():
         log(f"skipping the golden-noise row: {NPNET_WEIGHTS} is missing (python scripts/train_toy_npnet.py makes it)")
@@ -215,7 +215,7 @@ def run_demo(
     config: Optional[DemoConfig] = None,
     log: Callable[[str], None] = logger.info,
 ) -> list[Row]:
-    from .toy import load_toy, score_digits
+    from .hosts.toy import load_toy, score_digits
 
     cfg = config or DemoConfig()
     toy = load_toy()

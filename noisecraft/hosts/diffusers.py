@@ -20,16 +20,29 @@ network patchifies (a ``patch_size`` in the config, SD3-class transformers) heig
 be multiples of it (a ``UNet2DConditionModel`` takes any size: it upsamples to the skip
 connections' sizes). The message says what the model expects and that the CLI's
 ``--latent-shape C H W`` sets the latent. The check reads shapes only (no device sync).
+
+For the trainers (:mod:`noisecraft.train`) a model is a :class:`RefinerHost`: the module to hang
+the LoRA on, its sigma table, and a bank of condition embeddings indexed by condition id.
+:func:`diffusers_host` builds one from a local diffusers folder (``unet/``, ``scheduler/``), encoding
+the prompts with the folder's ``tokenizer/`` + ``text_encoder/`` (CLIP, needs ``transformers``) or
+reading them precomputed from a safetensors file; :mod:`noisecraft.hosts.toy` builds one for the
+shipped toy model.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import math
-from typing import Any, Mapping, Optional
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Mapping, Optional, Sequence
 
 import torch
+from torch import nn
 
+from ..io import load_safetensors
 from ..sigmas import ModelKind, SigmaTable
 
 __all__ = [
@@ -38,6 +51,8 @@ __all__ = [
     "alphas_cumprod_from_config",
     "latent_requirements",
     "check_latent_shape",
+    "RefinerHost",
+    "diffusers_host",
 ]
 
 logger = logging.getLogger(__name__)
@@ -388,3 +403,115 @@ def sigma_table_from_scheduler(scheduler_or_config: Any, kind: ModelKind | str |
     if float(ac[-1]) <= 0.0:
         ac[-1] = ZSNR_LAST_ALPHA_CUMPROD
     return SigmaTable.from_alphas_cumprod(ac, kind)
+
+
+# -- the host for the trainers --------------------------------------------------------------
+
+
+@dataclass
+class RefinerHost:
+    """What the trainer needs from a model.
+
+    ``unet``: the module the LoRA hooks onto (frozen; a diffusers ``UNet2DConditionModel``);
+    ``table``: its sigma table (model kind); ``conds``: condition embeddings [P, L, D], row ``i``
+    for condition id ``i`` of the teacher cache; ``uncond``: [1, L, D] for guided teachers (may be
+    None if the cache is already built); ``base_model``: a name written into the refiner's metadata.
+    """
+
+    unet: nn.Module
+    table: SigmaTable
+    conds: torch.Tensor
+    uncond: Optional[torch.Tensor] = None
+    base_model: str = "unknown"
+    cond_labels: Optional[list] = None
+
+    def denoiser(self, cond_ids: torch.Tensor, cfg: float = 1.0) -> DiffusersDenoiser:
+        ids = torch.as_tensor(cond_ids, dtype=torch.long).reshape(-1)
+        if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= self.conds.shape[0]):
+            raise ValueError(f"condition ids must lie in 0..{self.conds.shape[0] - 1}, got {ids.tolist()[:8]}")
+        cond = self.conds[ids.to(self.conds.device)]
+        return DiffusersDenoiser(self.unet, self.table, cond, self.uncond if float(cfg) != 1.0 else None, cfg=cfg)
+
+
+def diffusers_host(
+    model_dir: str | os.PathLike,
+    prompts: Sequence[str],
+    *,
+    prompt_embeds: Optional[str | os.PathLike] = None,
+    negative_prompt: str = "",
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype = torch.float32,
+) -> RefinerHost:
+    """A local diffusers folder as a host: ``unet/`` (config + weights), ``scheduler/`` (config) and,
+    for encoding the prompts, ``tokenizer/`` + ``text_encoder/`` (needs ``transformers``).
+
+    ``prompt_embeds``: a safetensors file with ``cond`` [P, L, D] (one row per prompt, in order) and
+    ``uncond`` [1, L, D], made elsewhere; then no text encoder (and no ``transformers``) is needed.
+    Models with extra conditioning (SDXL's pooled text and time ids) are not supported here yet.
+    """
+    from diffusers import UNet2DConditionModel
+
+    root = Path(model_dir)
+    if not (root / "unet" / "config.json").is_file():
+        raise FileNotFoundError(
+            f"{root} is not a diffusers model folder: expected {root / 'unet' / 'config.json'} (and the UNet's "
+            "weights next to it) and scheduler/scheduler_config.json; save one with pipe.save_pretrained(folder)"
+        )
+    sched_cfg = root / "scheduler" / "scheduler_config.json"
+    if not sched_cfg.is_file():
+        raise FileNotFoundError(f"{sched_cfg} is missing: the trainer needs the scheduler config for the sigma schedule")
+    unet = UNet2DConditionModel.from_pretrained(str(root), subfolder="unet", torch_dtype=dtype)
+    if getattr(unet.config, "addition_embed_type", None):
+        raise ValueError(
+            f"{root}: this UNet needs extra conditioning ({unet.config.addition_embed_type!r}, e.g. SDXL's pooled "
+            "text embeddings and time ids), which train-refiner does not build yet; use an SD1.x/SD2.x-class model"
+        )
+    unet.to(device).eval().requires_grad_(False)
+    table = sigma_table_from_scheduler(json.loads(sched_cfg.read_text(encoding="utf-8")))
+    if not prompts:
+        raise ValueError("no prompts: give a text file with one prompt per line (--prompts FILE)")
+    if prompt_embeds is not None:
+        data = load_safetensors(prompt_embeds, what="prompt embeddings (--prompt-embeds)",
+                                fix="give a safetensors with 'cond' [P, L, D] and 'uncond' [1, L, D]")
+        if "cond" not in data or "uncond" not in data:
+            raise ValueError(f"{prompt_embeds}: expected tensors 'cond' [P, L, D] and 'uncond' [1, L, D], got {sorted(data)}")
+        cond, uncond = data["cond"], data["uncond"]
+        if cond.ndim != 3 or cond.shape[0] != len(prompts):
+            raise ValueError(f"{prompt_embeds}: 'cond' has shape {tuple(cond.shape)}, expected [{len(prompts)}, tokens, width] (one per prompt)")
+    else:
+        cond, uncond = _encode_prompts(root, list(prompts), negative_prompt, device)
+    width = int(unet.config.cross_attention_dim)
+    if cond.shape[-1] != width or uncond.shape[-1] != width:
+        raise ValueError(
+            f"prompt embeddings have width {cond.shape[-1]} (uncond {uncond.shape[-1]}) but the UNet's "
+            f"cross_attention_dim is {width}: they were made with another text encoder"
+        )
+    return RefinerHost(unet, table, cond.to(device=device, dtype=dtype), uncond[:1].to(device=device, dtype=dtype),
+                       base_model=root.name, cond_labels=list(prompts))
+
+
+@torch.no_grad()
+def _encode_prompts(root: Path, prompts: list[str], negative: str, device) -> tuple[torch.Tensor, torch.Tensor]:
+    try:
+        from transformers import AutoTokenizer, CLIPTextModel
+    except ImportError:
+        raise ImportError(
+            "encoding prompts needs the 'transformers' package (pip install transformers), which is not "
+            "installed; or encode them elsewhere and pass --prompt-embeds FILE.safetensors with 'cond' [P, L, D] "
+            "and 'uncond' [1, L, D]"
+        ) from None
+    for sub in ("tokenizer", "text_encoder"):
+        if not (root / sub).is_dir():
+            raise FileNotFoundError(f"{root / sub} is missing: the prompts cannot be encoded (or pass --prompt-embeds)")
+    tok = AutoTokenizer.from_pretrained(str(root / "tokenizer"))
+    enc = CLIPTextModel.from_pretrained(str(root / "text_encoder")).to(device).eval()
+
+    def encode(texts: list[str]) -> torch.Tensor:
+        out = []
+        for a in range(0, len(texts), 16):
+            ids = tok(texts[a: a + 16], padding="max_length", max_length=tok.model_max_length,
+                      truncation=True, return_tensors="pt").input_ids.to(device)
+            out.append(enc(ids)[0].float().cpu())
+        return torch.cat(out)
+
+    return encode(prompts), encode([negative])

@@ -27,6 +27,7 @@ from noisecraft import ode, rng
 from noisecraft import stability as st
 from noisecraft.analytic import GaussianData
 from noisecraft.hosts.diffusers import DiffusersDenoiser, check_latent_shape
+from noisecraft.hosts.toy import NPNET_WEIGHTS, REFINER_WEIGHTS, load_toy
 from noisecraft.lora import load_lora, read_lora_file, read_safetensors
 from noisecraft.msd import msd_loss
 from noisecraft.npnet import (
@@ -41,7 +42,6 @@ from noisecraft.npnet import (
 from noisecraft.ode import NonFiniteError
 from noisecraft.refine import refine_noise, refine_with
 from noisecraft.sigmas import SigmaTable, get_sigmas
-from noisecraft.toy import NPNET_WEIGHTS, REFINER_WEIGHTS, load_toy
 
 NAN, INF = float("nan"), float("inf")
 # 77 tokens x 2 features and 8 SVD heads: what a file without metadata is read as

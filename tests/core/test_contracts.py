@@ -1,4 +1,5 @@
-"""Contract tests: determinism, global RNG untouched, and the core never imports ComfyUI."""
+"""Contract tests: determinism, global RNG untouched, the core never imports ComfyUI, and the layers
+point one way (DESIGN.md "Layout": only the demo, the CLI, scripts and tests use the toy model)."""
 
 import ast
 import subprocess
@@ -96,3 +97,54 @@ def test_pack_entry_imports_without_comfyui():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "./js ['WEB_DIRECTORY'] False"
+
+
+# -- layering (DESIGN.md "Layout") ---------------------------------------------------------------
+
+ROOT = CORE.parent
+TOY_MODULES = {"noisecraft.hosts.toy", "noisecraft.toy"}
+# the toy model's users inside the pack: the demo and the CLI's --toy / --filter toy-classifier
+TOY_USERS = {"noisecraft.demo", "noisecraft.__main__", "noisecraft.hosts.toy"}
+
+
+def _imports(path: Path) -> set[str]:
+    """Absolute names of every module ``path`` imports (relative imports resolved against the
+    repository root as the package root; ``from a import b`` yields both ``a`` and ``a.b``)."""
+    parts = list(path.relative_to(ROOT).with_suffix("").parts)
+    package = parts if parts[-1] == "__init__" else parts[:-1]
+    package = [p for p in package if p != "__init__"]
+    names = set()
+    for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
+        if isinstance(node, ast.Import):
+            names |= {a.name for a in node.names}
+        elif isinstance(node, ast.ImportFrom):
+            base = package[: len(package) - node.level + 1] if node.level else []
+            mod = ".".join(base + ([node.module] if node.module else []))
+            names |= {mod} | {f"{mod}.{a.name}" for a in node.names}
+    return names
+
+
+def _module(path: Path) -> str:
+    parts = list(path.relative_to(ROOT).with_suffix("").parts)
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def test_layers_point_one_way():
+    graph = {_module(p): _imports(p) for p in CORE.rglob("*.py")}
+    graph.update({_module(p): _imports(p) for p in (ROOT / "nodes").rglob("*.py")})
+    assert "noisecraft.train.refiner" in graph and "noisecraft.hosts.toy" in graph and "nodes.common" in graph
+
+    def uses(prefixes: set[str], module: str) -> list[str]:
+        return sorted(n for n in graph[module] if any(n == p or n.startswith(p + ".") for p in prefixes))
+
+    # nothing in train/ (nor nodes/, nor any core module but the demo and the CLI) imports the toy
+    toy = {m: uses(TOY_MODULES, m) for m in graph if m not in TOY_USERS}
+    assert {m: u for m, u in toy.items() if u} == {}
+    assert uses(TOY_MODULES, "noisecraft.demo") and uses(TOY_MODULES, "noisecraft.__main__")  # the check can see them
+    # the algorithm files never import the trainers or the hosts; the hosts never import the trainers
+    upper = {"noisecraft.train", "noisecraft.hosts", "noisecraft.demo", "noisecraft.__main__"}
+    algorithms = [m for m in graph if m.startswith("noisecraft") and not any(m == u or m.startswith(u + ".") for u in upper)]
+    assert {m: uses(upper, m) for m in algorithms if uses(upper, m)} == {}
+    hosts = [m for m in graph if m.startswith("noisecraft.hosts")]
+    assert {m: uses({"noisecraft.train"}, m) for m in hosts if uses({"noisecraft.train"}, m)} == {}
+    assert uses({"noisecraft.hosts.diffusers"}, "noisecraft.train.refiner")  # the trainers do use the hosts

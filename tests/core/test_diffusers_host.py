@@ -335,7 +335,7 @@ def test_gradients_flow_to_x_through_bf16_unet():
 
 @pytest.fixture(scope="module")
 def toy():
-    from noisecraft.toy import load_toy
+    from noisecraft.hosts.toy import load_toy
 
     return load_toy()
 

@@ -11,7 +11,7 @@ import json
 import pytest
 import torch
 
-from noisecraft import toy
+from noisecraft.hosts import toy
 from noisecraft.lora import CONVENTION, DEFAULT_TARGETS, attach_lora, flat_name, load_lora, read_lora_file
 from noisecraft.msd import msd_loss, teacher_x0
 from noisecraft.refine import refine_noise, refine_with, residual_from_denoisers

@@ -241,7 +241,7 @@ def test_msd_gradient_matches_unrolled_detached_chain_float64():
 
 @pytest.fixture(scope="module")
 def toy_model():
-    from noisecraft import toy
+    from noisecraft.hosts import toy
 
     return toy.load_toy()
 

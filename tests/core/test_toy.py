@@ -9,7 +9,8 @@ import shutil
 import pytest
 import torch
 
-from noisecraft import ode, toy
+from noisecraft import ode
+from noisecraft.hosts import toy
 from noisecraft.sigmas import ModelKind, get_sigmas, noise_to_x
 from noisecraft.weights import MANIFEST_PATH, find_entry, load_manifest, sha256_file, verify_file
 

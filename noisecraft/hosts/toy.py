@@ -10,6 +10,12 @@ Pixel scaling: ``x = pixel / 8 - 1`` (``load_digits`` values 0..16 -> [-1, 1]), 
 The UNet takes any H, W but only 1 channel: a latent of another channel count is refused before
 the network runs (:meth:`ToyModel.check_latent_shape`), naming ``--latent-shape 1 H W``.
 Weights are safetensors in ``noisecraft/assets/`` (reproduce them with ``scripts/train_toy.py``).
+
+For the trainers the toy is a host like any other: :func:`toy_host` is its
+:class:`~noisecraft.hosts.diffusers.RefinerHost` (condition id = digit label) and
+:func:`toy_confidence_scorer` its classifier as an NPNet pair keep-filter. Only the demo, the
+CLI (``--toy``, ``--filter toy-classifier``), ``scripts/``, ``benchmarks/`` and the tests use this
+module; ``noisecraft.train`` and ``nodes/`` never import it.
 """
 
 from __future__ import annotations
@@ -25,9 +31,9 @@ import torch
 from safetensors.torch import load_file
 from torch import nn
 
-from .hosts.diffusers import DiffusersDenoiser, check_latent_shape
-from .ode import check_number
-from .sigmas import ModelKind, SigmaTable
+from ..ode import check_number
+from ..sigmas import ModelKind, SigmaTable
+from .diffusers import DiffusersDenoiser, RefinerHost, check_latent_shape
 
 __all__ = [
     "ASSETS",
@@ -45,11 +51,13 @@ __all__ = [
     "load_toy_npnet",
     "NPNET_WEIGHTS",
     "digits_to_x",
+    "toy_host",
+    "toy_confidence_scorer",
 ]
 
 logger = logging.getLogger(__name__)
 
-ASSETS = Path(__file__).resolve().parent / "assets"
+ASSETS = Path(__file__).resolve().parents[1] / "assets"  # noisecraft/assets/
 UNET_WEIGHTS = ASSETS / "toy_unet.safetensors"
 UNET_CONFIG = ASSETS / "toy_unet_config.json"
 CLASSIFIER_WEIGHTS = ASSETS / "toy_classifier.safetensors"
@@ -175,7 +183,7 @@ def load_toy_refiner(model: ToyModel | None = None, path: str | Path | None = No
     with :func:`noisecraft.refine.refine_noise`, and ``lora.disabled()`` for plain sampling.
     Made by ``scripts/train_toy_refiner.py`` (MSD, teacher cfg 3 / 20 steps, student cfg 1 / 10 steps).
     """
-    from .lora import load_lora
+    from ..lora import load_lora
 
     model = model or load_toy()
     path = Path(path) if path is not None else REFINER_WEIGHTS
@@ -193,7 +201,7 @@ def load_toy_npnet(path: str | Path | None = None, device: str | torch.device = 
     ``scripts/train_toy_npnet.py`` on re-denoise pairs of this toy model (w_l 3, w_w 1). Use it with
     :func:`noisecraft.npnet.golden_noise` and ``ToyModel.cond(labels)`` as the prompt.
     """
-    from .npnet import load_npnet
+    from ..npnet import load_npnet
 
     path = Path(path) if path is not None else NPNET_WEIGHTS
     if not path.is_file():
@@ -270,3 +278,29 @@ def score_digits(x0: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:
         "accuracy": float((probs.argmax(-1) == labels).float().mean()),
         "confidence": float(probs.gather(1, labels[:, None]).mean()),
     }
+
+
+# -- the toy for the trainers --------------------------------------------------------------------
+
+
+def toy_host(toy: ToyModel | None = None) -> RefinerHost:
+    """The shipped toy model as a host: condition id = digit label (0..9), uncond = null class."""
+    toy = toy or load_toy()
+    with torch.no_grad():
+        conds = toy.cond(torch.arange(toy.num_classes)).detach()
+        uncond = toy.uncond(1).detach()
+    return RefinerHost(toy.unet, toy.table, conds, uncond, base_model="noisecraft-toy-digits-8x8",
+                       cond_labels=list(range(toy.num_classes)))
+
+
+def toy_confidence_scorer() -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+    """The shipped toy digit classifier's probability of the target class, per sample (no download):
+    a scorer ``score(x0, cond_ids) -> [B]`` for :func:`noisecraft.train.collect_pairs`.
+
+    Condition id = digit label (as :func:`toy_host` numbers them)."""
+
+    def score(x0: torch.Tensor, cond_ids: torch.Tensor) -> torch.Tensor:
+        return digit_confidence(x0, cond_ids)
+
+    score.name = "toy-classifier-confidence"  # type: ignore[attr-defined]
+    return score
