@@ -10,6 +10,8 @@ train a NoiseRefine refiner LoRA with MSD (teacher cache first, then the trainer
 ``python -m noisecraft collect-pairs (--toy | --model DIR --prompts FILE) [--out DIR] ...``: NPNet
 training pairs by re-denoise sampling (safetensors shards, resumable), optionally filtered.
 ``python -m noisecraft train-npnet --pairs DIR [--out DIR] [--resume] ...``: train an NPNet on them.
+Under ``accelerate launch`` (several processes, GPUs or machines) train-refiner and train-npnet run data
+parallel on accelerate's ``Accelerator``; see :mod:`noisecraft.train.loop` for the launch commands.
 
 Failures print one line, ``noisecraft <command>: <message>``, on stderr and no traceback: return code
 2 for bad input (flags are checked before any work), 1 for a failure while running, 130 for Ctrl-C.
@@ -287,42 +289,43 @@ def _convert(args: argparse.Namespace) -> int:
 
 def _train_refiner(args: argparse.Namespace) -> int:
     import torch
-    import torch.distributed as dist
 
-    from .train.refiner import init_distributed
+    from .train.loop import make_accelerator
 
     log = logging.getLogger("noisecraft.train-refiner")
     if args.toy == bool(args.model):
         sys.stderr.write("noisecraft train-refiner: give either --toy or --model DIR (a local diffusers folder)\n")
         return 2
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    # several processes (accelerate launch / torchrun): join the group (gloo for the toy model, which
-    # trains on CPU; nccl for a --model on CUDA, each process on cuda:LOCAL_RANK)
-    owns_group = not (dist.is_available() and dist.is_initialized())
+    # several processes (accelerate launch): the Accelerator joins the launcher's group (gloo for the toy
+    # model, which trains on CPU; nccl for a --model on CUDA, each process on cuda:LOCAL_RANK)
+    on_cpu = bool(args.toy) or torch.device(device).type == "cpu"
     try:
-        ddp = init_distributed(device if args.model else "cpu")
-    except RuntimeError as exc:
-        sys.stderr.write(f"noisecraft train-refiner: {exc}\n")
+        acc = make_accelerator(cpu=on_cpu)
+    except (RuntimeError, ValueError, KeyError) as exc:
+        sys.stderr.write(f"noisecraft train-refiner: could not join the launcher's processes ({exc}): start several "
+                         "processes with `accelerate launch`, or unset WORLD_SIZE for a single process\n")
         return 2
-    owns_group = owns_group and ddp.enabled
-    if ddp.enabled and torch.device(device).type == "cuda" and torch.device(device).index is None:
-        device = f"cuda:{ddp.local_rank}"
+    if acc.num_processes > 1 and not on_cpu and torch.device(device).index is None:
+        device = str(acc.device)
     try:
-        return _train_refiner_run(args, device, ddp, log)
+        return _train_refiner_run(args, device, acc, log)
     finally:
-        if owns_group and dist.is_initialized():
-            dist.destroy_process_group()
+        if acc.num_processes > 1:
+            acc.end_training()  # leaves the process group
 
 
-def _train_refiner_run(args: argparse.Namespace, device: str, ddp, log: logging.Logger) -> int:
+def _train_refiner_run(args: argparse.Namespace, device: str, acc, log: logging.Logger) -> int:
     from .sigmas import get_sigmas
-    from .train import RefinerTrainConfig, TeacherCache, build_teacher_cache, diffusers_host, toy_host, train_refiner
+    from .hosts.diffusers import diffusers_host
+    from .hosts.toy import toy_host
+    from .train import RefinerTrainConfig, TeacherCache, build_teacher_cache, train_refiner
 
-    if ddp.enabled and args.batch % ddp.world_size:
+    if args.batch % acc.num_processes:
         sys.stderr.write(f"noisecraft train-refiner: --batch {args.batch} is the global batch and must divide evenly "
-                         f"over the {ddp.world_size} processes\n")
+                         f"over the {acc.num_processes} processes\n")
         return 2
-    if not ddp.is_main:
+    if not acc.is_main_process:
         log.setLevel(logging.WARNING)  # one process reports
     _check_scheduler(args.scheduler)
     out = _check_out(args.out)
@@ -367,18 +370,19 @@ def _train_refiner_run(args: argparse.Namespace, device: str, ddp, log: logging.
                                                 "scheduler": args.scheduler, "guidance": "cfg"},
                 shard_size=args.shard_size, batch_size=args.batch, progress=cache_progress, shards=shards)
 
-        if ddp.enabled:
-            # rank 0 defines the cache, every rank samples its share of the shards, rank 0 indexes them
-            if ddp.is_main:
+        if acc.num_processes > 1:
+            # the main process defines the cache, every process samples its share of the shards, the main
+            # process indexes them
+            if acc.is_main_process:
                 cache = build(shards=[])
-                TeacherCache.clean_temps(cache_dir)  # stale temps of a killed run (the other ranks wait)
-            ddp.barrier()
+                TeacherCache.clean_temps(cache_dir)  # stale temps of a killed run (the others wait)
+            acc.wait_for_everyone()
             num_shards = TeacherCache(cache_dir).num_shards
-            build(shards=list(range(ddp.rank, num_shards, ddp.world_size)))
-            ddp.barrier()
-            if ddp.is_main:
+            build(shards=list(range(acc.process_index, num_shards, acc.num_processes)))
+            acc.wait_for_everyone()
+            if acc.is_main_process:
                 TeacherCache(cache_dir).reindex()
-            ddp.barrier()
+            acc.wait_for_everyone()
             cache = TeacherCache(cache_dir)
         else:
             cache = build()
@@ -394,13 +398,13 @@ def _train_refiner_run(args: argparse.Namespace, device: str, ddp, log: logging.
                 log.info("step %d/%d  loss %.5f  residual rms %.4f  %.0f s", step, total, rec["loss"],
                          rec["residual_rms"], rec["wall_s"])
 
-        result = train_refiner(host, cache, out, config, resume=args.resume, progress=progress)
+        result = train_refiner(host, cache, out, config, resume=args.resume, progress=progress, accelerator=acc)
     except KeyboardInterrupt:
         sys.stderr.write(f"noisecraft train-refiner: interrupted; run the same command with --resume to continue "
                          f"from the last checkpoint in {out}\n")
         return 130
     result.lora.remove()
-    if not ddp.is_main:
+    if not acc.is_main_process:
         return 0
     sys.stdout.write(f"{result.refiner_path}\n")
     sys.stdout.write(f"({result.step} steps, final loss {result.losses[-1]:.5f}; loss log {out / 'loss.jsonl'}, "
@@ -412,7 +416,8 @@ def _host_from_args(args: argparse.Namespace, name: str):
     """(host, shape) for --toy or --model; raises ValueError / FileNotFoundError / ImportError."""
     import torch
 
-    from .train import diffusers_host, toy_host
+    from .hosts.diffusers import diffusers_host
+    from .hosts.toy import toy_host
 
     if args.toy == bool(args.model):
         raise ValueError("give either --toy or --model DIR (a local diffusers folder)")
@@ -434,7 +439,8 @@ def _host_from_args(args: argparse.Namespace, name: str):
 
 
 def _collect_pairs(args: argparse.Namespace) -> int:
-    from .train import collect_pairs, toy_confidence_scorer
+    from .hosts.toy import toy_confidence_scorer
+    from .train import collect_pairs
 
     log = logging.getLogger("noisecraft.collect-pairs")
     _check_scheduler(args.scheduler)
@@ -467,11 +473,19 @@ def _collect_pairs(args: argparse.Namespace) -> int:
 
 def _train_npnet(args: argparse.Namespace) -> int:
     from .train import NPNetTrainConfig, PairStore, npnet_config_for, train_npnet
+    from .train.loop import make_accelerator
     from .train.npnet_trainer import SMALL_NPNET
 
     log = logging.getLogger("noisecraft.train-npnet")
     out = _check_out(args.out)
     _check_resume(out, args, "npnet.safetensors")
+    device = args.device or "cpu"
+    # under accelerate launch: data parallel (gloo on CPU); the SVD branch's unused BatchNorm needs DDP's search
+    acc = make_accelerator(cpu=device == "cpu", find_unused_parameters=True)
+    if not acc.is_main_process:
+        log.setLevel(logging.WARNING)  # one process reports
+    if acc.num_processes > 1 and device.startswith("cuda") and ":" not in device:
+        device = str(acc.device)
     try:
         pairs = PairStore(args.pairs)
         arch = args.arch or ("small" if pairs.shape[-1] <= 32 else "official")
@@ -487,11 +501,13 @@ def _train_npnet(args: argparse.Namespace) -> int:
                          rec["identity_mse"], rec["wall_s"])
 
         result = train_npnet(pairs, out, config, npnet_config, resume=args.resume, progress=progress,
-                             device=args.device or "cpu", metadata={"arch": arch})
+                             device=device, metadata={"arch": arch}, accelerator=acc)
     except KeyboardInterrupt:
         sys.stderr.write(f"noisecraft train-npnet: interrupted; run the same command with --resume to continue "
                          f"from the last checkpoint in {out}\n")
         return 130
+    if not acc.is_main_process:
+        return 0
     sys.stdout.write(f"{result.npnet_path}\n({result.step} steps, {arch} NPNet, final loss {result.losses[-1]:.5f}; "
                      f"loss log {out / 'loss.jsonl'}, plot {out / 'loss.png'}, {time.perf_counter() - t0:.0f} s)\n")
     return 0

@@ -23,9 +23,9 @@ guidance difference into the noise (the paper's Theorem E.1).
 Keep-filter (Alg. 1 lines 8-13): with a ``scorer``, both noises are sampled with the collection
 schedule at CFG w_l (the pipeline the pair is meant for), and the pair is kept when
 ``score(x0') > score(x0) + margin``. A scorer is any callable ``score(x0, cond_ids) -> [B]`` (higher
-is better); :func:`toy_confidence_scorer` (the shipped digit classifier's probability of the
-target class) needs no download. Without a scorer every pair is kept and nothing is sampled.
-Every pair is stored with its ``kept`` flag and both scores (NaN without a scorer), so a stricter
+is better); :func:`noisecraft.hosts.toy.toy_confidence_scorer` (the shipped digit classifier's
+probability of the target class) needs no download. Without a scorer every pair is kept and
+nothing is sampled. Every pair is stored with its ``kept`` flag and both scores (NaN without a scorer), so a stricter
 margin can be applied later (:meth:`PairStore.kept_indices`).
 
 Layout of a pair folder::
@@ -56,7 +56,7 @@ import torch
 from .. import ode
 from ..sigmas import get_sigmas, noise_to_x, x_to_noise
 from ..io import ensure_dir, load_safetensors
-from .shards import INDEX_NAME, ShardedStore, epoch_generator, write_safetensors
+from .shards import INDEX_NAME, ShardedStore, check_split, epoch_generator, positioned_batches, write_safetensors
 
 __all__ = [
     "Scorer",
@@ -64,7 +64,6 @@ __all__ = [
     "PairBatch",
     "re_denoise",
     "collect_pairs",
-    "toy_confidence_scorer",
     "PAIRS_VERSION",
 ]
 
@@ -75,19 +74,6 @@ CONDS_NAME = "conds.safetensors"
 
 Scorer = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 """``score(x0 [B, C, H, W], cond_ids [B]) -> [B]`` float scores, higher is better."""
-
-
-def toy_confidence_scorer() -> Scorer:
-    """The shipped toy digit classifier's probability of the target class, per sample (no download).
-
-    Condition id = digit label (as :func:`noisecraft.train.toy_host` numbers them)."""
-    from ..toy import digit_confidence
-
-    def score(x0: torch.Tensor, cond_ids: torch.Tensor) -> torch.Tensor:
-        return digit_confidence(x0, cond_ids)
-
-    score.name = "toy-classifier-confidence"  # type: ignore[attr-defined]
-    return score
 
 
 def _check_sigmas(sigmas) -> torch.Tensor:
@@ -255,24 +241,21 @@ class PairStore(ShardedStore):
         return pool[torch.randperm(pool.numel(), generator=epoch_generator(seed, epoch))]
 
     def batches(self, batch_size: int, *, seed: int = 0, epoch: int = 0, offset: int = 0,
-                margin: Optional[float] = None) -> Iterator[tuple[PairBatch, tuple[int, int]]]:
+                margin: Optional[float] = None, rank: int = 0,
+                world_size: int = 1) -> Iterator[tuple[PairBatch, tuple[int, int]]]:
         """Endless shuffled batches of kept pairs from the data position ``(epoch, offset)``; yields
         ``(batch, next_position)``. The order is a pure function of ``(seed, epoch)`` and the kept set;
-        an epoch's tail that does not fill a batch is skipped."""
+        an epoch's tail that does not fill a batch is skipped. ``batch_size`` is the global batch: with
+        ``world_size > 1`` each rank gets its contiguous slice."""
         self._require_complete()
         pool = self.kept_indices(margin)
-        batch_size = int(batch_size)
+        batch_size, rank, world_size = int(batch_size), int(rank), int(world_size)
         if batch_size < 1 or batch_size > pool.numel():
             raise ValueError(f"batch size {batch_size} must lie in 1..{pool.numel()} (the kept pairs of "
                              f"{self.total}); collect more pairs or lower the batch size")
-        while True:
-            order = self.epoch_order(pool, seed, epoch)
-            while offset + batch_size <= pool.numel():
-                sel = order[offset: offset + batch_size]
-                offset += batch_size
-                nxt = (epoch, offset) if offset + batch_size <= pool.numel() else (epoch + 1, 0)
-                yield self.get(sel), nxt
-            epoch, offset = epoch + 1, 0
+        check_split(batch_size, rank, world_size)
+        yield from positioned_batches(lambda ep: self.epoch_order(pool, seed, ep), pool.numel(), self.get,
+                                      batch_size, epoch=epoch, offset=offset, rank=rank, world_size=world_size)
 
 
 def collect_pairs(
@@ -297,10 +280,10 @@ def collect_pairs(
     """Collect (or finish collecting) ``total`` re-denoise pairs into the folder ``root``.
 
     Args:
-        host: a :class:`noisecraft.train.RefinerHost`-like object: ``denoiser(cond_ids, cfg)``,
+        host: a :class:`noisecraft.hosts.diffusers.RefinerHost`-like object: ``denoiser(cond_ids, cfg)``,
             ``conds`` [P, tokens, width] (the prompt embeddings NPNet will read), ``table``,
-            ``base_model``, ``cond_labels``; :func:`noisecraft.train.toy_host` /
-            :func:`noisecraft.train.diffusers_host` make one.
+            ``base_model``, ``cond_labels``; :func:`noisecraft.hosts.toy.toy_host` /
+            :func:`noisecraft.hosts.diffusers.diffusers_host` make one.
         w_l, w_w: CFG of the denoising step and of the inversion step (the paper: 5.5 and 1.0 on
             SDXL); ``w_w < w_l`` injects the guidance into the noise, ``w_w = w_l`` gives pairs that
             differ only by the round-trip error.

@@ -9,7 +9,9 @@ final name is complete; :meth:`ShardedStore.clean_temps` removes what a killed w
 ``index.json`` or shard raises ``ValueError`` naming the file and the fix.
 
 :class:`ShardedStore` is the shared part; :class:`noisecraft.train.TeacherCache` and
-:class:`noisecraft.train.PairStore` add their shard contents, batches and wording.
+:class:`noisecraft.train.PairStore` add their shard contents and wording. Both read batches through
+:func:`positioned_batches`: the one batch interface of the training loop (:mod:`noisecraft.train.loop`),
+resumable from a data position ``(epoch, offset)``, with per-process slices of every global batch.
 """
 
 from __future__ import annotations
@@ -18,14 +20,14 @@ import functools
 import json
 import os
 from pathlib import Path
-from typing import Any, Mapping, Optional, Sequence
+from typing import Any, Callable, Iterator, Mapping, Optional, Sequence
 
 import torch
 
 from ..io import atomic_write_json, clean_stale_temps, ensure_dir, load_safetensors, read_json, write_safetensors
 from ..rng import seeded_noise
 
-__all__ = ["ShardedStore", "write_safetensors", "INDEX_NAME"]
+__all__ = ["ShardedStore", "positioned_batches", "write_safetensors", "INDEX_NAME"]
 
 INDEX_NAME = "index.json"
 _SHARD = "shard_{:05d}.safetensors"
@@ -38,6 +40,28 @@ def _atomic_write_json(path: Path, payload: Any) -> None:
 def epoch_generator(seed: int, epoch: int) -> torch.Generator:
     """The generator of an epoch's shuffle: a pure function of ``(seed, epoch)``."""
     return torch.Generator().manual_seed((int(seed) * 1_000_003 + int(epoch)) & 0x7FFF_FFFF_FFFF_FFFF)
+
+
+def positioned_batches(order_of: Callable[[int], torch.Tensor], pool: int, get: Callable, batch_size: int, *,
+                       epoch: int, offset: int, rank: int, world_size: int) -> Iterator[tuple[Any, tuple[int, int]]]:
+    """Endless batches over ``pool`` items from the data position ``(epoch, offset)``; ``order_of(epoch)`` is
+    the epoch's shuffled order. ``batch_size`` is the global batch: with ``world_size > 1`` process
+    ``rank`` gets its contiguous slice (the union over ranks is the single-process batch). Yields
+    ``(get(slice), next_position)``; an epoch's tail that does not fill a batch is skipped."""
+    per = batch_size // world_size
+    while True:
+        order = order_of(epoch)
+        while offset + batch_size <= pool:
+            glob = order[offset: offset + batch_size]
+            offset += batch_size
+            nxt = (epoch, offset) if offset + batch_size <= pool else (epoch + 1, 0)
+            yield get(glob[rank * per: (rank + 1) * per]), nxt
+        epoch, offset = epoch + 1, 0
+
+
+def check_split(batch_size: int, rank: int, world_size: int) -> None:
+    if world_size < 1 or not 0 <= rank < world_size or batch_size % world_size:
+        raise ValueError(f"global batch {batch_size} must split evenly over world_size {world_size} (rank {rank})")
 
 
 class ShardedStore:

@@ -42,7 +42,7 @@ from typing import Any, Callable, Iterator, Mapping, Optional, Sequence
 import torch
 
 from ..msd import check_schedule, teacher_x0
-from .shards import INDEX_NAME, ShardedStore, epoch_generator, write_safetensors
+from .shards import INDEX_NAME, ShardedStore, check_split, epoch_generator, positioned_batches, write_safetensors
 
 __all__ = ["TeacherCache", "TeacherBatch", "build_teacher_cache", "write_safetensors", "INDEX_NAME", "CACHE_VERSION"]
 
@@ -181,25 +181,15 @@ class TeacherCache(ShardedStore):
         batch_size, world_size, rank = int(batch_size), int(world_size), int(rank)
         if batch_size < 1 or batch_size > self.total:
             raise ValueError(f"batch size {batch_size} must lie in 1..{self.total} (the cache's sample count)")
-        if world_size < 1 or not 0 <= rank < world_size or batch_size % world_size:
-            raise ValueError(
-                f"global batch {batch_size} must split evenly over world_size {world_size} (rank {rank})"
-            )
-        per = batch_size // world_size
+        check_split(batch_size, rank, world_size)
         missing = self.missing_shards()
         if missing:
             raise FileNotFoundError(
                 f"teacher cache {self.root} is incomplete: {len(missing)} of {self.num_shards} shards missing "
                 f"(first: {self.shard_path(missing[0]).name}); finish the build first"
             )
-        while True:
-            order = self.epoch_order(seed, epoch)
-            while offset + batch_size <= self.total:
-                glob = order[offset: offset + batch_size]
-                offset += batch_size
-                nxt = (epoch, offset) if offset + batch_size <= self.total else (epoch + 1, 0)
-                yield self.get(glob[rank * per: (rank + 1) * per]), nxt
-            epoch, offset = epoch + 1, 0
+        yield from positioned_batches(lambda ep: self.epoch_order(seed, ep), self.total, self.get, batch_size,
+                                      epoch=epoch, offset=offset, rank=rank, world_size=world_size)
 
 
 def build_teacher_cache(

@@ -10,7 +10,7 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from noisecraft import toy
+from noisecraft.hosts import toy
 from noisecraft.npnet import golden_noise, load_npnet
 from noisecraft.rng import seeded_noise
 from noisecraft.sigmas import SigmaTable, get_sigmas
@@ -130,7 +130,7 @@ def test_keep_filter_semantics(tmp_path):
 
 
 def test_toy_confidence_scorer_is_per_sample():
-    from noisecraft.train import toy_confidence_scorer
+    from noisecraft.hosts.toy import toy_confidence_scorer
 
     x = toy.digits_to_x(torch.zeros(3, 1, 8, 8))
     scores = toy_confidence_scorer()(x, torch.tensor([0, 1, 2]))

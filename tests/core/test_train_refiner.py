@@ -3,7 +3,8 @@
 Tier 1: torch + diffusers, CPU, no ComfyUI. Checks: the teacher cache round-trips and is
 deterministic (same definition -> same bytes; data order a pure function of (seed, epoch); ranks
 partition the global batch; killed builds resume); a short run on the toy model lowers the MSD loss;
-a run killed between checkpoints and resumed equals an uninterrupted one bit for bit; the CLI in
+a run killed between checkpoints (or stopped by its interrupt callback) and resumed equals an
+uninterrupted one bit for bit; the CLI in
 toy and diffusers-folder mode; the shipped toy refiner matches its manifest entry, loads through
 noisecraft.lora and beats unguided sampling on held-out seeds.
 """
@@ -14,13 +15,15 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from noisecraft import ode, toy
+from noisecraft import ode
+from noisecraft.hosts import toy
+from noisecraft.hosts.toy import toy_host
 from noisecraft.lora import CONVENTION, load_lora, read_lora_file
 from noisecraft.msd import msd_loss
 from noisecraft.refine import refine_noise, refine_with, residual_from_denoisers
 from noisecraft.rng import seeded_noise
 from noisecraft.sigmas import get_sigmas, noise_to_x
-from noisecraft.train import RefinerTrainConfig, TeacherCache, build_teacher_cache, toy_host, train_refiner
+from noisecraft.train import RefinerTrainConfig, TeacherCache, build_teacher_cache, train_refiner
 from noisecraft.weights import find_entry, sha256_file, verify_file
 
 SHAPE = (1, 4, 4)
@@ -169,6 +172,20 @@ def test_resume_after_kill_equals_uninterrupted_run(toy_setup, tmp_path):
     assert a == b  # bit for bit
     strip = lambda p: [{k: v for k, v in json.loads(x).items() if k != "wall_s"} for x in p.read_text().splitlines()]  # noqa: E731
     assert strip(tmp_path / "full" / "loss.jsonl") == strip(tmp_path / "killed" / "loss.jsonl")
+
+
+def test_interrupt_stops_with_a_checkpoint_and_resume_finishes_the_same(toy_setup, tmp_path):
+    _, host, cache = toy_setup
+    config = RefinerTrainConfig(steps=4, rank=2, lr=3e-3, batch_size=8, student_steps=2, checkpoint_every=4)
+    full = train_refiner(host, cache, tmp_path / "full", config)
+    full.lora.remove()
+    asked = []
+    stopped = train_refiner(host, cache, tmp_path / "int", config, interrupt=lambda: len(asked.append(1) or asked) > 2)
+    stopped.lora.remove()
+    assert stopped.stopped_early and stopped.step == 2 and not (tmp_path / "int" / "refiner.safetensors").exists()
+    resumed = train_refiner(host, cache, tmp_path / "int", config, resume=True)
+    resumed.lora.remove()
+    assert (tmp_path / "int" / "refiner.safetensors").read_bytes() == (tmp_path / "full" / "refiner.safetensors").read_bytes()
 
 
 def test_bf16_autocast_step_runs(toy_setup, tmp_path):
