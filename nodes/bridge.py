@@ -46,6 +46,7 @@ log = logging.getLogger(__name__)
 __all__ = [
     "BridgeContext",
     "Progress",
+    "model_name",
     "model_kind",
     "sigma_max",
     "scheduler_names",
@@ -57,7 +58,8 @@ __all__ = [
 ]
 
 
-def _model_name(model) -> str:
+def model_name(model) -> str:
+    """A ComfyUI MODEL's model class name (e.g. ``SDXL``, ``SD15``), for messages and metadata."""
     inner = getattr(model, "model", None)
     cfg = getattr(inner, "model_config", None)
     return type(cfg).__name__ if cfg is not None else type(inner).__name__
@@ -87,7 +89,7 @@ def model_kind(model) -> ModelKind:
         pred = type(ms).__name__
     raise ValueError(
         f"NoiseCraft supports eps, v-prediction and flow (CONST) models; this MODEL "
-        f"({_model_name(model)}) uses the {pred} prediction type. Use an SD1.x/SD2.x/SDXL or "
+        f"({model_name(model)}) uses the {pred} prediction type. Use an SD1.x/SD2.x/SDXL or "
         f"SD3/Flux-class model, or a ModelSampling node that sets eps, v_prediction or flow."
     )
 
@@ -147,7 +149,7 @@ def prepare_latent(model, latent: dict, node: Optional[str] = None) -> dict:
     want = int(model.get_model_object("latent_format").latent_channels)
     if samples.shape[1] != want:
         raise ValueError(
-            f"{at}latent: LATENT from a different model family: this MODEL ({_model_name(model)}) uses "
+            f"{at}latent: LATENT from a different model family: this MODEL ({model_name(model)}) uses "
             f"{want}-channel latents, the LATENT has {samples.shape[1]} channels. Make the latent "
             f"for this model (an empty latent node, or VAE Encode with this model's VAE)."
         )
@@ -211,7 +213,7 @@ def check_conditioning(cond, name: str, node: Optional[str] = None, model=None) 
                              f"[batch, tokens, width] from a text encoder")
         if want is not None and emb.ndim == 3 and int(emb.shape[-1]) != want:
             raise ValueError(
-                f"{at}{name}: the CONDITIONING is {int(emb.shape[-1])} wide, but this MODEL ({_model_name(model)}) "
+                f"{at}{name}: the CONDITIONING is {int(emb.shape[-1])} wide, but this MODEL ({model_name(model)}) "
                 f"reads {want}-wide text embeddings; encode the prompt with this checkpoint's CLIP (the prompt "
                 f"is from another model family)"
             )

@@ -7,16 +7,18 @@ the resolution / long-prompt policies live in :mod:`noisecraft.npnet` (``load_np
 
 Choices where the issue was silent:
 
-* Folders: files are listed from ComfyUI's ``npnet`` model folder, which this module registers as
-  ``models/npnet`` plus the folders other NPNet packs use (the manifest's aliases, ``npnets``), and
-  every path registered under an alias (``extra_model_paths.yaml``, another pack) at listing
-  time. A name found in several folders resolves to the first (``models/npnet`` first).
-* Cache and memory: a loaded NPNet is kept per (file, size, mtime, preset), at most
-  ``CACHE_SIZE`` of them, so re-running a graph or loading the same file in a second node does not
-  read it again; editing or replacing the file reloads it. The network is loaded on the CPU and
-  wrapped in a ComfyUI ``ModelPatcher``: when golden noise is computed, ComfyUI's model management
-  loads it fully (it is ~120 MB, always float32) onto ``get_torch_device()`` and may offload it
-  again, like any other model, when memory is needed or models are freed. Golden noise is then
+* Folders: files are listed from ComfyUI's ``npnet`` model folder, registered
+  (:func:`nodes.common.register_folders`) as ``models/npnet`` plus the folders other NPNet packs use
+  (the manifest's aliases, ``npnets``), and every path registered under an alias
+  (``extra_model_paths.yaml``, another pack) at listing time. A name found in several folders
+  resolves to the first (``models/npnet`` first).
+* Cache and memory: a loaded NPNet is kept per (file, mtime, size, preset)
+  (:class:`nodes.common.FileCache`), at most ``CACHE_SIZE`` of them, so re-running a graph or
+  loading the same file in a second node does not read it again; editing or replacing the file
+  reloads it. The network is loaded on the CPU and wrapped in a ComfyUI ``ModelPatcher``: when
+  golden noise is computed, ComfyUI's model management loads it fully (it is ~120 MB, always
+  float32) onto ``get_torch_device()`` and may offload it again, like any other model, when memory
+  is needed or models are freed. Golden noise is then
   moved back to the CPU, as ComfyUI's NOISE protocol requires.
 * Conditioning: the prompt embedding is the tensor of the first CONDITIONING entry
   (``cond[0][0]``, [B, tokens, width]); further entries (Conditioning Combine) are ignored, with a
@@ -34,8 +36,6 @@ Choices where the issue was silent:
 from __future__ import annotations
 
 import logging
-import os
-from collections import OrderedDict
 from pathlib import Path
 from typing import Optional
 
@@ -47,8 +47,8 @@ import comfy.model_patcher
 import folder_paths
 
 from ..noisecraft.npnet import LONG_PROMPT_POLICIES, PRESETS, RESOLUTION_POLICIES, NPNet, golden_noise, load_npnet
-from ..noisecraft.weights import load_folder_aliases
 from . import bridge
+from .common import NPNET_FOLDER as FOLDER, FileCache, check_combo, prompt_embedding, register_folders
 from .noise import NoiseTransform
 
 log = logging.getLogger(__name__)
@@ -56,8 +56,6 @@ log = logging.getLogger(__name__)
 CATEGORY = "noisecraft/npnet"
 LOAD_NAME = "Load NPNet"
 GOLDEN_NAME = "NPNet Golden Noise"
-FOLDER = "npnet"
-EXTENSIONS = {".safetensors", ".sft", ".pth", ".pt"}
 AUTO = "auto"
 PRESET_OPTIONS = [AUTO, *PRESETS]
 RESOLUTIONS = list(RESOLUTION_POLICIES)
@@ -75,28 +73,6 @@ _OFFICIAL_BY_WIDTH = {2048: "sdxl.safetensors or dreamshaper.safetensors (SDXL, 
 
 
 # -- folders ------------------------------------------------------------------------------------
-
-def folder_names() -> list[str]:
-    """``npnet`` and the folder names other packs use for the same files (``npnets``)."""
-    return [FOLDER, *load_folder_aliases().get(FOLDER, [])]
-
-
-def register_folders() -> None:
-    """Register ``models/npnet`` and ``models/<alias>`` under ComfyUI's ``npnet`` folder name."""
-    if FOLDER not in folder_paths.folder_names_and_paths:
-        folder_paths.folder_names_and_paths[FOLDER] = ([], set(EXTENSIONS))
-    for name in folder_names():
-        folder_paths.add_model_folder_path(FOLDER, os.path.join(folder_paths.models_dir, name))
-    _merge_alias_paths()
-
-
-def _merge_alias_paths() -> None:
-    # Paths registered under an alias after us (another pack, extra_model_paths.yaml) count too.
-    for alias in folder_names()[1:]:
-        entry = folder_paths.folder_names_and_paths.get(alias)
-        for path in (entry[0] if entry else []):
-            folder_paths.add_model_folder_path(FOLDER, path)
-
 
 def npnet_files() -> list[str]:
     register_folders()
@@ -156,65 +132,40 @@ class LoadedNPNet:
                 f"text {cfg.tokens} x {cfg.text_width})")
 
 
-_CACHE: "OrderedDict[tuple, LoadedNPNet]" = OrderedDict()
-
-
-def _cache_key(path: Path, preset: Optional[str]) -> tuple:
-    st = path.stat()
-    return (str(path.resolve()), st.st_size, st.st_mtime_ns, preset)
+CACHE = FileCache(CACHE_SIZE)
 
 
 def load_cached(name: str, preset: Optional[str]) -> LoadedNPNet:
     """The NPNet in file ``name`` of the npnet folders, loaded once per file version and preset."""
     path = resolve_file(name)
-    key = _cache_key(path, preset)
-    hit = _CACHE.get(key)
-    if hit is not None:
-        _CACHE.move_to_end(key)
-        return hit
+    return CACHE.get(path, lambda: _read_npnet(path, name, preset), preset)
+
+
+def _read_npnet(path: Path, name: str, preset: Optional[str]) -> LoadedNPNet:
     try:
         net = load_npnet(path, preset=preset, device="cpu")
     except (ValueError, OSError) as e:  # the core names the file, what was expected and the fix
         raise ValueError(f"{LOAD_NAME}: npnet_name {name!r}: {e}") from None
     loaded = LoadedNPNet(net, name, path)
-    for old in [k for k in _CACHE if k[0] == key[0] and k[3] == preset]:  # older versions of this file
-        del _CACHE[old]
-    _CACHE[key] = loaded
-    while len(_CACHE) > CACHE_SIZE:
-        _CACHE.popitem(last=False)
     log.info("%s: loaded %r", LOAD_NAME, loaded)
     return loaded
 
 
 def clear_cache() -> None:
-    _CACHE.clear()
+    CACHE.clear()
 
 
 # -- golden noise as a NOISE ----------------------------------------------------------------------
 
-def _check_combo(name: str, value: str, options: list[str]) -> None:
-    # /prompt does not validate V3 combo values at this ComfyUI version: do it here.
-    if value not in options:
-        raise ValueError(f"{name}: expected one of {options}, got {value!r}")
-
-
-def _width_note(width: int) -> str:
+def width_note(width: int) -> str:
+    """``"<width> wide"``, with the model family that text width usually means (for messages)."""
     model = _WIDTH_MODELS.get(int(width))
     return f"{width} wide (the text width of {model})" if model else f"{width} wide"
 
 
 def prompt_embeds(positive, npnet: LoadedNPNet) -> torch.Tensor:
     """[B, tokens, width] prompt embedding of a CONDITIONING, checked against the NPNet's width."""
-    if (not isinstance(positive, (list, tuple)) or not positive or not isinstance(positive[0], (list, tuple))
-            or not torch.is_tensor(positive[0][0])):
-        raise ValueError(f"{GOLDEN_NAME}: expected a CONDITIONING (e.g. from CLIP Text Encode), got "
-                         f"{type(positive).__name__}")
-    if len(positive) > 1:
-        log.info("%s: the conditioning has %d entries; NPNet reads the first one's prompt", GOLDEN_NAME, len(positive))
-    emb = positive[0][0]
-    if emb.ndim != 3 or emb.shape[0] < 1 or emb.shape[1] < 1:
-        raise ValueError(f"{GOLDEN_NAME}: expected the conditioning tensor as [batch, tokens, width], got "
-                         f"{list(emb.shape)}")
+    emb = prompt_embedding(positive, GOLDEN_NAME)
     bridge.check_conditioning(positive, "positive", GOLDEN_NAME)  # NaN/inf values (NPNet would give NaN noise)
     want = npnet.config.text_width
     got = int(emb.shape[2])
@@ -225,8 +176,8 @@ def prompt_embeds(positive, npnet: LoadedNPNet) -> torch.Tensor:
                    f"No official NPNet reads {got}-wide text: train one for your model, or use a model whose "
                    f"conditioning is {want} wide ({target}).")
         raise ValueError(
-            f"{GOLDEN_NAME}: the positive conditioning is {_width_note(got)}, but the NPNet "
-            f"{npnet.describe()} reads {_width_note(want)}. Connect the positive prompt of the model this "
+            f"{GOLDEN_NAME}: the positive conditioning is {width_note(got)}, but the NPNet "
+            f"{npnet.describe()} reads {width_note(want)}. Connect the positive prompt of the model this "
             f"NPNet was made for. {instead}"
         )
     return emb.detach().to("cpu", torch.float32)
@@ -319,11 +270,11 @@ class LoadNPNet(io.ComfyNode):
             path = resolve_file(npnet_name)
         except FileNotFoundError:
             return None
-        return _cache_key(path, preset)
+        return FileCache.key(path, preset)
 
     @classmethod
     def execute(cls, npnet_name, preset=AUTO) -> io.NodeOutput:
-        _check_combo("preset", preset, PRESET_OPTIONS)
+        check_combo(LOAD_NAME, "preset", preset, PRESET_OPTIONS)
         return io.NodeOutput(load_cached(npnet_name, None if preset == AUTO else preset))
 
 
@@ -373,8 +324,8 @@ class NPNetGoldenNoise(io.ComfyNode):
 
     @classmethod
     def execute(cls, noise, npnet, positive, strength, resolution="residual", long_prompt="truncate") -> io.NodeOutput:
-        _check_combo("resolution", resolution, RESOLUTIONS)
-        _check_combo("long_prompt", long_prompt, LONG_PROMPTS)
+        check_combo(GOLDEN_NAME, "resolution", resolution, RESOLUTIONS)
+        check_combo(GOLDEN_NAME, "long_prompt", long_prompt, LONG_PROMPTS)
         if not hasattr(noise, "generate_noise"):
             raise ValueError(f"{GOLDEN_NAME}: expected a NOISE (e.g. from RandomNoise), got {type(noise).__name__}")
         if not isinstance(npnet, LoadedNPNet):
@@ -388,6 +339,6 @@ class NPNetGoldenNoise(io.ComfyNode):
         return io.NodeOutput(GoldenNoise(noise, npnet, prompts, strength, resolution, long_prompt))
 
 
-register_folders()
+register_folders()  # before ComfyUI lists the files (the schema's options)
 
 NODES = [LoadNPNet, NPNetGoldenNoise]

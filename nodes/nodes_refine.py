@@ -9,9 +9,9 @@ nodes find the file, map its keys onto the ComfyUI model, and run the two refine
 
 Choices where the issue was silent:
 
-* Folders: files are listed from ``models/noise_refiners`` (registered here as ComfyUI's
-  ``noise_refiners`` folder) and then ``models/loras``; a name in both resolves to
-  ``noise_refiners``. Only ``.safetensors`` (never unpickled).
+* Folders: files are listed from ``models/noise_refiners`` (registered as ComfyUI's
+  ``noise_refiners`` folder by :func:`nodes.common.register_folders`) and then ``models/loras``; a
+  name in both resolves to ``noise_refiners``. Only ``.safetensors`` (never unpickled).
 * What counts as a refiner: a safetensors file with plain LoRA pairs (``<key>.lora_down.weight``,
   ``<key>.lora_up.weight``, optional ``<key>.alpha``). Metadata ``noisecraft.kind = refiner`` is
   expected; a LoRA *without* ``noisecraft.kind`` loads with a warning in the log (it may come
@@ -44,8 +44,6 @@ Choices where the issue was silent:
 from __future__ import annotations
 
 import logging
-import os
-from collections import OrderedDict
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Optional
@@ -60,6 +58,7 @@ from ..noisecraft.lora import read_lora_file
 from ..noisecraft.refine import STRENGTH_MAX, check_strength, refine_noise
 from ..noisecraft.sigmas import ModelKind
 from . import bridge
+from .common import REFINER_FOLDER as FOLDER, FileCache, register_folders
 from .noise import NoiseTransform
 
 log = logging.getLogger(__name__)
@@ -67,7 +66,6 @@ log = logging.getLogger(__name__)
 CATEGORY = "noisecraft/refine"
 LOAD_NAME = "Load Refiner"
 REFINE_NAME = "Refine Noise"
-FOLDER = "noise_refiners"
 LORA_FOLDER = "loras"
 EXTENSIONS = {".safetensors"}
 CACHE_SIZE = 4
@@ -78,13 +76,6 @@ RefinerType = io.Custom("REFINER")
 
 
 # -- folders ------------------------------------------------------------------------------------
-
-def register_folders() -> None:
-    """Register ``models/noise_refiners`` as ComfyUI's ``noise_refiners`` folder."""
-    if FOLDER not in folder_paths.folder_names_and_paths:
-        folder_paths.folder_names_and_paths[FOLDER] = ([], set(EXTENSIONS))
-    folder_paths.add_model_folder_path(FOLDER, os.path.join(folder_paths.models_dir, FOLDER))
-
 
 def _safetensors(names: list[str]) -> list[str]:
     return [n for n in names if Path(n).suffix in EXTENSIONS]
@@ -188,21 +179,16 @@ def parse_refiner(state: dict, metadata: dict, name: str) -> Refiner:
     return Refiner(pairs, metadata, name)
 
 
-_CACHE: "OrderedDict[tuple, Refiner]" = OrderedDict()
-
-
-def _cache_key(path: Path) -> tuple:
-    st = path.stat()
-    return (str(path.resolve()), st.st_size, st.st_mtime_ns)
+CACHE = FileCache(CACHE_SIZE)
 
 
 def load_cached(name: str) -> Refiner:
+    """The refiner in file ``name`` (models/noise_refiners, then models/loras), read once per file version."""
     path = resolve_file(name)
-    key = _cache_key(path)
-    hit = _CACHE.get(key)
-    if hit is not None:
-        _CACHE.move_to_end(key)
-        return hit
+    return CACHE.get(path, lambda: _read_refiner(path, name))
+
+
+def _read_refiner(path: Path, name: str) -> Refiner:
     try:
         state, meta = read_lora_file(path)  # refuses empty, text, truncated files and NaN/inf tensors
     except ValueError as e:  # the core's message names the file, what was expected and the fix
@@ -214,17 +200,12 @@ def load_cached(name: str) -> Refiner:
             f"the file's permissions, re-download or re-save it, or pick another file"
         ) from None
     refiner = parse_refiner(state, meta, name)
-    for old in [k for k in _CACHE if k[0] == key[0]]:
-        del _CACHE[old]
-    _CACHE[key] = refiner
-    while len(_CACHE) > CACHE_SIZE:
-        _CACHE.popitem(last=False)
     log.info("%s: loaded %r", LOAD_NAME, refiner)
     return refiner
 
 
 def clear_cache() -> None:
-    _CACHE.clear()
+    CACHE.clear()
 
 
 # -- mapping onto a ComfyUI model ------------------------------------------------------------------
@@ -252,10 +233,6 @@ class Target:
 
     def release(self) -> None:
         self._on.clear()
-
-
-def _model_label(model) -> str:
-    return bridge._model_name(model)
 
 
 def map_refiner(refiner: Refiner, model) -> list[Target]:
@@ -286,7 +263,7 @@ def map_refiner(refiner: Refiner, model) -> list[Target]:
         if bad:
             what.append(f"{len(bad)} shapes do not fit (e.g. {bad[:2]})")
         raise ValueError(
-            f"{REFINE_NAME}: the refiner {refiner.describe()} does not fit this MODEL ({_model_label(model)}): "
+            f"{REFINE_NAME}: the refiner {refiner.describe()} does not fit this MODEL ({bridge.model_name(model)}): "
             f"{'; '.join(what)}. It was trained for another model: load the refiner trained for this checkpoint, "
             f"or train one for it"
         )
@@ -300,7 +277,7 @@ def check_kind(refiner: Refiner, kind: ModelKind, model) -> None:
     if want.is_flow != kind.is_flow:
         raise ValueError(
             f"{REFINE_NAME}: the refiner {refiner.describe()} was trained for a {want.value} model "
-            f"(noisecraft.model_kind), but this MODEL ({_model_label(model)}) is a {kind.value} model; a refiner "
+            f"(noisecraft.model_kind), but this MODEL ({bridge.model_name(model)}) is a {kind.value} model; a refiner "
             f"predicts {'a velocity' if want.is_flow else 'an eps'} difference and cannot be used across eps/v and "
             f"flow models. Use a refiner trained for this model"
         )
@@ -438,7 +415,7 @@ class LoadRefiner(io.ComfyNode):
     @classmethod
     def fingerprint_inputs(cls, refiner_name):
         try:
-            return _cache_key(resolve_file(refiner_name))
+            return FileCache.key(resolve_file(refiner_name))
         except FileNotFoundError:
             return None
 
@@ -497,6 +474,6 @@ class RefineNoise(io.ComfyNode):
         return io.NodeOutput(RefinedNoise(noise, model, refiner, targets, positive, strength, kind))
 
 
-register_folders()
+register_folders()  # before ComfyUI lists the files (the schema's options)
 
 NODES = [LoadRefiner, RefineNoise]

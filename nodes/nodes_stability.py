@@ -29,8 +29,9 @@ from comfy_api.latest import io
 from ..noisecraft import stability
 from ..noisecraft.sigmas import ModelKind, noise_to_x
 from . import bridge
-from .common import check_number
-from .noise import SEED_MASK, FixedNoise, SeededNoise, candidate_stack, check_input_noise
+from .common import (SEED_MASK, check_combo, check_int, check_number, node_id, sampling_inputs, scheduler_input,
+                     seed_input)
+from .noise import FixedNoise, SeededNoise, candidate_stack, check_input_noise
 
 log = logging.getLogger(__name__)
 
@@ -44,23 +45,12 @@ METHODS = [m.value for m in stability.OptimizeMethod]
 # -- shared inputs -------------------------------------------------------------------------------
 
 def _model_inputs() -> list:
-    return [
-        io.Model.Input("model", tooltip="The model you will sample with; scores depend on it. Always used."),
-        io.Conditioning.Input("positive", tooltip="Positive prompt, as for your sampler. Always used."),
-        io.Conditioning.Input(
-            "negative",
-            tooltip="Negative prompt, as for your sampler. Only used where cfg (or inversion_cfg) is not 1.",
-        ),
-        io.Latent.Input(
-            "latent",
-            tooltip="The latent you will sample (e.g. Empty Latent Image): only its size and batch are used. "
-            "Always used.",
-        ),
-    ]
-
-
-def _seed_input(tooltip: str) -> io.Int.Input:
-    return io.Int.Input("seed", default=0, min=0, max=SEED_MASK, control_after_generate=True, tooltip=tooltip)
+    return sampling_inputs(
+        model="The model you will sample with; scores depend on it. Always used.",
+        positive="Positive prompt, as for your sampler. Always used.",
+        negative="Negative prompt, as for your sampler. Only used where cfg (or inversion_cfg) is not 1.",
+        latent="The latent you will sample (e.g. Empty Latent Image): only its size and batch are used. Always used.",
+    )
 
 
 def _scoring_inputs(default_steps: int = 4) -> list:
@@ -80,17 +70,9 @@ def _scoring_inputs(default_steps: int = 4) -> list:
             tooltip="Guidance scale of the inversion. 1 (default, the usual choice) turns guidance off for "
             "the inversion: one model pass per step.",
         ),
-        io.Combo.Input(
-            "scheduler", options=bridge.scheduler_names(), default="normal",
-            tooltip="ComfyUI scheduler of the scoring schedule; use your sampler's. Cannot be off.",
-        ),
+        scheduler_input("ComfyUI scheduler of the scoring schedule; use your sampler's. Cannot be off.",
+                        bridge.scheduler_names()),
     ]
-
-
-def _check_combo(name: str, value: str, options: list[str]) -> None:
-    # /prompt does not validate V3 combo values at this ComfyUI version: do it here.
-    if value not in options:
-        raise ValueError(f"{name}: expected one of {options}, got {value!r}")
 
 
 def _check_model_inputs(node: str, model, positive, negative, latent, cfg,
@@ -107,11 +89,6 @@ def _check_model_inputs(node: str, model, positive, negative, latent, cfg,
 
 def _calls_per_round_trip(sigmas: torch.Tensor) -> int:
     return 2 * (len(sigmas) - 1)
-
-
-def _node_id(cls):
-    # hidden inputs are set when ComfyUI executes the node; None when execute() is called directly
-    return cls.hidden.unique_id if cls.hidden is not None else None
 
 
 def _fmt(x: float) -> str:
@@ -133,8 +110,8 @@ class InversionStabilitySelect(io.ComfyNode):
             "(Qi et al., arXiv:2407.14041). Feed the NOISE to SamplerCustomAdvanced, or the seed to any sampler.",
             inputs=[
                 *_model_inputs(),
-                _seed_input("First candidate seed: candidates are seed, seed+1, ..., seed+K-1. "
-                            "With candidates = 1 the output is exactly RandomNoise(seed)."),
+                seed_input("First candidate seed: candidates are seed, seed+1, ..., seed+K-1. "
+                           "With candidates = 1 the output is exactly RandomNoise(seed)."),
                 io.Int.Input(
                     "candidates", default=8, min=1, max=4096,
                     tooltip="K, how many seeds to score. 1 turns the selection off (just RandomNoise(seed)).",
@@ -164,11 +141,10 @@ class InversionStabilitySelect(io.ComfyNode):
     @classmethod
     def execute(cls, model, positive, negative, latent, seed, candidates, score_steps, cfg, inversion_cfg,
                 scheduler, micro_batch, top_k) -> io.NodeOutput:
-        _check_combo("scheduler", scheduler, bridge.scheduler_names())
-        if int(candidates) < 1:
-            raise ValueError(f"candidates (K) must be >= 1, got {candidates}: set it to 1 or more")
-        if int(micro_batch) < 1:
-            raise ValueError(f"micro_batch must be >= 1, got {micro_batch}")
+        check_combo(SELECT_NAME, "scheduler", scheduler, bridge.scheduler_names())
+        check_int(SELECT_NAME, "candidates (K)", candidates, 1, hint="set it to 1 or more")
+        check_int(SELECT_NAME, "micro_batch", micro_batch, 1, hint="set it to 1 or more")
+        check_int(SELECT_NAME, "top_k", top_k, 0, hint="0 leaves top_seeds empty")
         kind = bridge.model_kind(model)
         lat, cfg, inversion_cfg = _check_model_inputs(SELECT_NAME, model, positive, negative, latent, cfg,
                                                       inversion_cfg)
@@ -177,7 +153,7 @@ class InversionStabilitySelect(io.ComfyNode):
         stability.check_noise(cands, "candidate noise")
         sigmas = bridge.get_sigmas(model, scheduler, score_steps)
         chunks = math.ceil(k / int(micro_batch))
-        progress = bridge.Progress(chunks * _calls_per_round_trip(sigmas), node_id=_node_id(cls))
+        progress = bridge.Progress(chunks * _calls_per_round_trip(sigmas), node_id=node_id(cls))
 
         def fn(ctx: bridge.BridgeContext):
             return stability.select(
@@ -226,8 +202,8 @@ class OptimizeNoise(io.ComfyNode):
             "one scoring round trip.",
             inputs=[
                 *_model_inputs(),
-                _seed_input("Seed of the starting noise (RandomNoise(seed)) when no noise is connected; "
-                            "ignored when a noise is connected."),
+                seed_input("Seed of the starting noise (RandomNoise(seed)) when no noise is connected; "
+                           "ignored when a noise is connected."),
                 io.Combo.Input(
                     "method", options=METHODS, default=stability.OptimizeMethod.FIXED_POINT.value,
                     tooltip="momentum: the paper's Algorithm 2 (100 steps, lr 100, momentum 0.5). fixed_point: ours, "
@@ -278,10 +254,9 @@ class OptimizeNoise(io.ComfyNode):
     @classmethod
     def execute(cls, model, positive, negative, latent, seed, method, steps, lr, momentum, renormalize,
                 score_steps, cfg, inversion_cfg, scheduler, noise=None, max_change=0.5) -> io.NodeOutput:
-        _check_combo("scheduler", scheduler, bridge.scheduler_names())
-        _check_combo("method", method, METHODS)
-        if int(steps) < 0:
-            raise ValueError(f"steps must be >= 0, got {steps}")
+        check_combo(OPTIMIZE_NAME, "scheduler", scheduler, bridge.scheduler_names())
+        check_combo(OPTIMIZE_NAME, "method", method, METHODS)
+        check_int(OPTIMIZE_NAME, "steps", steps, 0, hint="0 turns optimization off")
         lr = check_number(OPTIMIZE_NAME, "lr", lr, 0.0, None, "0 uses the method's default")
         momentum = check_number(OPTIMIZE_NAME, "momentum", momentum, 0.0, 0.99, "0 turns momentum off")
         max_change = check_number(OPTIMIZE_NAME, "max_change", max_change, 0.0, None, "0 turns the limit off")
@@ -291,7 +266,7 @@ class OptimizeNoise(io.ComfyNode):
         source = noise if noise is not None else SeededNoise(seed)
         e = _noise_for(source, lat, OPTIMIZE_NAME)
         sigmas = bridge.get_sigmas(model, scheduler, score_steps)
-        progress = bridge.Progress((int(steps) + 1) * _calls_per_round_trip(sigmas), node_id=_node_id(cls))
+        progress = bridge.Progress((int(steps) + 1) * _calls_per_round_trip(sigmas), node_id=node_id(cls))
 
         def fn(ctx: bridge.BridgeContext):
             return stability.optimize(

@@ -46,12 +46,13 @@ Choices where the issue was silent:
 * Output: a REFINER exactly like Load Refiner's (:class:`nodes.nodes_refine.Refiner`, kohya keys,
   ``noisecraft.*`` metadata), so Refine Noise and Save Refiner take it; the loss per step goes to
   the UI as text and as the list ``noisecraft_losses``, and out as a FLOAT list.
-* Save Refiner writes ``<folder>/<filename>_<counter>.safetensors`` atomically and reproducibly
-  (:func:`noisecraft.train.teacher_cache.write_safetensors`), never overwriting. The default folder
-  is ``models/loras``, where both Load Refiner and ComfyUI's stock LoraLoader(ModelOnly) find it;
-  ``noise_refiners`` keeps it out of the LoRA lists. The filename is refused (not sanitized) when it
-  is empty, longer than 200 characters, or has a folder part ('/', '\\', '..'), so nothing is
-  written outside that folder.
+* Save Refiner writes ``<folder>/<filename>_<counter:05>_.safetensors``, numbered the way ComfyUI's
+  own savers (SaveLoRA) number theirs (:func:`nodes.common.save_path`, the counter one past the
+  highest in the folder), atomically and reproducibly (:func:`noisecraft.io.write_safetensors`),
+  never overwriting. The default folder is ``models/loras``, where both Load Refiner and ComfyUI's
+  stock LoraLoader(ModelOnly) find it; ``noise_refiners`` keeps it out of the LoRA lists. The
+  filename is refused (not sanitized) when it is empty, longer than 200 characters, or has a folder
+  part ('/', '\\', '..'), so nothing is written outside that folder.
 """
 
 from __future__ import annotations
@@ -67,14 +68,14 @@ import torch
 from comfy_api.latest import io
 
 import comfy.utils
-import folder_paths
 
 from ..noisecraft.lora import CONVENTION, DEFAULT_TARGETS
 from ..noisecraft.msd import msd_loss, teacher_x0
+from ..noisecraft.io import write_safetensors
 from ..noisecraft.refine import refine_with, residual_from_denoisers
-from ..noisecraft.train.teacher_cache import write_safetensors
 from . import bridge
-from .common import check_number, check_save_name, inside
+from .common import (check_combo, check_int, check_number, file_list_changed, node_id, sampling_inputs, save_path,
+                     scheduler_input, seed_input)
 from .nodes_refine import (
     FOLDER as REFINER_FOLDER,
     LORA_FOLDER,
@@ -83,7 +84,6 @@ from .nodes_refine import (
     RefinerType,
     Target,
     map_refiner,
-    register_folders,
 )
 
 log = logging.getLogger(__name__)
@@ -94,24 +94,6 @@ TRAIN_NAME = "Train Refiner"
 SAVE_NAME = "Save Refiner"
 TeacherCacheType = io.Custom("TEACHER_CACHE")
 SAVE_FOLDERS = [LORA_FOLDER, REFINER_FOLDER]
-
-
-def _node_id(cls) -> Optional[str]:
-    hidden = getattr(cls, "hidden", None)
-    return getattr(hidden, "unique_id", None) if hidden is not None else None
-
-
-def _check_int(name: str, value, lo: int, node: str, hint: str) -> int:
-    if isinstance(value, bool) or int(value) != value or int(value) < lo:
-        raise ValueError(f"{node}: {name} must be an integer >= {lo}, got {value!r}; {hint}")
-    return int(value)
-
-
-def _check_float(name: str, value, node: str, *, positive: bool = True) -> float:
-    v = float(value)
-    if not math.isfinite(v) or (positive and v <= 0):
-        raise ValueError(f"{node}: {name} must be a finite number{' > 0' if positive else ''}, got {value!r}")
-    return v
 
 
 def _clone_value(v):
@@ -178,11 +160,11 @@ def build_teacher_cache(model, positive, negative, latent, *, samples_per_prompt
     prompts = split_prompts(positive, CACHE_NAME)
     bridge.check_conditioning(positive, "positive", CACHE_NAME, model)
     bridge.check_conditioning(negative, "negative", CACHE_NAME, model)
-    n = _check_int("samples_per_prompt", samples_per_prompt, 1, CACHE_NAME, "set it to 1 or more")
-    steps = _check_int("steps", steps, 1, CACHE_NAME, "the teacher needs at least one guided step (the paper uses 20)")
-    cfg = _check_float("cfg", cfg, CACHE_NAME)
-    if scheduler not in bridge.scheduler_names():
-        raise ValueError(f"{CACHE_NAME}: unknown scheduler {scheduler!r}: expected one of {bridge.scheduler_names()}")
+    n = check_int(CACHE_NAME, "samples_per_prompt", samples_per_prompt, 1, hint="set it to 1 or more")
+    steps = check_int(CACHE_NAME, "steps", steps, 1,
+                      hint="the teacher needs at least one guided step (the paper uses 20)")
+    cfg = check_number(CACHE_NAME, "cfg", cfg, above=0.0)
+    check_combo(CACHE_NAME, "scheduler", scheduler, bridge.scheduler_names())
     kind = bridge.model_kind(model)
     lat = bridge.prepare_latent(model, latent, CACHE_NAME)["samples"]
     shape = tuple(lat.shape[1:])
@@ -205,7 +187,7 @@ def build_teacher_cache(model, positive, negative, latent, *, samples_per_prompt
         raise ValueError(f"{CACHE_NAME}: the teacher's samples contain NaN/inf; check the model, cfg and scheduler")
     settings = {"cfg": cfg, "steps": steps, "scheduler": scheduler, "seed": int(seed), "samples_per_prompt": n}
     return TeacherCache(clone_conditioning_list(prompts), clone_conditioning(negative), noise, ids, x0, kind=kind,
-                        sigma_max=float(sigmas[0]), channels=shape[0], model_name=bridge._model_name(model),
+                        sigma_max=float(sigmas[0]), channels=shape[0], model_name=bridge.model_name(model),
                         settings=settings)
 
 
@@ -257,7 +239,7 @@ def lora_keys(model) -> dict[str, str]:
             out["lora_unet_" + mod.replace(".", "_")] = "diffusion_model." + lname
     if not out:
         raise ValueError(
-            f"{TRAIN_NAME}: this MODEL ({bridge._model_name(model)}) has no UNet layers the refiner LoRA targets "
+            f"{TRAIN_NAME}: this MODEL ({bridge.model_name(model)}) has no UNet layers the refiner LoRA targets "
             f"({', '.join(DEFAULT_TARGETS)}); training in ComfyUI supports UNet models (SD1.x, SD2.x, SDXL)"
         )
     return out
@@ -339,11 +321,11 @@ def train(model, cache: TeacherCache, *, steps: int, student_steps: int, batch_s
     """Train a refiner LoRA on ``cache``; returns ``(Refiner, losses)``. ``model`` is not modified."""
     if not isinstance(cache, TeacherCache):
         raise ValueError(f"{TRAIN_NAME}: expected a TEACHER_CACHE from {CACHE_NAME}, got {type(cache).__name__}")
-    steps = _check_int("steps", steps, 1, TRAIN_NAME, "set the number of optimizer steps to 1 or more")
-    student_steps = _check_int("student_steps", student_steps, 1, TRAIN_NAME, "the paper uses 10 student steps")
-    batch_size = _check_int("batch_size", batch_size, 1, TRAIN_NAME, "set it to 1 or more")
-    rank = _check_int("rank", rank, 1, TRAIN_NAME, "set the LoRA rank to 1 or more")
-    lr = _check_float("learning_rate", learning_rate, TRAIN_NAME)
+    steps = check_int(TRAIN_NAME, "steps", steps, 1, hint="set the number of optimizer steps to 1 or more")
+    student_steps = check_int(TRAIN_NAME, "student_steps", student_steps, 1, hint="the paper uses 10 student steps")
+    batch_size = check_int(TRAIN_NAME, "batch_size", batch_size, 1, hint="set it to 1 or more")
+    rank = check_int(TRAIN_NAME, "rank", rank, 1, hint="set the LoRA rank to 1 or more")
+    lr = check_number(TRAIN_NAME, "learning_rate", learning_rate, above=0.0)
     alpha = check_number(TRAIN_NAME, "alpha", alpha, 0.0, None, "0 uses alpha = rank (scale 1)")
     alpha = alpha if alpha > 0 else float(rank)
     kind = bridge.model_kind(model)
@@ -353,7 +335,7 @@ def train(model, cache: TeacherCache, *, steps: int, student_steps: int, batch_s
         raise ValueError(
             f"{TRAIN_NAME}: the teacher cache was built with another model ({cache.model_name}: {cache.kind.value}, "
             f"sigma_max {cache.sigma_max:g}, {cache.channels} latent channels) than this MODEL "
-            f"({bridge._model_name(model)}: {kind.value}, sigma_max {smax:g}, {channels} channels); build the cache "
+            f"({bridge.model_name(model)}: {kind.value}, sigma_max {smax:g}, {channels} channels); build the cache "
             f"with the model you train"
         )
     scheduler = scheduler or cache.settings["scheduler"]
@@ -424,7 +406,7 @@ def train(model, cache: TeacherCache, *, steps: int, student_steps: int, batch_s
         "noisecraft.kind": "refiner",
         "noisecraft.convention": CONVENTION,
         "noisecraft.model_kind": kind.value,
-        "noisecraft.base_model": bridge._model_name(model),
+        "noisecraft.base_model": bridge.model_name(model),
         "noisecraft.sigma_max": repr(smax),
         "noisecraft.rank": str(rank),
         "noisecraft.alpha": repr(alpha),
@@ -445,16 +427,8 @@ def train(model, cache: TeacherCache, *, steps: int, student_steps: int, batch_s
 def save_refiner(refiner: Refiner, filename: str, folder: str) -> Path:
     if not isinstance(refiner, Refiner):
         raise ValueError(f"{SAVE_NAME}: expected a REFINER from {TRAIN_NAME} or Load Refiner, got {type(refiner).__name__}")
-    if folder not in SAVE_FOLDERS:
-        raise ValueError(f"{SAVE_NAME}: folder must be one of {SAVE_FOLDERS}, got {folder!r}")
-    stem = check_save_name(filename, SAVE_NAME, "my_refiner")
-    register_folders()
-    root = Path(folder_paths.get_folder_paths(folder)[0])
-    root.mkdir(parents=True, exist_ok=True)
-    i = 1
-    while (root / f"{stem}_{i:05d}.safetensors").exists():
-        i += 1
-    path = inside(root, root / f"{stem}_{i:05d}.safetensors", SAVE_NAME)
+    check_combo(SAVE_NAME, "folder", folder, SAVE_FOLDERS)
+    path = save_path(folder, filename, SAVE_NAME, example="my_refiner")
     state = {}
     for key, (down, up, alpha) in refiner.pairs.items():
         state[f"{key}.lora_down.weight"] = down.to(torch.float32)
@@ -463,7 +437,7 @@ def save_refiner(refiner: Refiner, filename: str, folder: str) -> Path:
     meta = {str(k): str(v) for k, v in refiner.metadata.items()}
     meta.setdefault("noisecraft.kind", "refiner")
     write_safetensors(state, path, meta)
-    folder_paths.filename_list_cache.pop(folder, None)
+    file_list_changed(folder)
     return path
 
 
@@ -482,25 +456,25 @@ class BuildTeacherCache(io.ComfyNode):
             "in memory: the teacher for Train Refiner (NoiseRefine, Ahn, Kang et al., arXiv:2412.03895). Costs "
             "2 x steps model passes per sample.",
             inputs=[
-                io.Model.Input("model", tooltip="The model to train a refiner for (the refiner only fits this model). "
-                               "Not modified. Always used."),
-                io.Conditioning.Input("positive", tooltip="The training prompts: one CLIP Text Encode per prompt, "
-                                      "joined with Conditioning (Combine); every entry is one prompt. Always used."),
-                io.Conditioning.Input("negative", tooltip="The negative prompt of the guided teacher (often empty). "
-                                      "Always used."),
-                io.Latent.Input("latent", tooltip="Gives the training size and channels (e.g. Empty Latent Image); "
-                                "its batch and content are ignored. Always used."),
+                *sampling_inputs(
+                    model="The model to train a refiner for (the refiner only fits this model). Not modified. "
+                    "Always used.",
+                    positive="The training prompts: one CLIP Text Encode per prompt, joined with Conditioning "
+                    "(Combine); every entry is one prompt. Always used.",
+                    negative="The negative prompt of the guided teacher (often empty). Always used.",
+                    latent="Gives the training size and channels (e.g. Empty Latent Image); its batch and content "
+                    "are ignored. Always used.",
+                ),
                 io.Int.Input("samples_per_prompt", default=8, min=1, max=4096,
                              tooltip="Seeded noises per prompt (training samples = prompts x this). Minimum 1."),
-                io.Int.Input("seed", default=0, min=0, max=0xFFFFFFFFFFFFFFFF, control_after_generate=True,
-                             tooltip="Seed of the noises (one torch.Generator for all of them)."),
+                seed_input("Seed of the noises (one torch.Generator for all of them)."),
                 io.Float.Input("cfg", default=7.5, min=0.0, max=100.0, step=0.1, round=0.01,
                                tooltip="Guidance scale of the teacher: the guided look the refiner learns to give "
                                "without guidance. 1 turns guidance off (nothing to learn)."),
                 io.Int.Input("steps", default=20, min=1, max=1000,
                              tooltip="Teacher sampling steps (the paper uses 20). Minimum 1."),
-                io.Combo.Input("scheduler", options=bridge.scheduler_names(), default="normal",
-                               tooltip="ComfyUI scheduler of the teacher's (and, by default, the student's) schedule."),
+                scheduler_input("ComfyUI scheduler of the teacher's (and, by default, the student's) schedule.",
+                                bridge.scheduler_names()),
             ],
             outputs=[TeacherCacheType.Output(display_name="teacher_cache",
                                              tooltip="Noises, prompts and guided results, for Train Refiner.")],
@@ -510,7 +484,7 @@ class BuildTeacherCache(io.ComfyNode):
     @classmethod
     def execute(cls, model, positive, negative, latent, samples_per_prompt, seed, cfg, steps, scheduler):
         cache = build_teacher_cache(model, positive, negative, latent, samples_per_prompt=samples_per_prompt,
-                                    seed=seed, cfg=cfg, steps=steps, scheduler=scheduler, node_id=_node_id(cls))
+                                    seed=seed, cfg=cfg, steps=steps, scheduler=scheduler, node_id=node_id(cls))
         log.info("%s: %r", CACHE_NAME, cache)
         return io.NodeOutput(cache, ui={"text": [f"{len(cache)} teacher samples ({len(cache.prompts)} prompts)"]})
 
@@ -542,8 +516,7 @@ class TrainRefiner(io.ComfyNode):
                              tooltip="LoRA rank (the paper uses 128 for SD2.1). Minimum 1."),
                 io.Float.Input("alpha", default=0.0, min=0.0, max=1024.0, step=1.0,
                                tooltip="LoRA alpha (scale alpha / rank). 0 uses alpha = rank (scale 1)."),
-                io.Int.Input("seed", default=0, min=0, max=0xFFFFFFFFFFFFFFFF, control_after_generate=True,
-                             tooltip="Seed of the LoRA initialisation and the data order."),
+                seed_input("Seed of the LoRA initialisation and the data order."),
             ],
             outputs=[
                 RefinerType.Output(display_name="refiner", tooltip="The trained refiner, for Refine Noise and Save "
@@ -557,7 +530,7 @@ class TrainRefiner(io.ComfyNode):
     def execute(cls, model, teacher_cache, steps, student_steps, batch_size, learning_rate, rank, alpha, seed):
         refiner, losses = train(model, teacher_cache, steps=steps, student_steps=student_steps, batch_size=batch_size,
                                 learning_rate=learning_rate, rank=rank, alpha=alpha, seed=seed,
-                                node_id=_node_id(cls))
+                                node_id=node_id(cls))
         text = (f"MSD loss {losses[0]:.5g} -> {losses[-1]:.5g} in {len(losses)} steps\n"
                 + ", ".join(f"{v:.5g}" for v in losses))
         return io.NodeOutput(refiner, losses, ui={"text": [text], "noisecraft_losses": losses})
@@ -573,12 +546,13 @@ class SaveRefiner(io.ComfyNode):
             display_name=SAVE_NAME,
             category=CATEGORY,
             description="Saves a refiner LoRA (.safetensors, kohya keys, noisecraft.* metadata) that Load Refiner and "
-            "ComfyUI's LoRA loaders read. Never overwrites: a counter is appended.",
+            "ComfyUI's LoRA loaders read. Never overwrites: a counter is appended (<filename>_00001_.safetensors, "
+            "numbered like ComfyUI's own savers).",
             inputs=[
                 RefinerType.Input("refiner", tooltip="From Train Refiner (or Load Refiner). Always used."),
                 io.String.Input("filename", default="noisecraft_refiner",
-                                tooltip="File name without folder; '_00001.safetensors' (next free counter) is "
-                                "appended."),
+                                tooltip="File name without folder; '_00001_.safetensors' (the next counter, as "
+                                "ComfyUI's savers number files) is appended."),
                 io.Combo.Input("folder", options=SAVE_FOLDERS, default=LORA_FOLDER,
                                tooltip="models/loras (Load Refiner and the stock LoRA loaders see it) or "
                                "models/noise_refiners (only Load Refiner lists it)."),

@@ -31,10 +31,15 @@ Choices where the issue was silent:
   ``torch.enable_grad()`` on tensors cloned out of the inference-mode pairs; every step is a
   progress tick and an interrupt point. The loss history goes to the UI (``noisecraft_history``).
 * Saving: ``models/npnet/<filename>.safetensors`` (the first ``npnet`` folder), so Load NPNet lists
-  it after a refresh; written with ``save_npnet_safetensors`` to a temporary name and renamed;
-  an existing file is kept and a numbered name (``_00001``) is used unless ``overwrite`` is on.
-  The filename is refused (not sanitized) when it is empty, too long or has a folder part
-  (:func:`nodes.common.check_save_name`), so nothing is written outside models/npnet.
+  it after a refresh; written with the core's one NPNet writer, ``save_npnet_safetensors``, which
+  writes atomically through :func:`noisecraft.io.write_safetensors` (a temporary name, renamed).
+  Names (:func:`nodes.common.save_path`): with ``overwrite`` on, the plain
+  ``<filename>.safetensors`` is written, replacing a file of that name; with it off (default) the
+  plain name is used while it is free, as before, and an existing file is kept: the new one is
+  numbered the way ComfyUI's own savers number theirs, ``<filename>_<counter:05>_.safetensors``
+  (the counter one past the highest in the folder). The filename is refused (not sanitized) when
+  it is empty, too long or has a folder part (:func:`nodes.common.check_save_name`), so nothing is
+  written outside models/npnet.
 """
 
 from __future__ import annotations
@@ -51,16 +56,15 @@ import torch.nn.functional as F
 from comfy_api.latest import io
 
 import comfy.model_management
-import folder_paths
 
-from ..noisecraft.io import atomic_path, clean_stale_temps
 from ..noisecraft.npnet import NPNet, NPNetConfig, fit_prompt, save_npnet_safetensors
 from ..noisecraft.rng import seeded_noise
 from ..noisecraft.train.npnet_pairs import re_denoise
 from ..noisecraft.train.npnet_trainer import SMALL_NPNET, init_npnet
 from . import bridge
-from .common import check_save_name, inside
-from .nodes_npnet import FOLDER, LOAD_NAME, LoadedNPNet, NPNetType, _check_combo, _width_note, register_folders
+from .common import (SEED_MASK, check_combo, check_int, file_list_changed, node_id, prompt_embedding, sampling_inputs,
+                     save_path, scheduler_input, seed_input)
+from .nodes_npnet import FOLDER, LOAD_NAME, LoadedNPNet, NPNetType, width_note
 
 log = logging.getLogger(__name__)
 
@@ -70,7 +74,6 @@ TRAIN_NAME = "Train NPNet"
 SAVE_NAME = "Save NPNet"
 SIZES = ["official", "small"]
 MAX_TOKENS = 77
-SEED_MASK = 0xFFFF_FFFF_FFFF_FFFF
 
 NPNetPairsType = io.Custom("NPNET_PAIRS")
 
@@ -101,34 +104,12 @@ class NPNetPairs:
                 f"{self.embeds.shape[1]}x{self.embeds.shape[2]}, w_l={self.meta.get('w_l')}, w_w={self.meta.get('w_w')})")
 
 
-def _node_id(cls) -> Optional[str]:
-    # hidden inputs are set when ComfyUI executes the node; None when execute() is called directly
-    return cls.hidden.unique_id if cls.hidden is not None else None
-
-
 def _positive_embeds(positive) -> torch.Tensor:
     """[P, tokens <= 77, width] prompt embeddings of the positive CONDITIONING (its first entry)."""
-    if (not isinstance(positive, (list, tuple)) or not positive or not isinstance(positive[0], (list, tuple))
-            or not torch.is_tensor(positive[0][0])):
-        got = "an empty list (no prompts)" if isinstance(positive, (list, tuple)) and not positive else \
-            type(positive).__name__
-        raise ValueError(f"{COLLECT_NAME}: positive: expected a CONDITIONING with at least one prompt (e.g. from CLIP "
-                         f"Text Encode), got {got}")
-    if len(positive) > 1:
-        log.info("%s: the conditioning has %d entries; NPNet reads the first one's prompt", COLLECT_NAME, len(positive))
-    emb = positive[0][0]
-    if emb.ndim != 3 or emb.shape[0] < 1 or emb.shape[1] < 1:
-        raise ValueError(f"{COLLECT_NAME}: expected the conditioning tensor as [batch, tokens, width], got "
-                         f"{list(emb.shape)}")
+    emb = prompt_embedding(positive, COLLECT_NAME)
     if emb.shape[1] > MAX_TOKENS:
         emb = fit_prompt(emb, MAX_TOKENS, "truncate")
     return emb.detach().to("cpu", torch.float32).clone()
-
-
-def _positive_int(name: str, value, what: str) -> int:
-    if int(value) != value or int(value) < 1:
-        raise ValueError(f"{name} must be an integer >= 1 ({what}), got {value!r}")
-    return int(value)
 
 
 # -- Collect NPNet Pairs ----------------------------------------------------------------------------
@@ -141,10 +122,10 @@ def collect(model, positive, negative, latent: dict, *, seed: int, count: int, w
     ``require_gap=False`` allows ``w_w >= w_l`` (diagnostics: w_w = w_l gives near-identity pairs); the
     node always requires ``w_w < w_l``.
     """
-    count = _positive_int("count", count, "the number of pairs per prompt; 1 or more")
-    batch_size = _positive_int("batch_size", batch_size, "pairs per model call; 1 or more")
-    _positive_int("steps", steps, "the collection schedule's steps; at least 2, the paper uses 10")
-    _check_combo("scheduler", scheduler, bridge.scheduler_names())
+    count = check_int(COLLECT_NAME, "count", count, 1, hint="the number of pairs per prompt; 1 or more")
+    batch_size = check_int(COLLECT_NAME, "batch_size", batch_size, 1, hint="pairs per model call; 1 or more")
+    check_int(COLLECT_NAME, "steps", steps, 1, hint="the collection schedule's steps; at least 2, the paper uses 10")
+    check_combo(COLLECT_NAME, "scheduler", scheduler, bridge.scheduler_names())
     w_l, w_w = float(w_l), float(w_w)
     if not (math.isfinite(w_l) and math.isfinite(w_w)):
         raise ValueError(f"{COLLECT_NAME}: w_l and w_w must be finite numbers, got {w_l} and {w_w}")
@@ -189,7 +170,7 @@ def collect(model, positive, negative, latent: dict, *, seed: int, count: int, w
                              seed=int(seed), progress=progress)
     meta = {"w_l": w_l, "w_w": w_w, "steps": int(steps), "scheduler": scheduler, "seed": int(seed),
             "kind": kind.value, "sigma_max": float(sigmas[0]), "sigma_next": float(sigmas[1]),
-            "base_model": bridge._model_name(model), "count": count, "prompts": p}
+            "base_model": bridge.model_name(model), "count": count, "prompts": p}
     return NPNetPairs(noise, target, embeds, cond, meta)
 
 
@@ -206,17 +187,16 @@ class CollectNPNetPairs(io.ComfyNode):
             "noise takes one denoising step at CFG w_l and one inversion step back at CFG w_w; the result is the "
             "'golden' target. Every pair is kept. Feed Train NPNet.",
             inputs=[
-                io.Model.Input("model", tooltip="The model to make golden noise for (its LoRAs and patches apply). "
-                               "Always used."),
-                io.Conditioning.Input("positive", tooltip="The prompt(s) NPNet learns from; a batch of prompts gives "
-                                      "count pairs per prompt. NPNet reads this text embedding. Always used."),
-                io.Conditioning.Input("negative", tooltip="The negative prompt of the CFG steps (e.g. an empty "
-                                      "prompt). Unused only where a cfg is 1."),
-                io.Latent.Input("latent", tooltip="Only its size counts (square: width = height): the latent size "
-                                "NPNet is trained at, e.g. 1024x1024 for SDXL. Always used."),
-                io.Int.Input("seed", default=0, min=0, max=SEED_MASK, control_after_generate=True,
-                             tooltip="Pair i starts from the noise of seed + i (the CLI's convention). No value "
-                             "turns it off."),
+                *sampling_inputs(
+                    model="The model to make golden noise for (its LoRAs and patches apply). Always used.",
+                    positive="The prompt(s) NPNet learns from; a batch of prompts gives count pairs per prompt. "
+                    "NPNet reads this text embedding. Always used.",
+                    negative="The negative prompt of the CFG steps (e.g. an empty prompt). Unused only where a cfg "
+                    "is 1.",
+                    latent="Only its size counts (square: width = height): the latent size NPNet is trained at, "
+                    "e.g. 1024x1024 for SDXL. Always used.",
+                ),
+                seed_input("Pair i starts from the noise of seed + i (the CLI's convention). No value turns it off."),
                 io.Int.Input("count", default=64, min=1, max=1_000_000,
                              tooltip="Pairs per prompt (the paper collects tens of thousands over many prompts). "
                              "Minimum 1; there is no off value."),
@@ -230,9 +210,8 @@ class CollectNPNetPairs(io.ComfyNode):
                 io.Int.Input("steps", default=10, min=2, max=1000,
                              tooltip="Steps of the schedule the re-denoise step is the first step of (the paper: "
                              "10). No value turns it off."),
-                io.Combo.Input("scheduler", options=bridge.scheduler_names(), default="normal",
-                               tooltip="ComfyUI scheduler of that schedule (normal = the usual one). No value turns "
-                               "it off."),
+                scheduler_input("ComfyUI scheduler of that schedule (normal = the usual one). No value turns it off.",
+                                bridge.scheduler_names()),
                 io.Int.Input("batch_size", default=8, min=1, max=4096,
                              tooltip="Pairs per model call (memory vs. speed); does not change the pairs. No "
                              "value turns it off."),
@@ -245,7 +224,7 @@ class CollectNPNetPairs(io.ComfyNode):
     def execute(cls, model, positive, negative, latent, seed, count, w_l, w_w, steps, scheduler="normal",
                 batch_size=8) -> io.NodeOutput:
         pairs = collect(model, positive, negative, latent, seed=seed, count=count, w_l=w_l, w_w=w_w, steps=steps,
-                        scheduler=scheduler, batch_size=batch_size, node_id=_node_id(cls))
+                        scheduler=scheduler, batch_size=batch_size, node_id=node_id(cls))
         log.info("%s: %r, identity MSE %.6g", COLLECT_NAME, pairs, pairs.identity_mse())
         return io.NodeOutput(pairs)
 
@@ -262,7 +241,7 @@ def _check_pairs(pairs) -> NPNetPairs:
 
 def config_for(pairs: NPNetPairs, size: str) -> NPNetConfig:
     """The NPNet shape for the pairs: channels and size from the latents, tokens and width from the text."""
-    _check_combo("size", size, SIZES)
+    check_combo(TRAIN_NAME, "size", size, SIZES)
     c, h, _ = pairs.shape
     _, tokens, width = pairs.embeds.shape
     extra = SMALL_NPNET if size == "small" else {}
@@ -275,8 +254,8 @@ def _check_fits(net: NPNet, pairs: NPNetPairs, name: str) -> None:
     _, tokens, width = pairs.embeds.shape
     if width != cfg.text_width:
         raise ValueError(
-            f"{TRAIN_NAME}: the pairs' prompts are {_width_note(int(width))}, but the NPNet {name} reads "
-            f"{_width_note(cfg.text_width)}. Fine-tune an NPNet made for this model's text encoder, or leave the "
+            f"{TRAIN_NAME}: the pairs' prompts are {width_note(int(width))}, but the NPNet {name} reads "
+            f"{width_note(cfg.text_width)}. Fine-tune an NPNet made for this model's text encoder, or leave the "
             f"npnet input unconnected to train a new one"
         )
     if (c, h, int(tokens)) != (cfg.latent_channels, cfg.latent_size, cfg.tokens):
@@ -292,8 +271,8 @@ def train(pairs: NPNetPairs, npnet: Optional[LoadedNPNet], *, steps: int, lr: fl
           size: str = "small", node_id: Optional[str] = None) -> tuple[NPNet, list[dict]]:
     """Train (a copy of) ``npnet`` or a new NPNet on ``pairs``; returns the net (eval, CPU) and the log."""
     pairs = _check_pairs(pairs)
-    steps = _positive_int("steps", steps, "optimizer steps; 1 or more")
-    batch_size = _positive_int("batch_size", batch_size, "pairs per step; 1 or more")
+    steps = check_int(TRAIN_NAME, "steps", steps, 1, hint="optimizer steps; 1 or more")
+    batch_size = check_int(TRAIN_NAME, "batch_size", batch_size, 1, hint="pairs per step; 1 or more")
     lr = float(lr)
     if not (math.isfinite(lr) and lr > 0):
         raise ValueError(f"{TRAIN_NAME}: lr must be a positive number (the paper-style default is 1e-4 to 1e-3), "
@@ -367,8 +346,8 @@ class TrainNPNet(io.ComfyNode):
                                "No value turns it off."),
                 io.Int.Input("batch_size", default=16, min=1, max=4096,
                              tooltip="Pairs per step (the paper: 64). No value turns it off."),
-                io.Int.Input("seed", default=0, min=0, max=SEED_MASK,
-                             tooltip="Seed of the new net's weights and of the data order. No value turns it off."),
+                seed_input("Seed of the new net's weights and of the data order. No value turns it off.",
+                           control_after_generate=None),
                 io.Combo.Input("size", options=SIZES, default="official",
                                tooltip="Shape of a new NPNet: official (the paper's Swin-T branch, ~30M "
                                "parameters, slow on CPU) or small (~0.1M, for small latents and quick runs). "
@@ -385,9 +364,9 @@ class TrainNPNet(io.ComfyNode):
 
     @classmethod
     def execute(cls, pairs, steps, lr, batch_size, seed, size="official", npnet=None) -> io.NodeOutput:
-        _check_combo("size", size, SIZES)
+        check_combo(TRAIN_NAME, "size", size, SIZES)
         net, history = train(pairs, npnet, steps=steps, lr=lr, batch_size=batch_size, seed=seed, size=size,
-                             node_id=_node_id(cls))
+                             node_id=node_id(cls))
         first, last = history[0], history[-1]
         text = (f"{len(history)} steps on {len(pairs)} pairs: loss {first['loss']:.6g} -> {last['loss']:.6g} "
                 f"(identity MSE {pairs.identity_mse():.6g})")
@@ -403,38 +382,18 @@ class TrainNPNet(io.ComfyNode):
 
 # -- Save NPNet ---------------------------------------------------------------------------------------
 
-def output_folder() -> Path:
-    register_folders()
-    return Path(folder_paths.get_folder_paths(FOLDER)[0])
-
-
-def _target_path(folder: Path, filename: str, overwrite: bool) -> Path:
-    name = check_save_name(filename, SAVE_NAME, "my_npnet")
-    path = folder / f"{name}.safetensors"
-    if overwrite or not path.exists():
-        return inside(folder, path, SAVE_NAME)
-    for i in range(1, 100_000):
-        cand = folder / f"{name}_{i:05d}.safetensors"
-        if not cand.exists():
-            return inside(folder, cand, SAVE_NAME)
-    raise FileExistsError(f"{SAVE_NAME}: no free file name for {name!r} in {folder}")
-
-
 def save(npnet: LoadedNPNet, filename: str, overwrite: bool = False) -> Path:
     if not isinstance(npnet, LoadedNPNet):
         raise ValueError(f"{SAVE_NAME}: expected an NPNET from {TRAIN_NAME} or {LOAD_NAME}, got {type(npnet).__name__}")
-    folder = output_folder()
-    folder.mkdir(parents=True, exist_ok=True)
-    path = _target_path(folder, filename, bool(overwrite))
+    # overwrite: the plain name, replaced; otherwise the plain name while free, then ComfyUI's numbering
+    path = save_path(FOLDER, filename, SAVE_NAME, example="my_npnet", overwrite=bool(overwrite), plain_first=True)
     meta = {"noisecraft.source": npnet.describe()}
     training = getattr(npnet, "training", None)
     if training:
         meta["noisecraft.training"] = json.dumps(training, sort_keys=True)
         meta["noisecraft.base_model"] = str(training.get("pairs", {}).get("base_model", ""))
-    clean_stale_temps(folder)  # a killed earlier save's temp file (our own naming only)
-    with atomic_path(path) as tmp:  # temp file + fsync + os.replace: no half-written file under the name
-        save_npnet_safetensors(npnet.net, tmp, meta)
-    folder_paths.filename_list_cache.pop(FOLDER, None)  # Load NPNet lists it on the next refresh
+    save_npnet_safetensors(npnet.net, path, meta)  # atomic: temp file + fsync + os.replace
+    file_list_changed(FOLDER)  # Load NPNet lists it on the next refresh
     return path
 
 
@@ -455,8 +414,8 @@ class SaveNPNet(io.ComfyNode):
                                 tooltip="File name in models/npnet, without folders (.safetensors is added). "
                                 "Always used."),
                 io.Boolean.Input("overwrite", default=False,
-                                 tooltip="Replace an existing file of that name; off (default) adds a number "
-                                 "(_00001) instead."),
+                                 tooltip="Replace an existing file of that name; off (default) keeps it and adds a "
+                                 "number (_00001_, as ComfyUI's savers number files) instead."),
             ],
             outputs=[io.String.Output(display_name="npnet_name", tooltip="The saved file's name, as Load NPNet "
                                       "lists it.")],

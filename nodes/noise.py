@@ -16,13 +16,13 @@ import torch
 
 from ..noisecraft.rng import seeded_noise
 from ..noisecraft.stability import check_noise
+from .common import SEED_MASK  # re-exported: nodes.noise.SEED_MASK was public before nodes.common
 
 log = logging.getLogger(__name__)
 
 __all__ = ["SEED_MASK", "SeededNoise", "FixedNoise", "NoiseTransform", "latent_samples", "comfy_noise",
            "candidate_stack", "check_input_noise"]
 
-SEED_MASK = 0xFFFF_FFFF_FFFF_FFFF  # ComfyUI seeds are unsigned 64-bit
 
 
 def latent_samples(input_latent) -> torch.Tensor:

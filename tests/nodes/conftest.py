@@ -136,32 +136,20 @@ def model_folders():
     return _swap_model_folders
 
 
-def _node_module(name: str):
-    return importlib.import_module(f"{PACK_NAME}.nodes.{name}")
+def _node_module_fixture(name: str, module: str):
+    """A session fixture ``name``: the pack's ``nodes/<module>.py`` as ComfyUI imports it."""
+
+    def fixture(nc):
+        return importlib.import_module(f"{PACK_NAME}.nodes.{module}")
+
+    fixture.__doc__ = f"nodes/{module}.py as ComfyUI imports it."
+    return pytest.fixture(scope="session", name=name)(fixture)
 
 
-@pytest.fixture(scope="session")
-def rf(nc):
-    """nodes/nodes_refine.py as ComfyUI imports it."""
-    return _node_module("nodes_refine")
-
-
-@pytest.fixture(scope="session")
-def tr(nc):
-    """nodes/nodes_train.py."""
-    return _node_module("nodes_train")
-
-
-@pytest.fixture(scope="session")
-def npn(nc):
-    """nodes/nodes_npnet.py."""
-    return _node_module("nodes_npnet")
-
-
-@pytest.fixture(scope="session")
-def tn(nc):
-    """nodes/nodes_train_npnet.py."""
-    return _node_module("nodes_train_npnet")
+rf = _node_module_fixture("rf", "nodes_refine")
+tr = _node_module_fixture("tr", "nodes_train")
+npn = _node_module_fixture("npn", "nodes_npnet")
+tn = _node_module_fixture("tn", "nodes_train_npnet")
 
 
 @pytest.fixture(autouse=True)

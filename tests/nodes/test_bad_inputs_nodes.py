@@ -433,7 +433,7 @@ def test_the_good_files_and_plain_names_still_work(ctx):
         refiner = ctx.refiner()
         assert npnet.config.latent_size == SIZE and len(refiner.pairs) > 10
         name = ctx.tr.SaveRefiner.execute(refiner, "plain name-1.0", "loras").args[0]
-        assert (ctx.root / "loras" / name).is_file() and name == "plain name-1.0_00001.safetensors"
+        assert (ctx.root / "loras" / name).is_file() and name == "plain name-1.0_00001_.safetensors"
         saved = ctx.tn.SaveNPNet.execute(npnet, "my_npnet.safetensors", False).args[0]
         assert (ctx.root / "npnet" / saved).is_file() and saved == "my_npnet.safetensors"
         assert ctx.npn.LoadNPNet.execute(saved, "auto").args[0].config == npnet.config

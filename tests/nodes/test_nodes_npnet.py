@@ -116,6 +116,16 @@ def test_paths_another_pack_registers_under_the_alias_are_listed_too(npn, models
     assert npn.resolve_file("extra_npnet.safetensors").parent == tmp_path
 
 
+def test_registering_the_folders_again_changes_nothing(npn, models_dir):
+    """nodes.common.register_folders (npnet + the npnets alias, noise_refiners) is idempotent."""
+    npn.register_folders()
+    before = {k: list(folder_paths.get_folder_paths(k)) for k in ("npnet", "noise_refiners")}
+    assert str(models_dir / "npnet") == before["npnet"][0] and str(models_dir / "npnets") in before["npnet"]
+    npn.register_folders()
+    npn.register_folders()
+    assert {k: folder_paths.get_folder_paths(k) for k in before} == before
+
+
 def test_a_second_load_returns_the_same_object_until_the_file_changes(npn, models_dir, sdxl_npnet):
     again = npn.LoadNPNet.execute(SDXL_FILE, "auto").args[0]
     assert again is sdxl_npnet and again.net is sdxl_npnet.net

@@ -112,7 +112,7 @@ def test_noise_to_latent_then_ksampler_advanced_equals_sampler_custom_advanced(n
 # -- bad input -----------------------------------------------------------------------------------
 
 def test_k_below_one_is_refused(nc):
-    with pytest.raises(ValueError, match=r"candidates \(K\) must be >= 1"):
+    with pytest.raises(ValueError, match=r"candidates \(K\) must be an integer >= 1"):
         select(nc, "sd15", k=0)
 
 

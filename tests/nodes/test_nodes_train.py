@@ -104,18 +104,30 @@ def models_dir(tmp_path, rf, model_folders):
         yield tmp_path
 
 
+def test_save_refiner_numbers_files_like_comfyui_savers(tr, model, cache, models_dir):
+    """The counter is one past the highest ``<name>_<counter>_`` in the folder (ComfyUI's
+    ``get_save_image_path``, as SaveLoRA uses it), also past a gap; an old-style file is kept."""
+    refiner, _ = train(tr, model, cache, steps=1).args
+    loras = models_dir / "loras"
+    (loras / "numbered_00007_.safetensors").write_bytes(b"placeholder")
+    (loras / "numbered_00001.safetensors").write_bytes(b"old naming")
+    assert tr.SaveRefiner.execute(refiner, "numbered", "loras").args[0] == "numbered_00008_.safetensors"
+    assert (loras / "numbered_00001.safetensors").read_bytes() == b"old naming"
+    assert (loras / "numbered_00007_.safetensors").read_bytes() == b"placeholder"
+
+
 def test_saved_refiner_loads_in_load_refiner_refine_noise_and_the_stock_lora_loader(tr, rf, nc, model, cache,
                                                                                      models_dir):
     refiner, _ = train(tr, model, cache, steps=2).args
     out = tr.SaveRefiner.execute(refiner, "tiny_refiner", "loras")
     name = out.args[0]
-    assert name == "tiny_refiner_00001.safetensors"
+    assert name == "tiny_refiner_00001_.safetensors"
     path = models_dir / "loras" / name
     with safe_open(str(path), "pt") as f:
         meta = f.metadata()
     assert meta["noisecraft.kind"] == "refiner" and meta["noisecraft.model_kind"] == "eps"
     assert '"steps": 2' in meta["noisecraft.training"]
-    assert tr.SaveRefiner.execute(refiner, "tiny_refiner", "loras").args[0] == "tiny_refiner_00002.safetensors"
+    assert tr.SaveRefiner.execute(refiner, "tiny_refiner", "loras").args[0] == "tiny_refiner_00002_.safetensors"
 
     loaded = rf.LoadRefiner.execute(name).args[0]
     assert loaded.pairs.keys() == refiner.pairs.keys()

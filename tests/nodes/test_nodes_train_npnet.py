@@ -183,7 +183,7 @@ def test_saved_file_loads_with_load_npnet_and_feeds_golden_noise(tn, npn, pairs,
     with torch.inference_mode():
         out = tn.SaveNPNet.execute(trained, "tiny_xl", False)
         again = tn.SaveNPNet.execute(trained, "tiny_xl", False)
-    assert out.args[0] == "tiny_xl.safetensors" and again.args[0] == "tiny_xl_00001.safetensors"
+    assert out.args[0] == "tiny_xl.safetensors" and again.args[0] == "tiny_xl_00001_.safetensors"
     assert (models_dir / "npnet" / "tiny_xl.safetensors").is_file()
     assert not [p for p in (models_dir / "npnet").iterdir() if p.name.endswith(".tmp")]
     assert "tiny_xl.safetensors" in npn.npnet_files()
@@ -214,3 +214,9 @@ def test_save_refuses_bad_names_and_overwrites_on_request(tn, pairs, models_dir)
         tn.SaveNPNet.execute("net", "x", False)
     assert tn.SaveNPNet.execute(trained, "same", True).args[0] == "same.safetensors"
     assert tn.SaveNPNet.execute(trained, "same.safetensors", True).args[0] == "same.safetensors"
+    plain = models_dir / "npnet" / "same.safetensors"
+    before = (plain.stat().st_ino, plain.stat().st_mtime_ns)  # an atomic replace would give a new inode
+    # overwrite off keeps the existing file; the new one is numbered like ComfyUI's savers
+    assert tn.SaveNPNet.execute(trained, "same", False).args[0] == "same_00001_.safetensors"
+    assert tn.SaveNPNet.execute(trained, "same", False).args[0] == "same_00002_.safetensors"
+    assert (plain.stat().st_ino, plain.stat().st_mtime_ns) == before
