@@ -26,65 +26,11 @@ weights make the images meaningless; the timings are what this measures.
 from __future__ import annotations
 
 import argparse
-import importlib
-import importlib.util
 import logging
-import os
 import statistics
-import sys
 import time
-from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-PACK = "noisecraft_pack"
-TARGETS = ("to_q", "to_k", "to_v", "to_out.0", "conv1", "conv2", "ff.net.0.proj", "ff.net.2")
-
-
-def _setup_comfy(cpu: bool):
-    path = os.environ.get("COMFYUI_PATH")
-    if not path or not (Path(path) / "comfy" / "samplers.py").is_file():
-        sys.exit("set COMFYUI_PATH to a ComfyUI checkout (the folder with main.py and comfy/)")
-    sys.path.insert(0, str(Path(path).resolve()))
-    import torch
-
-    torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
-    from comfy.cli_args import args  # must precede comfy.model_management
-
-    args.cpu = cpu
-    args.use_pytorch_cross_attention = True
-    import comfy.utils
-
-    comfy.utils.PROGRESS_BAR_ENABLED = False
-
-
-def _load(name: str, path: Path, package: bool = False):
-    kw = {"submodule_search_locations": [str(path.parent)]} if package else {}
-    spec = importlib.util.spec_from_file_location(name, path, **kw)
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules[name] = mod
-    spec.loader.exec_module(mod)
-    return mod
-
-
-def random_lora(model, rank: int, seed: int, scale: float = 0.05):
-    """A random kohya LoRA (``lora_unet_<diffusers name>``) on the default targets of a ComfyUI UNet."""
-    import torch
-
-    import comfy.utils
-
-    weights = dict(model.model.named_parameters())
-    g = torch.Generator().manual_seed(seed)
-    state = {}
-    for dname, lname in sorted(comfy.utils.unet_to_diffusers(model.model.model_config.unet_config).items()):
-        mod = dname[: -len(".weight")]
-        if not dname.endswith(".weight") or not any(mod == t or mod.endswith("." + t) for t in TARGETS):
-            continue
-        w = weights["diffusion_model." + lname]
-        key = "lora_unet_" + mod.replace(".", "_")
-        state[f"{key}.lora_down.weight"] = torch.randn((rank, *w.shape[1:]), generator=g) * scale
-        state[f"{key}.lora_up.weight"] = torch.randn((w.shape[0], rank, *([1] * (w.ndim - 2))), generator=g) * scale
-        state[f"{key}.alpha"] = torch.tensor(float(rank))
-    return state
+from _common import load_pack, setup_comfy
 
 
 def main() -> None:
@@ -97,7 +43,7 @@ def main() -> None:
     p.add_argument("--rank", type=int, default=4)
     p.add_argument("--gpu", action="store_true", help="let ComfyUI pick the GPU instead of --cpu")
     a = p.parse_args()
-    _setup_comfy(cpu=not a.gpu)
+    setup_comfy(cpu=not a.gpu)
     logging.basicConfig(level=logging.WARNING)
 
     import torch
@@ -107,10 +53,7 @@ def main() -> None:
     import comfy.samplers
     from comfy_extras.nodes_custom_sampler import Noise_RandomNoise, SamplerCustomAdvanced
 
-    _load(PACK, REPO / "__init__.py", package=True)
-    rf = importlib.import_module(PACK + ".nodes.nodes_refine")
-    bridge = importlib.import_module(PACK + ".nodes.bridge")
-    tiny = _load("noisecraft_bench_tiny_models", REPO / "tests" / "e2e" / "nc_test_pack" / "tiny_models.py")
+    rf, bridge, refine, tiny = load_pack("nodes.nodes_refine", "nodes.bridge", "noisecraft.refine")
     lat_size = a.size // 8
     print(f"device {mm.get_torch_device()}, torch threads {torch.get_num_threads()}, {a.steps} steps euler/normal, "
           f"{a.size}x{a.size} px (latent {lat_size}x{lat_size}), refiner rank {a.rank}")
@@ -135,8 +78,6 @@ def main() -> None:
     def refined(model, refiner, seed, pos):
         return rf.RefineNoise.execute(Noise_RandomNoise(seed), model, refiner, pos, 1.0).args[0]
 
-    refine_noise = importlib.import_module(PACK + ".noisecraft.refine").refine_noise
-
     class WrapperRefined:
         """The alternative: the refiner registered with add_weight_wrapper on a clone (re-patches)."""
 
@@ -152,25 +93,23 @@ def main() -> None:
             smax, switch = bridge.sigma_max(self.clone), self.switch
 
             def fn(ctx):
-                def d_base(x, s):
-                    switch.enabled = False
-                    return ctx.denoiser(x, s)
-
-                def d_lora(x, s):
-                    switch.enabled = True
-                    try:
-                        return ctx.denoiser(x, s)
-                    finally:
+                def pass_with(refiner_on: bool):
+                    def d(x, s):
+                        switch.enabled = refiner_on
+                        out = ctx.denoiser(x, s)
                         switch.enabled = False
+                        return out
+                    return d
 
-                return refine_noise(e.to(ctx.device), d_base, d_lora, self.kind, smax, 1.0).cpu()
+                return refine.refine_noise(e.to(ctx.device), pass_with(False), pass_with(True), self.kind, smax,
+                                           1.0).cpu()
 
             return bridge.run_core(self.clone, self.pos, self.pos, e, fn, sigmas=torch.tensor([smax, 0.0]), cfg=1.0)
 
     for family in a.families:
         pos, neg = tiny.conditioning(family, 1), tiny.conditioning(family, 2, empty=True)
         model = tiny.build(family, seed=0)
-        refiner = rf.parse_refiner(random_lora(model, a.rank, seed=1),
+        refiner = rf.parse_refiner(tiny.random_refiner_lora(model, a.rank, seed=1),
                                    {"noisecraft.kind": "refiner", "noisecraft.model_kind": "eps"}, "bench")
         generate(model, Noise_RandomNoise(0), pos, neg, a.cfg)  # warm-up (first load)
         generate(model, refined(model, refiner, 0, pos), pos, neg, 1.0)
@@ -190,7 +129,7 @@ def main() -> None:
             mm.unload_all_models()
             fresh = tiny.build(family, seed=0)
             key_map = comfy.lora.model_lora_keys_unet(fresh.model, {})
-            fresh.add_patches(comfy.lora.load_lora(random_lora(fresh, 16, seed=7), key_map), 1.0)
+            fresh.add_patches(comfy.lora.load_lora(tiny.random_refiner_lora(fresh, 16, seed=7), key_map), 1.0)
             times = [generate(fresh, make(fresh, refiner, g, pos), pos, neg, 1.0) for g in range(3)]
             print(f"    {label:32s} {' / '.join(f'{t:.3f}' for t in times)} s")
         del model

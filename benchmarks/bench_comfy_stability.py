@@ -23,51 +23,9 @@ this measures.
 from __future__ import annotations
 
 import argparse
-import importlib
-import importlib.util
 import logging
-import os
-import sys
-import time
-from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-PACK = "noisecraft_pack"
-
-
-def _setup_comfy(cpu: bool):
-    path = os.environ.get("COMFYUI_PATH")
-    if not path or not (Path(path) / "comfy" / "samplers.py").is_file():
-        sys.exit("set COMFYUI_PATH to a ComfyUI checkout (the folder with main.py and comfy/)")
-    sys.path.insert(0, str(Path(path).resolve()))
-    import torch
-
-    torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
-    from comfy.cli_args import args  # must precede comfy.model_management
-
-    args.cpu = cpu
-    args.use_pytorch_cross_attention = True
-    import comfy.utils
-
-    comfy.utils.PROGRESS_BAR_ENABLED = False
-
-
-def _load(name: str, path: Path, package: bool = False):
-    kw = {"submodule_search_locations": [str(path.parent)]} if package else {}
-    spec = importlib.util.spec_from_file_location(name, path, **kw)
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules[name] = mod
-    spec.loader.exec_module(mod)
-    return mod
-
-
-def _spearman(a, b) -> float:
-    import torch
-
-    ra = torch.argsort(torch.argsort(torch.as_tensor(a, dtype=torch.float64))).double()
-    rb = torch.argsort(torch.argsort(torch.as_tensor(b, dtype=torch.float64))).double()
-    ra, rb = ra - ra.mean(), rb - rb.mean()
-    return float((ra * rb).sum() / (ra.norm() * rb.norm()).clamp_min(1e-12))
+from _common import fastest, load_pack, setup_comfy, spearman
 
 
 def main() -> None:
@@ -84,16 +42,14 @@ def main() -> None:
     a = p.parse_args()
     logging.basicConfig(level=logging.WARNING)
 
-    _setup_comfy(cpu=not a.gpu)
+    setup_comfy(cpu=not a.gpu)
     import torch
 
     import comfy.sample
     import comfy.samplers
     from comfy_extras.nodes_custom_sampler import Noise_RandomNoise
 
-    _load(PACK, REPO / "__init__.py", package=True)
-    nodes = importlib.import_module(f"{PACK}.nodes.nodes_stability")
-    tiny = _load("noisecraft_bench_tiny_models", REPO / "tests" / "e2e" / "nc_test_pack" / "tiny_models.py")
+    nodes, tiny = load_pack("nodes.nodes_stability")
 
     model = tiny.build("sd15", seed=0)
     pos = tiny.conditioning("sd15", seed=1)
@@ -113,22 +69,14 @@ def main() -> None:
                                                      micro_batch, 0)
         return out.ui["noisecraft_scores"][0]
 
-    def fastest(fn):
-        best = float("inf")
-        for _ in range(a.repeats):
-            t = time.perf_counter()
-            fn()
-            best = min(best, time.perf_counter() - t)
-        return best
-
     generate(0)  # warm-up: model load, kernels
-    t_gen = fastest(lambda: generate(1))
+    t_gen = fastest(lambda: generate(1), a.repeats)
     full = select(1000, a.seeds, a.gen_steps, a.micro_batch)  # the reference score of every seed
     rows = []
     for steps in a.score_steps:
-        t_sel = fastest(lambda: select(0, a.candidates, steps, a.micro_batch))
+        t_sel = fastest(lambda: select(0, a.candidates, steps, a.micro_batch), a.repeats)
         cheap = select(1000, a.seeds, steps, a.micro_batch)
-        rows.append((steps, t_sel, t_sel / t_gen, _spearman(cheap, full)))
+        rows.append((steps, t_sel, t_sel / t_gen, spearman(cheap, full)))
 
     dev = str(model.load_device)
     print(f"ComfyUI, tiny SD1.5-shaped model ({sum(p.numel() for p in model.model.diffusion_model.parameters()) / 1e6:.2f}M "

@@ -28,7 +28,7 @@ from noisecraft.msd import msd_loss, teacher_x0
 from noisecraft.refine import refine_noise
 from noisecraft.rng import seeded_noise
 from noisecraft.sigmas import get_sigmas, noise_to_x
-from noisecraft.toy import load_toy
+from noisecraft.hosts.toy import load_toy
 
 
 class SavedBytes:

@@ -39,6 +39,8 @@ from noisecraft.npnet import (
     to_trained_size,
 )
 
+from _common import fastest
+
 SIZES = ((64, 64), (96, 160), (128, 128), (192, 192))
 
 
@@ -104,20 +106,11 @@ def section_resolution(model, prompt, args) -> None:
     # cost of the resampling around the net
     noise = torch.randn(1, 4, 192, 192, generator=g).to(args.device)
     x128 = to_trained_size(noise, s)
-    t_net = _best(lambda: model(x128, prompt, canonical_signs=True))
-    t_all = _best(lambda: golden_noise(model, noise, prompt))
-    t_rs = _best(lambda: from_trained_size(to_trained_size(noise, s), 192, 192))
+    t_net = fastest(lambda: model(x128, prompt, canonical_signs=True))
+    t_all = fastest(lambda: golden_noise(model, noise, prompt))
+    t_rs = fastest(lambda: from_trained_size(to_trained_size(noise, s), 192, 192))
     print(f"\nTime at 192x192, one item: net forward {1000 * t_net:.0f} ms, golden_noise {1000 * t_all:.0f} ms, "
           f"the two resamplings alone {1000 * t_rs:.1f} ms.")
-
-
-def _best(fn, repeat: int = 3) -> float:
-    best = float("inf")
-    for _ in range(repeat):
-        t0 = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - t0)
-    return best
 
 
 class FlippingSVD:

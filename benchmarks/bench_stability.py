@@ -15,7 +15,6 @@ Everything is measured side by side in this one run, and printed as ratios:
 from __future__ import annotations
 
 import argparse
-import time
 
 import torch
 
@@ -23,23 +22,9 @@ from noisecraft import ode
 from noisecraft import stability as st
 from noisecraft.rng import seeded_noise
 from noisecraft.sigmas import get_sigmas, noise_to_x
-from noisecraft.toy import load_toy
+from noisecraft.hosts.toy import load_toy
 
-
-def _time(fn, repeat=3):
-    best = float("inf")
-    for _ in range(repeat):
-        t0 = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - t0)
-    return best
-
-
-def _spearman(a: torch.Tensor, b: torch.Tensor) -> float:
-    ra = torch.argsort(torch.argsort(a)).double()
-    rb = torch.argsort(torch.argsort(b)).double()
-    ra, rb = ra - ra.mean(), rb - rb.mean()
-    return float((ra * rb).sum() / (ra.norm() * rb.norm()))
+from _common import fastest, spearman
 
 
 def main() -> None:
@@ -63,7 +48,7 @@ def main() -> None:
     score_sigmas = get_sigmas(toy.table, "normal", args.score_steps)
     base = seeded_noise(0, shape)
 
-    gen = _time(lambda: ode.sample(guided, noise_to_x(base, kind, float(gen_sigmas[0])), gen_sigmas))
+    gen = fastest(lambda: ode.sample(guided, noise_to_x(base, kind, float(gen_sigmas[0])), gen_sigmas))
     print(f"toy model, batch {b}, {torch.get_num_threads()} threads; one 20-step cfg generation: {gen * 1e3:.1f} ms")
     print(f"\n1. select: wall time / one 20-step cfg generation (score round trips of {args.score_steps} steps)")
     print(f"{'K':>4} " + " ".join(f"{'mb=' + str(m):>8}" for m in (1, 2, 4, 8, 16)) + "   passes ratio")
@@ -71,7 +56,7 @@ def main() -> None:
         cands = torch.stack([seeded_noise(s, shape) for s in range(k)])
         cells = []
         for mb in (1, 2, 4, 8, 16):
-            t = _time(lambda: st.select(guided, cands, score_sigmas, kind, micro_batch=mb,
+            t = fastest(lambda: st.select(guided, cands, score_sigmas, kind, micro_batch=mb,
                                         inverse_denoiser=unguided, keep_x0=False), repeat=2)
             cells.append(f"{t / gen:8.2f}")
         passes = k * st.round_trip_passes(args.score_steps) / 40
@@ -90,14 +75,14 @@ def main() -> None:
             if n == 20:
                 ref[lab] = sc
             else:
-                table.setdefault(n, []).append(_spearman(sc, ref[lab]))
+                table.setdefault(n, []).append(spearman(sc, ref[lab]))
     g1, u1 = toy.denoiser(torch.tensor([3]), cfg=args.cfg), toy.denoiser(torch.tensor([3]), cfg=1.0)
     one = seeded_noise(0, (1, *toy.latent_shape))
-    gen1 = _time(lambda: ode.sample(g1, noise_to_x(one, kind, float(gen_sigmas[0])), gen_sigmas))
+    gen1 = fastest(lambda: ode.sample(g1, noise_to_x(one, kind, float(gen_sigmas[0])), gen_sigmas))
     c8 = torch.stack([seeded_noise(s, (1, *toy.latent_shape)) for s in range(8)])
     for n, rhos in table.items():
         sig = get_sigmas(toy.table, "normal", n)
-        t8 = _time(lambda: st.select(g1, c8, sig, kind, micro_batch=8, inverse_denoiser=u1, keep_x0=False))
+        t8 = fastest(lambda: st.select(g1, c8, sig, kind, micro_batch=8, inverse_denoiser=u1, keep_x0=False))
         print(f"{n:>4} " + " ".join(f"{r:8.3f}" for r in rhos) + f" {8 * st.round_trip_passes(n) / 40:11.2f} {t8 / gen1:9.2f}")
 
     print("\n3. optimizer: mean stability after each step")

@@ -171,7 +171,9 @@ def write_safetensors(tensors: Mapping[str, Any], path: str | os.PathLike, metad
     """Write a safetensors file atomically and byte-for-byte reproducibly (sorted names and metadata).
 
     (The library writer orders ``__metadata__`` through a hash map, so identical runs can give
-    different bytes; see ``scripts/train_toy.py``.)
+    different bytes. The format is simple enough to write directly: an 8-byte little-endian header
+    length, the JSON header padded with spaces to 8 bytes, then the data. ``scripts/`` rebuild the
+    shipped toy assets bit for bit with it.)
     """
     import torch
 

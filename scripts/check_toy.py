@@ -22,7 +22,8 @@ import torch  # noqa: E402
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from noisecraft import ode, toy  # noqa: E402
+from noisecraft import ode  # noqa: E402
+from noisecraft.hosts import toy  # noqa: E402
 from noisecraft.sigmas import get_sigmas, noise_to_x  # noqa: E402
 
 

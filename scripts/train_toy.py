@@ -16,25 +16,20 @@ toy_classifier.safetensors, and prints their sha256.
 
 from __future__ import annotations
 
-import argparse
-import hashlib
 import json
 import math
-import os
-import sys
 import time
 from pathlib import Path
 
-os.environ.setdefault("OMP_NUM_THREADS", "1")
+from _common import ROOT, parser, shown
 
 import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
+from noisecraft.hosts.toy import DigitClassifier, digits_to_x  # noqa: E402
+from noisecraft.io import atomic_write_text, write_safetensors  # noqa: E402
 from noisecraft.sigmas import scaled_linear_alphas_cumprod  # noqa: E402
-from noisecraft.toy import DigitClassifier, digits_to_x  # noqa: E402
+from noisecraft.weights import sha256_file  # noqa: E402
 
 NUM_CLASSES = 10
 NULL_CLASS = 10
@@ -55,41 +50,6 @@ def unet_config() -> dict:
         attention_head_dim=8,
         norm_num_groups=8,
     )
-
-
-_ST_DTYPES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16", torch.int64: "I64", torch.int32: "I32"}
-
-
-def save_safetensors(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str]) -> None:
-    """Write a safetensors file byte-for-byte reproducibly (sorted names, sorted metadata).
-
-    The library writer orders ``__metadata__`` through a hash map, so two identical runs can
-    give different bytes (and sha256s). The format is simple enough to write directly: an 8-byte
-    little-endian header length, the JSON header padded with spaces to 8 bytes, then the data.
-    """
-    header: dict = {"__metadata__": {k: str(v) for k, v in sorted(metadata.items())}}
-    blobs, offset = [], 0
-    for name in sorted(tensors):
-        t = tensors[name].detach().cpu().contiguous()
-        data = t.reshape(-1).view(torch.uint8).numpy().tobytes()
-        header[name] = {"dtype": _ST_DTYPES[t.dtype], "shape": list(t.shape), "data_offsets": [offset, offset + len(data)]}
-        blobs.append(data)
-        offset += len(data)
-    raw = json.dumps(header, separators=(",", ":"), sort_keys=True).encode("utf-8")
-    raw += b" " * (-len(raw) % 8)
-    with open(path, "wb") as f:
-        f.write(len(raw).to_bytes(8, "little"))
-        f.write(raw)
-        for data in blobs:
-            f.write(data)
-
-
-def sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def load_data(seed: int):
@@ -194,7 +154,7 @@ def train_unet(xtr, ytr, args, gen):
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = parser(__doc__)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--steps", type=int, default=300, help="UNet optimizer steps (few on purpose: unguided stays clearly below CFG)")
     ap.add_argument("--batch", type=int, default=128)
@@ -222,7 +182,7 @@ def main() -> None:
         clf, stats = train_classifier(xtr, ytr, xte, yte, args, gen)
         print(f"classifier: held-out accuracy {stats['test_accuracy']:.4f}, with noise 0.2: {stats['test_accuracy_noise0.2']:.4f}", flush=True)
         p = args.out / "toy_classifier.safetensors"
-        save_safetensors(
+        write_safetensors(
             clf.state_dict(),
             p,
             metadata={
@@ -241,7 +201,7 @@ def main() -> None:
     tensors = {f"unet.{k}": v for k, v in unet.state_dict().items()}
     tensors["class_embedding.weight"] = emb.weight
     p = args.out / "toy_unet.safetensors"
-    save_safetensors(
+    write_safetensors(
         tensors,
         p,
         metadata={
@@ -272,13 +232,11 @@ def main() -> None:
         "steps": args.steps,
     }
     p = args.out / "toy_unet_config.json"
-    with open(p, "w", encoding="utf-8") as f:
-        json.dump(full, f, indent=2, sort_keys=True)
-        f.write("\n")
+    atomic_write_text(p, json.dumps(full, indent=2, sort_keys=True) + "\n")
     paths.append(p)
     print(f"total wall time {time.perf_counter() - t_all:.0f}s", flush=True)
     for p in paths:
-        print(f"{sha256(p)}  {p.relative_to(ROOT) if p.is_relative_to(ROOT) else p}  ({p.stat().st_size} bytes)")
+        print(f"{sha256_file(p)}  {shown(p)}  ({p.stat().st_size} bytes)")
 
 
 if __name__ == "__main__":

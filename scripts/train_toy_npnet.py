@@ -23,33 +23,27 @@ the asset, updates the "toy-npnet" entry of weights_manifest.json and prints the
 
 from __future__ import annotations
 
-import argparse
 import json
-import os
 import shutil
-import sys
 import time
 from pathlib import Path
 
-os.environ.setdefault("OMP_NUM_THREADS", "1")
+from _common import ROOT, add_asset_flags, deterministic, finish, parser
 
 import torch  # noqa: E402
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-from noisecraft import ode, toy  # noqa: E402
+from noisecraft import ode  # noqa: E402
+from noisecraft.hosts import toy  # noqa: E402
+from noisecraft.hosts.toy import toy_confidence_scorer, toy_host  # noqa: E402
 from noisecraft.npnet import golden_noise  # noqa: E402
 from noisecraft.rng import seeded_noise  # noqa: E402
 from noisecraft.sigmas import get_sigmas, noise_to_x  # noqa: E402
 from noisecraft.train import (NPNetTrainConfig, collect_pairs, npnet_config_for, re_denoise,  # noqa: E402
-                              toy_confidence_scorer, toy_host, train_npnet)
+                              train_npnet)
 from noisecraft.train.npnet_trainer import SMALL_NPNET  # noqa: E402
-from noisecraft.weights import sha256_file  # noqa: E402
 
 TRAIN_SEED_BASE = 20_000
 EVAL_SEED_BASE = 600_000
-MANIFEST = ROOT / "weights_manifest.json"
 ASSET = ROOT / "noisecraft" / "assets" / "toy_npnet.safetensors"
 
 
@@ -78,24 +72,8 @@ def evaluate(model, npnet, n: int, seed_base: int, w_l: float, w_w: float, colle
     return out
 
 
-def update_manifest(path: Path, entry: dict) -> None:
-    """Replace or append the "toy-npnet" entry; every other entry is kept as it is."""
-    data = json.loads(MANIFEST.read_text(encoding="utf-8"))
-    weights = data["weights"]
-    names = [w.get("name") for w in weights]
-    if "toy-npnet" in names:
-        weights[names.index("toy-npnet")] = entry
-    else:
-        last_toy = max((i for i, w in enumerate(weights) if str(w.get("name", "")).startswith("toy-")),
-                       default=len(weights) - 1)
-        weights.insert(last_toy + 1, entry)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
-
-
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = parser(__doc__)
     ap.add_argument("--pairs", type=int, default=2048)
     ap.add_argument("--w-l", type=float, default=3.0)
     ap.add_argument("--w-w", type=float, default=1.0)
@@ -104,17 +82,10 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=64)
     ap.add_argument("--lr", type=float, default=1e-3)
     ap.add_argument("--no-filter", action="store_true", help="keep every pair (no classifier filter)")
-    ap.add_argument("--eval-samples", type=int, default=500)
-    ap.add_argument("--work", type=Path, default=Path("/tmp/noisecraft_toy_npnet"), help="pairs and checkpoints (emptied first)")
-    ap.add_argument("--out", type=Path, default=ASSET)
-    ap.add_argument("--no-manifest", action="store_true")
+    add_asset_flags(ap, ASSET, Path("/tmp/noisecraft_toy_npnet"), "pairs and checkpoints")
     args = ap.parse_args()
 
-    torch.set_num_threads(1)
-    torch.use_deterministic_algorithms(True)
-    t_all = time.perf_counter()
-    if args.work.exists():
-        shutil.rmtree(args.work)
+    t_all = deterministic(args.work)
     model = toy.load_toy()
     host = toy_host(model)
     t0 = time.perf_counter()
@@ -151,22 +122,7 @@ def main() -> None:
         print(f"  {name:<16} accuracy {ev[name]['accuracy']:.3f}  confidence {ev[name]['confidence']:.4f}")
     (args.work / "eval.json").write_text(json.dumps(ev, indent=2))
 
-    digest = sha256_file(args.out)
-    if not args.no_manifest and args.out.resolve() == ASSET.resolve():
-        update_manifest(MANIFEST, {
-            "name": "toy-npnet",
-            "kind": "toy_npnet",
-            "base_model": "toy-digits-8x8",
-            "sha256": digest,
-            "size": args.out.stat().st_size,
-            "license": "Apache-2.0",
-            "folder": "in-package",
-            "url": None,
-            "path": "assets/toy_npnet.safetensors",
-            "made_by": "python scripts/train_toy_npnet.py (seeds fixed, 1 thread)",
-        })
-    print(f"total wall time {time.perf_counter() - t_all:.0f}s")
-    print(f"{digest}  {args.out.relative_to(ROOT) if args.out.is_relative_to(ROOT) else args.out}  ({args.out.stat().st_size} bytes)")
+    finish(args, ASSET, "toy-npnet", "toy_npnet", "train_toy_npnet.py", t_all)
 
 
 if __name__ == "__main__":

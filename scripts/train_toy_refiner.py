@@ -19,40 +19,26 @@ updates the "toy-refiner" entry of weights_manifest.json and prints the sha256.
 
 from __future__ import annotations
 
-import argparse
-import hashlib
 import json
-import os
 import shutil
-import sys
 import time
 from pathlib import Path
 
-os.environ.setdefault("OMP_NUM_THREADS", "1")
+from _common import ROOT, add_asset_flags, deterministic, finish, parser
 
 import torch  # noqa: E402
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-from noisecraft import ode, toy  # noqa: E402
+from noisecraft import ode  # noqa: E402
+from noisecraft.hosts import toy  # noqa: E402
+from noisecraft.hosts.toy import toy_host  # noqa: E402
 from noisecraft.refine import refine_noise  # noqa: E402
 from noisecraft.rng import seeded_noise  # noqa: E402
 from noisecraft.sigmas import get_sigmas, noise_to_x  # noqa: E402
-from noisecraft.train import RefinerTrainConfig, build_teacher_cache, toy_host, train_refiner  # noqa: E402
+from noisecraft.train import RefinerTrainConfig, build_teacher_cache, train_refiner  # noqa: E402
 
 TRAIN_SEED_BASE = 10_000
 EVAL_SEED_BASE = 500_000
-MANIFEST = ROOT / "weights_manifest.json"
 ASSET = ROOT / "noisecraft" / "assets" / "toy_refiner.safetensors"
-
-
-def sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 @torch.no_grad()
@@ -83,26 +69,8 @@ def evaluate(model, lora, n: int, seed_base: int, steps: int = 20, cfg: float = 
     return out
 
 
-def update_manifest(path: Path, entry: dict) -> None:
-    """Replace or append the "toy-refiner" entry; every other entry is kept as it is."""
-    text = MANIFEST.read_text(encoding="utf-8")
-    data = json.loads(text)
-    weights = data["weights"]
-    names = [w.get("name") for w in weights]
-    if "toy-refiner" in names:
-        weights[names.index("toy-refiner")] = entry
-    else:
-        # insert after the other in-package toy files
-        last_toy = max((i for i, w in enumerate(weights) if str(w.get("name", "")).startswith("toy-")), default=len(weights) - 1)
-        weights.insert(last_toy + 1, entry)
-    new = json.dumps(data, indent=2, ensure_ascii=False) + "\n"
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(new, encoding="utf-8")
-    os.replace(tmp, path)
-
-
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = parser(__doc__)
     ap.add_argument("--samples", type=int, default=1024, help="teacher-cache size (training noises)")
     ap.add_argument("--steps", type=int, default=300)
     ap.add_argument("--rank", type=int, default=4)
@@ -113,18 +81,10 @@ def main() -> None:
     ap.add_argument("--student-steps", type=int, default=10)
     ap.add_argument("--teacher-steps", type=int, default=20)
     ap.add_argument("--cfg", type=float, default=3.0)
-    ap.add_argument("--eval-samples", type=int, default=500)
-    ap.add_argument("--work", type=Path, default=Path("/tmp/noisecraft_toy_refiner"),
-                    help="teacher cache and checkpoints (emptied first)")
-    ap.add_argument("--out", type=Path, default=ASSET)
-    ap.add_argument("--no-manifest", action="store_true", help="do not touch weights_manifest.json")
+    add_asset_flags(ap, ASSET, Path("/tmp/noisecraft_toy_refiner"), "teacher cache and checkpoints")
     args = ap.parse_args()
 
-    torch.set_num_threads(1)
-    torch.use_deterministic_algorithms(True)
-    t_all = time.perf_counter()
-    if args.work.exists():
-        shutil.rmtree(args.work)
+    t_all = deterministic(args.work)
     model = toy.load_toy()
     host = toy_host(model)
     teacher_sigmas = get_sigmas(model.table, "normal", args.teacher_steps)
@@ -173,22 +133,7 @@ def main() -> None:
     print(f"  gap closed: accuracy {100 * ev['gap_closed_accuracy']:.0f}%, latent MSE {100 * ev['gap_closed_mse']:.0f}%")
     (args.work / "eval.json").write_text(json.dumps(ev, indent=2))
 
-    digest = sha256(args.out)
-    if not args.no_manifest and args.out.resolve() == ASSET.resolve():
-        update_manifest(MANIFEST, {
-            "name": "toy-refiner",
-            "kind": "noise_refiner_lora",
-            "base_model": "toy-digits-8x8",
-            "sha256": digest,
-            "size": args.out.stat().st_size,
-            "license": "Apache-2.0",
-            "folder": "in-package",
-            "url": None,
-            "path": "assets/toy_refiner.safetensors",
-            "made_by": "python scripts/train_toy_refiner.py (seeds fixed, 1 thread)",
-        })
-    print(f"total wall time {time.perf_counter() - t_all:.0f}s")
-    print(f"{digest}  {args.out.relative_to(ROOT) if args.out.is_relative_to(ROOT) else args.out}  ({args.out.stat().st_size} bytes)")
+    finish(args, ASSET, "toy-refiner", "noise_refiner_lora", "train_toy_refiner.py", t_all)
 
 
 if __name__ == "__main__":

@@ -19,7 +19,6 @@ import re
 import socket
 import subprocess
 import sys
-import threading
 from pathlib import Path
 
 import pytest
@@ -52,10 +51,10 @@ CHUNK = 16_384
 LAST_MODIFIED = "Sun, 08 Dec 2024 10:00:00 GMT"
 
 
-# -- a real HTTP server ----------------------------------------------------------------------------
+# -- a real HTTP server (conftest.py's ``server`` fixture runs ``Handler``) ------------------------
 
 
-class _Handler(http.server.BaseHTTPRequestHandler):
+class Handler(http.server.BaseHTTPRequestHandler):
     """Serves ``state['payload']`` at /file.bin (and any /*.safetensors), with Range support.
 
     Modes: ``normal``; ``drop`` (send the headers for the full answer, then close the connection
@@ -132,25 +131,13 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         entry["sent"] = len(body)
 
 
-@pytest.fixture(scope="module")
-def server():
-    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Handler)
-    httpd.daemon_threads = True
-    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
-    thread.start()
-    yield httpd
-    httpd.shutdown()
-    httpd.server_close()
-    thread.join(5)
-
-
 @pytest.fixture()
 def srv(server):
     """Reset the server's mode and request log for one test; yields (base_url, state)."""
-    _Handler.state.clear()
-    _Handler.state.update(payload=PAYLOAD, mode="normal", drop_after=None, requests=[], validators=True, if_range=True)
+    Handler.state.clear()
+    Handler.state.update(payload=PAYLOAD, mode="normal", drop_after=None, requests=[], validators=True, if_range=True)
     host, port = server.server_address[:2]
-    return f"http://{host}:{port}", _Handler.state
+    return f"http://{host}:{port}", Handler.state
 
 
 def etag_of(data: bytes) -> str:

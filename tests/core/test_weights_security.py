@@ -28,7 +28,6 @@ import re
 import socket
 import subprocess
 import sys
-import threading
 import zipfile
 from pathlib import Path
 
@@ -72,7 +71,7 @@ def etag_of(data: bytes) -> str:
 # -- a real HTTP server (plain files and the Hub's resolve protocol) ---------------------------------
 
 
-class _Handler(http.server.BaseHTTPRequestHandler):
+class Handler(http.server.BaseHTTPRequestHandler):
     """``state['files']``: path -> bytes. Any path is served with Range support and, when
     ``validators``, an ETag (from the content) and Last-Modified. ``if_range``: honour If-Range
     (a validator that does not match gets the whole current file, 200), else ignore it (a 206 of
@@ -144,25 +143,13 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         self._answer(head_only=True)
 
 
-@pytest.fixture(scope="module")
-def server():
-    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Handler)
-    httpd.daemon_threads = True
-    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
-    thread.start()
-    yield httpd
-    httpd.shutdown()
-    httpd.server_close()
-    thread.join(5)
-
-
 @pytest.fixture()
 def srv(server):
-    _Handler.state.clear()
-    _Handler.state.update(files={"/w.safetensors": OLD}, requests=[], validators=True, if_range=True,
+    Handler.state.clear()
+    Handler.state.update(files={"/w.safetensors": OLD}, requests=[], validators=True, if_range=True,
                           drop_after=None)
     host, port = server.server_address[:2]
-    return f"http://{host}:{port}", _Handler.state
+    return f"http://{host}:{port}", Handler.state
 
 
 @pytest.fixture()

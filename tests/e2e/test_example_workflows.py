@@ -52,6 +52,23 @@ def _converter():
     return mod
 
 
+def _prompt(ui: dict, object_info, **overrides) -> dict:
+    """The UI workflow in API format with the stand-in nodes, the small latent and ``overrides``."""
+    return _converter().to_api(ui, object_info, substitute=SUBSTITUTE, overrides={**OVERRIDES, **overrides})
+
+
+def _run_ok(server, prompt: dict, ui: dict) -> dict:
+    """Run ``prompt`` on the server; it must succeed. Returns its history entry."""
+    entry = server.run_prompt(prompt, ui)
+    assert entry["status"]["status_str"] == "success", json.dumps(entry["status"]["messages"])[:3000]
+    return entry
+
+
+def _ui_values(entry: dict, key: str) -> list:
+    """What the nodes of a finished prompt sent as UI data under ``key``, one item per node."""
+    return [out[key] for out in entry["outputs"].values() if key in out]
+
+
 def test_there_is_one_example_workflow_per_node_with_a_thumbnail():
     names = {p.stem for p in WORKFLOWS}
     assert {"stability_select", "optimize_noise", "noise_to_latent", "npnet_golden_noise",
@@ -84,8 +101,8 @@ def npnet_files(server):
     return folder
 
 
-def _tiny_model(family: str):
-    """The test pack's tiny model, built in this process (ComfyUI imported as a library, on the CPU)."""
+def _tiny_models():
+    """The test pack's tiny_models module, imported in this process (ComfyUI as a library, on the CPU)."""
     import os
 
     if COMFYUI_PATH := os.environ.get("COMFYUI_PATH"):
@@ -98,37 +115,22 @@ def _tiny_model(family: str):
     spec = importlib.util.spec_from_file_location("noisecraft_e2e_tiny_models", HERE / "nc_test_pack" / "tiny_models.py")
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
-    return mod.build(family, seed=0)
+    return mod
 
 
 @pytest.fixture(scope="session")
 def refiner_files(server):
     """models/loras/<name> in the server's base folder: seeded random refiner LoRAs for the tiny models, in the
-    kohya format NoiseCraft exports (diffusers names from ComfyUI's unet_to_diffusers table)."""
-    import torch
+    kohya format NoiseCraft exports (``tiny_models.random_refiner_lora``)."""
     from safetensors.torch import save_file
 
     folder = server.base / "models" / "loras"
     folder.mkdir(parents=True, exist_ok=True)
-    targets = ("to_q", "to_k", "to_v", "to_out.0", "conv1", "conv2", "ff.net.0.proj", "ff.net.2")
     for name, family in REFINER_FILES.items():
         if (folder / name).is_file():
             continue
-        model = _tiny_model(family)
-        import comfy.utils  # importable once _tiny_model put ComfyUI on sys.path
-
-        weights = dict(model.model.named_parameters())
-        g = torch.Generator().manual_seed(0)
-        state = {}
-        for dname, lname in sorted(comfy.utils.unet_to_diffusers(model.model.model_config.unet_config).items()):
-            mod = dname[: -len(".weight")]
-            if not dname.endswith(".weight") or not any(mod == t or mod.endswith("." + t) for t in targets):
-                continue
-            w = weights["diffusion_model." + lname]
-            key = "lora_unet_" + mod.replace(".", "_")
-            state[f"{key}.lora_down.weight"] = torch.randn((2, *w.shape[1:]), generator=g) * 0.05
-            state[f"{key}.lora_up.weight"] = torch.randn((w.shape[0], 2, *([1] * (w.ndim - 2))), generator=g) * 0.05
-            state[f"{key}.alpha"] = torch.tensor(2.0)
+        tiny = _tiny_models()
+        state = tiny.random_refiner_lora(tiny.build(family, seed=0), rank=2, seed=0)
         save_file(state, str(folder / name), metadata={"noisecraft.kind": "refiner", "noisecraft.model_kind": "eps",
                                                          "noisecraft.base_model": f"nc-test-tiny-{family}"})
     return folder
@@ -146,10 +148,7 @@ def test_example_workflow_runs_and_saves_images(server, object_info, npnet_files
     assert _npnet_names(ui) <= set(NPNET_FILES), "add the example's NPNet file to NPNET_FILES"
     refiners = {n["widgets_values"][0] for n in ui["nodes"] if n["type"] == "NC_LoadRefiner"}
     assert refiners <= set(REFINER_FILES), "add the example's refiner file to REFINER_FILES"
-    prompt = _converter().to_api(ui, object_info, substitute=SUBSTITUTE, overrides=OVERRIDES)
-    entry = server.run_prompt(prompt, ui)
-    status = entry["status"]
-    assert status["status_str"] == "success", json.dumps(status["messages"])[:3000]
+    entry = _run_ok(server, _prompt(ui, object_info), ui)
     images = [img for out in entry["outputs"].values() for img in out.get("images", [])]
     assert images, f"no images saved: {entry['outputs']}"
     for img in images:
@@ -165,7 +164,7 @@ def test_example_workflow_runs_and_saves_images(server, object_info, npnet_files
 
 def test_a_missing_npnet_file_fails_with_a_clear_error(server, object_info, npnet_files):
     ui = json.loads((REPO / "example_workflows" / "npnet_golden_noise.json").read_text())
-    prompt = _converter().to_api(ui, object_info, substitute=SUBSTITUTE, overrides=OVERRIDES)
+    prompt = _prompt(ui, object_info)
     loader = next(n for n in prompt.values() if n["class_type"] == "NC_LoadNPNet")
     loader["inputs"]["npnet_name"] = "missing.safetensors"
     entry = server.run_prompt(prompt, ui)
@@ -178,11 +177,10 @@ def test_a_missing_npnet_file_fails_with_a_clear_error(server, object_info, npne
 
 def test_refined_example_saves_a_refined_and_a_cfg_image_that_differ(server, object_info, refiner_files):
     ui = json.loads((REPO / "example_workflows" / "refined_guidance_free.json").read_text())
-    prompt = _converter().to_api(ui, object_info, substitute=SUBSTITUTE, overrides=OVERRIDES)
+    prompt = _prompt(ui, object_info)
     guiders = sorted(n["inputs"]["cfg"] for n in prompt.values() if n["class_type"] == "CFGGuider")
     assert guiders == [1.0, 7.0]
-    entry = server.run_prompt(prompt, ui)
-    assert entry["status"]["status_str"] == "success", json.dumps(entry["status"]["messages"])[:3000]
+    entry = _run_ok(server, prompt, ui)
     arrays = {}
     for out in entry["outputs"].values():
         for img in out.get("images", []):
@@ -194,7 +192,7 @@ def test_refined_example_saves_a_refined_and_a_cfg_image_that_differ(server, obj
 
 def test_a_refiner_for_another_model_fails_with_a_clear_error(server, object_info, refiner_files):
     ui = json.loads((REPO / "example_workflows" / "refined_guidance_free.json").read_text())
-    prompt = _converter().to_api(ui, object_info, substitute=SUBSTITUTE, overrides=OVERRIDES)
+    prompt = _prompt(ui, object_info)
     ckpt = next(n for n in prompt.values() if n["class_type"] == "NC_Test_TinyCheckpoint")
     ckpt["inputs"]["ckpt_name"] = "sd_xl_base_1.0.safetensors"  # the tiny SDXL-shaped model
     for n in prompt.values():
@@ -215,12 +213,10 @@ def test_training_example_trains_saves_and_the_saved_refiner_runs_in_the_refined
     ui = json.loads((REPO / "example_workflows" / "train_refiner.json").read_text())
     assert [n["type"] for n in ui["nodes"] if n["type"].startswith("NC_")] == \
         ["NC_BuildTeacherCache", "NC_TrainRefiner", "NC_SaveRefiner"]
-    prompt = _converter().to_api(ui, object_info, substitute=SUBSTITUTE, overrides={**OVERRIDES, **TRAIN_OVERRIDES})
-    entry = server.run_prompt(prompt, ui)
-    assert entry["status"]["status_str"] == "success", json.dumps(entry["status"]["messages"])[:3000]
-    losses = [out["noisecraft_losses"] for out in entry["outputs"].values() if "noisecraft_losses" in out]
+    entry = _run_ok(server, _prompt(ui, object_info, **TRAIN_OVERRIDES), ui)
+    losses = _ui_values(entry, "noisecraft_losses")
     assert losses and len(losses[0]) == 3 and all(np.isfinite(losses[0]))
-    saved = [name for out in entry["outputs"].values() for name in out.get("noisecraft_saved", [])]
+    saved = sum(_ui_values(entry, "noisecraft_saved"), [])
     assert len(saved) == 1 and saved[0].startswith("sd15_refiner_trained_")
     path = server.base / "models" / "loras" / saved[0]
     assert path.is_file()
@@ -231,11 +227,10 @@ def test_training_example_trains_saves_and_the_saved_refiner_runs_in_the_refined
 
     # The saved file loads in Load Refiner and drives Refine Noise in the guidance-free example.
     ui2 = json.loads((REPO / "example_workflows" / "refined_guidance_free.json").read_text())
-    prompt2 = _converter().to_api(ui2, object_info, substitute=SUBSTITUTE, overrides=OVERRIDES)
+    prompt2 = _prompt(ui2, object_info)
     loader = next(n for n in prompt2.values() if n["class_type"] == "NC_LoadRefiner")
     loader["inputs"]["refiner_name"] = saved[0]
-    entry2 = server.run_prompt(prompt2, ui2)
-    assert entry2["status"]["status_str"] == "success", json.dumps(entry2["status"]["messages"])[:3000]
+    _run_ok(server, prompt2, ui2)
 
 
 # -- NPNet training example (collect_npnet_pairs.json) ----------------------------------------------------
@@ -259,12 +254,10 @@ def test_npnet_training_example_collects_trains_saves_a_loadable_npnet(server, o
             "NC_TrainNPNet": {"steps": 3, "batch_size": 4},
             "NC_SaveNPNet": {"filename": "e2e_trained_npnet", "overwrite": True},
             "BasicScheduler": {"steps": 2}}
-    prompt = _converter().to_api(ui, object_info, substitute=SUBSTITUTE, overrides={**OVERRIDES, **tiny})
-    entry = server.run_prompt(prompt, ui)
-    assert entry["status"]["status_str"] == "success", json.dumps(entry["status"]["messages"])[:3000]
-    history = [out["noisecraft_history"] for out in entry["outputs"].values() if "noisecraft_history" in out]
+    entry = _run_ok(server, _prompt(ui, object_info, **tiny), ui)
+    history = _ui_values(entry, "noisecraft_history")
     assert history and len(history[0]) == 3 and all(np.isfinite(history[0]))
-    saved = [name for out in entry["outputs"].values() for name in out.get("noisecraft_npnet_file", [])]
+    saved = sum(_ui_values(entry, "noisecraft_npnet_file"), [])
     assert saved == ["e2e_trained_npnet.safetensors"]
     path = server.base / "models" / "npnet" / saved[0]
     assert path.is_file()

@@ -102,3 +102,27 @@ def conditioning(family: str, seed: int = 0, batch: int = 1, empty: bool = False
     if family == "sd3":
         return [[rnd(batch, 77, 4096), {"pooled_output": rnd(batch, 2048)}]]
     raise ValueError(f"unknown family {family!r}: expected one of {FAMILIES}")
+
+
+REFINER_TARGETS = ("to_q", "to_k", "to_v", "to_out.0", "conv1", "conv2", "ff.net.0.proj", "ff.net.2")
+
+
+def random_refiner_lora(model, rank: int, seed: int, scale: float = 0.05) -> dict:
+    """A seeded random refiner LoRA for a UNet ModelPatcher, in the kohya format NoiseCraft exports
+    (``lora_unet_<diffusers name>`` on NoiseCraft's default targets; diffusers names from ComfyUI's
+    ``unet_to_diffusers`` table)."""
+    import comfy.utils
+
+    weights = dict(model.model.named_parameters())
+    g = torch.Generator().manual_seed(seed)
+    state = {}
+    for dname, lname in sorted(comfy.utils.unet_to_diffusers(model.model.model_config.unet_config).items()):
+        mod = dname[: -len(".weight")]
+        if not dname.endswith(".weight") or not any(mod == t or mod.endswith("." + t) for t in REFINER_TARGETS):
+            continue
+        w = weights["diffusion_model." + lname]
+        key = "lora_unet_" + mod.replace(".", "_")
+        state[f"{key}.lora_down.weight"] = torch.randn((rank, *w.shape[1:]), generator=g) * scale
+        state[f"{key}.lora_up.weight"] = torch.randn((w.shape[0], rank, *([1] * (w.ndim - 2))), generator=g) * scale
+        state[f"{key}.alpha"] = torch.tensor(float(rank))
+    return state
