@@ -18,12 +18,11 @@ which is what grows with N; on CUDA, the peak allocated memory of the step as we
 from __future__ import annotations
 
 import argparse
-import functools
 
 import torch
 
 from noisecraft import ode
-from noisecraft.lora import attach_lora
+from noisecraft.hosts.adapters import attach_lora
 from noisecraft.msd import msd_loss, teacher_x0
 from noisecraft.refine import refine_noise
 from noisecraft.rng import seeded_noise

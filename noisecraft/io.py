@@ -20,6 +20,9 @@ API (all paths ``str | os.PathLike``):
   ``read_safetensors(path, ...) -> (tensors, metadata)``, ``read_safetensors_metadata(path, ...)``:
   a bad file raises ``ValueError`` naming the path (a missing one ``FileNotFoundError``), never a
   library exception type.
+* ``safetensors_extent(f, size) -> (header length, data end)``, raising :class:`SafetensorsHeaderError`
+  (its ``kind``) for the caller to word; ``require_file(path, missing, directory)``: missing and directory
+  refused with the caller's words.
 * ``ensure_dir(path, flag="--out", create=True)``: an output folder that can be used, else
   ``ValueError`` naming the flag and the reason (a file in the way, a file as a parent, no
   permission, a name too long).
@@ -266,6 +269,53 @@ def load_safetensors(path: str | os.PathLike, *, what: Optional[str] = None, fix
 
 
 # -- folders ------------------------------------------------------------------------------------------
+
+
+class SafetensorsHeaderError(ValueError):
+    """Why a safetensors header is unsound, for the caller to word: ``kind`` is ``"short"`` (under 8 bytes),
+    ``"length"`` (header length ``n`` out of range), ``"json"`` (not UTF-8 JSON), ``"not_object"`` or
+    ``"offsets"`` (entry ``key`` without valid data_offsets)."""
+
+    def __init__(self, kind: str, n: int = 0, key: Optional[str] = None):
+        super().__init__(kind)
+        self.kind, self.n, self.key = kind, n, key
+
+
+def safetensors_extent(f, size: int, *, min_header: int = 0, max_header: int = 100 * 1024 * 1024) -> tuple[int, int]:
+    """``(n, end)`` for the open safetensors file ``f`` of ``size`` bytes: its JSON header is ``n`` bytes and
+    its tensor data ends ``end`` bytes after the header (a whole file has ``8 + n + end == size``). Reads
+    from the start of ``f``; raises :class:`SafetensorsHeaderError` for a header that is unsound."""
+    f.seek(0)
+    raw = f.read(8)
+    if len(raw) < 8:
+        raise SafetensorsHeaderError("short")
+    n = int.from_bytes(raw, "little")
+    if n < min_header or n > min(size - 8, max_header):
+        raise SafetensorsHeaderError("length", n)
+    try:
+        header = json.loads(f.read(n).decode("utf-8"))
+    except (UnicodeDecodeError, ValueError):
+        raise SafetensorsHeaderError("json", n) from None
+    if not isinstance(header, dict):
+        raise SafetensorsHeaderError("not_object", n)
+    end = 0
+    for key, entry in header.items():
+        if key == "__metadata__":
+            continue
+        offsets = entry.get("data_offsets") if isinstance(entry, dict) else None
+        if not (isinstance(offsets, list) and len(offsets) == 2 and all(isinstance(v, int) for v in offsets)):
+            raise SafetensorsHeaderError("offsets", n, key)
+        end = max(end, offsets[1])
+    return n, end
+
+
+def require_file(path: Path, missing: str, directory: str) -> None:
+    """Refuse a ``path`` that does not exist (``FileNotFoundError`` "<path>: <missing>") or is a directory
+    (``ValueError`` "<path>: <directory>"): the wording, with what was expected and the fix, is the caller's."""
+    if not path.exists():
+        raise FileNotFoundError(f"{path}: {missing}")
+    if path.is_dir():
+        raise ValueError(f"{path}: {directory}")
 
 
 def _name_max(folder: Path) -> int:

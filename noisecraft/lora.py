@@ -1,37 +1,39 @@
-"""The refiner LoRA on a diffusers UNet: attach, toggle, export/import as a ComfyUI-readable LoRA.
+"""The refiner LoRA file: the ONE refiner file format (kohya keys, metadata, parse, export; reads peft files).
 
-Paper: Ahn, Kang et al., "A Noise is Worth Diffusion Guidance" (arXiv:2412.03895), Sec. 3.3
-(the noise refining network is a LoRA on the diffusion model, attached for the refinement pass
-and detached afterwards) and App. D (LoRA on all attention, convolutional and feed-forward
-layers; rank 128 for SD2.1, 256 for SDXL). LoRA: Hu et al., arXiv:2106.09685.
+Paper: Ahn, Kang et al., "A Noise is Worth Diffusion Guidance" (arXiv:2412.03895), Sec. 3.3 (the
+noise refining network is a LoRA on the diffusion model, attached for the refinement pass) and
+App. D (LoRA on all attention, convolutional and feed-forward layers; rank 128 for SD2.1, 256 for
+SDXL). LoRA: Hu et al., arXiv:2106.09685.
 
-This is the diffusers-host mechanism, without peft (ComfyUI has its own: a toggled weight
-wrapper, see ``nodes/``). Choices:
+The refiner file (the CLI trainer, the diffusers host and the ComfyUI nodes all read and write it here):
 
-* Activation-space LoRA through forward hooks: ``y = layer(x) + (alpha / rank) * up(down(x))``,
-  for ``nn.Linear`` (``down``/``up`` linear) and ``nn.Conv2d`` (``down`` with the layer's kernel,
-  stride, padding and dilation, ``up`` 1x1), exactly the composition that a merged weight
-  ``W + (alpha / rank) * up @ down`` computes (ComfyUI's LoRA patch). The UNet's modules, names
-  and ``state_dict`` are untouched; :meth:`LoRASet.remove` takes the hooks off.
-* ``enabled`` is one flag shared by every layer: toggling it (``lora.enabled = False``,
-  ``with lora.disabled(): ...``) costs nothing and re-patches nothing. Disabled layers return the
-  base output bit for bit, and so do enabled layers at initialisation (``up`` = 0).
-* ``down`` is initialised like peft (Kaiming-uniform, bound ``1 / sqrt(fan_in)``) from a private
-  generator seeded by ``seed`` (never the global RNG); ``up`` is zero.
-* Default targets (``DEFAULT_TARGETS``): attention ``to_q``, ``to_k``, ``to_v``, ``to_out.0``;
-  resnet ``conv1``, ``conv2``; feed-forward ``ff.net.0.proj``, ``ff.net.2``. Every one of them is
-  in ComfyUI's diffusers -> ldm UNet map (``comfy.utils.unet_to_diffusers``), so the export below
-  is read by ComfyUI's stock LoRA loader for SD1.x/SD2.x/SDXL-class UNets.
-* Export format (kohya, which ComfyUI's ``comfy/lora.py`` maps as ``lora_unet_<diffusers name with
-  "." -> "_">``): ``lora_unet_<name>.lora_down.weight`` [rank, in(, kh, kw)],
-  ``.lora_up.weight`` [out, rank(, 1, 1)], ``.alpha`` (0-dim), plus string metadata
-  (``noisecraft.kind = refiner``, the convention, rank, alpha, targets, and what the caller adds:
-  base model, model kind, sigma_max, training settings).
+* kohya keys, which ComfyUI's ``comfy/lora.py`` maps (``lora_unet_<diffusers name, "." -> "_">``,
+  :func:`flat_name`): ``.lora_down.weight`` [rank, in(, kh, kw)], ``.lora_up.weight``
+  [out, rank(, 1, 1)] (kohya's conv shapes), ``.alpha`` (0-dim); the layer computes
+  ``W x + (alpha / rank) * up(down(x))``. Metadata: ``noisecraft.kind = refiner``, the
+  convention, rank, alpha, targets, layers, kohya's ``ss_network_*``, and what the writer adds
+  (base model, model kind, sigma_max, training settings; plain keys get ``noisecraft.``).
+* In memory a refiner is ``pairs``: ``{kohya prefix: (down, up, alpha)}``. :func:`save_refiner_pairs`
+  writes them atomically and byte-for-byte reproducibly (:func:`noisecraft.io.write_safetensors`) and
+  refuses non-finite weights; :func:`read_refiner_pairs` reads them back, and also reads peft/diffusers
+  files (``<module>.lora_A[.<adapter>].weight`` / ``lora_B``, prefixed ``base_model.model.``, ``unet.``
+  or ``transformer.`` or not; alpha from a ``.alpha`` tensor, else diffusers' ``lora_adapter_metadata``,
+  else = rank). Text-encoder keys and LoRA variants (DoRA, LoHa, LoKr, ...) are refused by name.
+* A directory, an empty, text, truncated or otherwise unreadable file gives one ``ValueError``
+  naming the path and what was expected (:func:`read_safetensors`, shared with the NPNet loader),
+  never a raw safetensors error; NaN/inf tensors are refused naming the file and the tensors.
 
-Reading (:func:`read_safetensors`, shared with the NPNet loader; :func:`read_lora_file`,
-:func:`load_lora`): a directory, an empty, text, truncated or otherwise unreadable file gives one
-``ValueError`` naming the path and what was expected, never a raw safetensors error; tensors with
-NaN/inf are refused at load naming the file and the tensors; an ``alpha`` must be one number.
+The refiner on a diffusers model (peft: :func:`noisecraft.hosts.adapters.attach_lora`,
+:func:`~noisecraft.hosts.adapters.load_lora`) lives with the hosts; this module needs torch and
+safetensors only.
+
+Why the file I/O is written here: no well-kept library writes kohya files from diffusers module
+names without pulling in kohya's training scripts (peft writes ``lora_A``/``lora_B``; diffusers
+converts kohya to diffusers on load, not back), and ComfyUI and kohya tools expect kohya names.
+peft is needed only to put a refiner on a diffusers model (training, and the diffusers/toy host's
+inference, hence the demo): it is in the ``train`` and ``dev`` extras, imported on first use with an
+install hint. Reading and writing refiner files (all the ComfyUI nodes do) needs torch and
+safetensors only.
 """
 
 from __future__ import annotations
@@ -41,41 +43,25 @@ import json
 import logging
 import math
 import os
-import weakref
+import re
 from pathlib import Path
-from typing import Any, Iterator, Mapping, Optional, Sequence
+from typing import Any, Mapping, Optional, Sequence
 
 import torch
-from torch import nn
 
-__all__ = [
-    "DEFAULT_TARGETS",
-    "CONVENTION",
-    "LoRALayer",
-    "LoRASet",
-    "attach_lora",
-    "load_lora",
-    "read_lora_file",
-    "read_safetensors",
-    "flat_name",
-]
+from .io import SafetensorsHeaderError, require_file, safetensors_extent
+
+__all__ = ["DEFAULT_TARGETS", "CONVENTION", "ADAPTER", "PREFIX", "read_lora_file",
+           "read_safetensors", "read_refiner_pairs", "save_refiner_pairs", "parse_refiner_state",
+           "refiner_metadata", "pairs_state_dict", "flat_name"]
 
 logger = logging.getLogger(__name__)
 
-DEFAULT_TARGETS: tuple[str, ...] = (
-    "to_q",
-    "to_k",
-    "to_v",
-    "to_out.0",
-    "conv1",
-    "conv2",
-    "ff.net.0.proj",
-    "ff.net.2",
-)
+DEFAULT_TARGETS: tuple[str, ...] = ("to_q", "to_k", "to_v", "to_out.0", "conv1", "conv2", "ff.net.0.proj", "ff.net.2")
 
 CONVENTION = "noisecraft-refine-v1: e_hat = e + s * (D_base(x_T) - D_lora(x_T)) / sigma_max, x_T = noise_to_x(e)"
 PREFIX = "lora_unet_"
-_MARK = "_noisecraft_refiner_lora"
+ADAPTER = "noisecraft_refiner"
 
 
 def flat_name(module_name: str) -> str:
@@ -83,279 +69,6 @@ def flat_name(module_name: str) -> str:
     return PREFIX + module_name.replace(".", "_")
 
 
-def _matches(name: str, targets: Sequence[str]) -> bool:
-    return any(name == t or name.endswith("." + t) for t in targets)
-
-
-def _lora_pair(base: nn.Module, rank: int, dtype: torch.dtype, device) -> tuple[nn.Module, nn.Module]:
-    if isinstance(base, nn.Linear):
-        down = nn.utils.skip_init(nn.Linear, base.in_features, rank, bias=False, dtype=dtype, device=device)
-        up = nn.utils.skip_init(nn.Linear, rank, base.out_features, bias=False, dtype=dtype, device=device)
-        return down, up
-    if isinstance(base, nn.Conv2d):
-        if base.groups != 1:
-            raise ValueError(f"LoRA on grouped convolutions (groups={base.groups}) is not supported")
-        if base.padding_mode != "zeros":
-            raise ValueError(f"LoRA on convolutions with padding_mode={base.padding_mode!r} is not supported")
-        down = nn.utils.skip_init(
-            nn.Conv2d, base.in_channels, rank, base.kernel_size, stride=base.stride, padding=base.padding,
-            dilation=base.dilation, bias=False, dtype=dtype, device=device,
-        )
-        up = nn.utils.skip_init(nn.Conv2d, rank, base.out_channels, 1, bias=False, dtype=dtype, device=device)
-        return down, up
-    raise TypeError(f"LoRA targets must be nn.Linear or nn.Conv2d, got {type(base).__name__}")
-
-
-class LoRALayer(nn.Module):
-    """The trainable part for one layer: ``(alpha / rank) * up(down(x))``, added to the layer's output."""
-
-    def __init__(self, base: nn.Module, rank: int, alpha: float, *, dtype=None, device=None):
-        super().__init__()
-        if int(rank) != rank or rank < 1:
-            raise ValueError(f"LoRA rank must be a positive integer, got {rank!r}")
-        alpha = float(alpha)
-        if not math.isfinite(alpha):
-            raise ValueError(f"LoRA alpha must be finite, got {alpha}")
-        w = base.weight
-        self.lora_down, self.lora_up = _lora_pair(base, int(rank), dtype or torch.float32, device or w.device)
-        self.rank = int(rank)
-        self.alpha = alpha
-
-    @property
-    def scale(self) -> float:
-        return self.alpha / self.rank
-
-    def reset_parameters(self, generator: torch.Generator) -> None:
-        """peft's init: ``down`` Kaiming-uniform (a = sqrt(5), bound 1 / sqrt(fan_in)), ``up`` zero."""
-        w = self.lora_down.weight
-        fan_in = w[0].numel()
-        bound = 1.0 / math.sqrt(fan_in)
-        with torch.no_grad():
-            w.copy_((torch.rand(w.shape, generator=generator, dtype=torch.float64) * 2 - 1) * bound)
-            self.lora_up.weight.zero_()
-
-    def delta(self, x: torch.Tensor) -> torch.Tensor:
-        dtype = self.lora_down.weight.dtype
-        return self.lora_up(self.lora_down(x.to(dtype))) * self.scale
-
-
-class LoRASet(nn.Module):
-    """LoRA layers hooked onto a model's modules, with one shared ``enabled`` flag.
-
-    ``layers`` is an ``nn.ModuleDict`` keyed by the export prefix (``lora_unet_<flat name>``);
-    ``module_names`` maps each key to the diffusers module name. Use :func:`attach_lora` (new,
-    zero-initialised) or :func:`load_lora` (from a saved refiner).
-    """
-
-    def __init__(self):
-        super().__init__()
-        self.layers = nn.ModuleDict()
-        self.module_names: dict[str, str] = {}
-        self.targets: tuple[str, ...] = ()
-        self._enabled = True
-        self._handles: list = []
-        self._model_ref: Optional[weakref.ref] = None  # a weakref: the model must not become a submodule
-
-    # -- toggling ---------------------------------------------------------------------------
-    @property
-    def enabled(self) -> bool:
-        return self._enabled
-
-    @enabled.setter
-    def enabled(self, value: bool) -> None:
-        self._enabled = bool(value)
-
-    @contextlib.contextmanager
-    def disabled(self) -> Iterator[None]:
-        """Run the model without the LoRA inside the block (restores the previous state)."""
-        prev, self._enabled = self._enabled, False
-        try:
-            yield
-        finally:
-            self._enabled = prev
-
-    def base_and_lora(self, denoiser):
-        """``(D_base, D_lora)`` for :func:`noisecraft.refine.refine_noise` from one denoiser over the
-        hooked model: ``D_base`` runs with the LoRA disabled, ``D_lora`` with it enabled."""
-
-        def base(x, sigma):
-            with self.disabled():
-                return denoiser(x, sigma)
-
-        def lora(x, sigma):
-            prev, self._enabled = self._enabled, True
-            try:
-                return denoiser(x, sigma)
-            finally:
-                self._enabled = prev
-
-        return base, lora
-
-    # -- hooks --------------------------------------------------------------------------------
-    def _hook(self, key: str):
-        def hook(module, args, kwargs, output):
-            if not self._enabled:
-                return None
-            x = args[0] if args else kwargs.get("input")
-            return output + self.layers[key].delta(x).to(output.dtype)
-
-        return hook
-
-    def _attach(self, model: nn.Module, key: str, module_name: str, layer: LoRALayer) -> None:
-        module = model.get_submodule(module_name)
-        self.layers[key] = layer
-        self.module_names[key] = module_name
-        self._handles.append(module.register_forward_hook(self._hook(key), with_kwargs=True))
-
-    def remove(self) -> None:
-        """Take every hook off the model (the LoRA weights stay in this object)."""
-        for h in self._handles:
-            h.remove()
-        self._handles.clear()
-        model = self._model_ref() if self._model_ref is not None else None
-        if model is not None and model.__dict__.get(_MARK) is self:
-            del model.__dict__[_MARK]
-        self._model_ref = None
-
-    def _bind(self, model: nn.Module) -> None:
-        current = model.__dict__.get(_MARK)
-        if current is not None and current.attached:
-            raise ValueError(
-                f"this {type(model).__name__} already has a refiner LoRA attached ({len(current.layers)} layers): "
-                "call .remove() on it first (two LoRAs would both be added)"
-            )
-        self._model_ref = weakref.ref(model)
-        model.__dict__[_MARK] = self  # not a submodule: the model's state_dict is unchanged
-
-    @property
-    def attached(self) -> bool:
-        return bool(self._handles)
-
-    # -- export / import -----------------------------------------------------------------------
-    def export_state_dict(self, dtype: Optional[torch.dtype] = None) -> dict[str, torch.Tensor]:
-        """The kohya/ComfyUI LoRA state dict (CPU tensors; ``dtype`` defaults to the weights')."""
-        out: dict[str, torch.Tensor] = {}
-        for key, layer in self.layers.items():
-            d = layer.lora_down.weight.detach()
-            u = layer.lora_up.weight.detach()
-            if dtype is not None:
-                d, u = d.to(dtype), u.to(dtype)
-            out[f"{key}.lora_down.weight"] = d.cpu().contiguous()
-            out[f"{key}.lora_up.weight"] = u.cpu().contiguous()
-            out[f"{key}.alpha"] = torch.tensor(layer.alpha, dtype=torch.float32)
-        return out
-
-    def metadata(self, extra: Optional[Mapping[str, Any]] = None) -> dict[str, str]:
-        ranks = sorted({layer.rank for layer in self.layers.values()})
-        alphas = sorted({layer.alpha for layer in self.layers.values()})
-        meta = {
-            "noisecraft.kind": "refiner",
-            "noisecraft.convention": CONVENTION,
-            "noisecraft.rank": str(ranks[0]) if len(ranks) == 1 else json.dumps(ranks),
-            "noisecraft.alpha": repr(alphas[0]) if len(alphas) == 1 else json.dumps(alphas),
-            "noisecraft.targets": json.dumps(list(self.targets)),
-            "noisecraft.layers": str(len(self.layers)),
-            "ss_network_module": "networks.lora",
-            "ss_network_dim": str(ranks[0]) if ranks else "0",
-            "ss_network_alpha": repr(alphas[0]) if alphas else "0",
-        }
-        for k, v in (extra or {}).items():
-            key = k if "." in k or k.startswith("ss_") else f"noisecraft.{k}"
-            meta[key] = v if isinstance(v, str) else json.dumps(v, sort_keys=True)
-        return meta
-
-    def save(self, path: str | os.PathLike, metadata: Optional[Mapping[str, Any]] = None, dtype: Optional[torch.dtype] = None) -> Path:
-        """Write a safetensors LoRA atomically (temporary file + rename). ``metadata`` adds keys such
-        as ``base_model``, ``model_kind``, ``sigma_max``, ``training`` (non-strings JSON-encoded;
-        plain keys get the ``noisecraft.`` prefix)."""
-        from safetensors.torch import save_file
-
-        from .io import atomic_path
-
-        path = Path(path)
-        with atomic_path(path) as tmp:  # our temp name, fsynced, renamed, folder fsynced
-            save_file(self.export_state_dict(dtype), str(tmp), metadata=self.metadata(metadata))
-        return path
-
-    def load_exported(self, state: Mapping[str, torch.Tensor], source: str = "the state dict") -> None:
-        """Copy an exported state dict into these layers; every key and shape must match."""
-        expected = set(self.export_state_dict().keys())
-        got = set(state.keys())
-        missing, unexpected = sorted(expected - got), sorted(got - expected)
-        if missing or unexpected:
-            raise ValueError(
-                f"{source} does not match this LoRA ({len(self.layers)} layers): missing {missing[:4]}"
-                f"{' ...' if len(missing) > 4 else ''}, unexpected {unexpected[:4]}{' ...' if len(unexpected) > 4 else ''}; "
-                "it was made for another model or other targets"
-            )
-        with torch.no_grad():
-            for key, layer in self.layers.items():
-                for part, param in (("lora_down", layer.lora_down.weight), ("lora_up", layer.lora_up.weight)):
-                    t = state[f"{key}.{part}.weight"]
-                    if tuple(t.shape) != tuple(param.shape):
-                        raise ValueError(
-                            f"{source}: {key}.{part}.weight has shape {tuple(t.shape)} but this model's layer "
-                            f"{self.module_names[key]!r} needs {tuple(param.shape)}"
-                        )
-                    param.copy_(t)
-                layer.alpha = _alpha(state[f"{key}.alpha"], key, source, layer.rank)
-
-
-def _candidates(model: nn.Module) -> dict[str, tuple[str, nn.Module]]:
-    return {
-        flat_name(name): (name, m)
-        for name, m in model.named_modules()
-        if name and isinstance(m, (nn.Linear, nn.Conv2d))
-    }
-
-
-def attach_lora(
-    model: nn.Module,
-    rank: int,
-    alpha: Optional[float] = None,
-    targets: Sequence[str] = DEFAULT_TARGETS,
-    *,
-    seed: int = 0,
-    dtype: Optional[torch.dtype] = None,
-) -> LoRASet:
-    """Hook new zero-initialised LoRA layers onto every Linear/Conv2d of ``model`` whose name is, or
-    ends with ``.`` + , one of ``targets`` (diffusers names). ``alpha`` defaults to ``rank`` (scale 1).
-
-    The model's own weights are not touched (freeze them yourself for training); the LoRA weights
-    are float32 by default (``dtype``) on the model's device. Returns the :class:`LoRASet`
-    (``.parameters()`` are the trainable weights).
-    """
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"attach_lora needs an nn.Module (a diffusers UNet), got {type(model).__name__}")
-    targets = tuple(targets)
-    if not targets:
-        raise ValueError("targets is empty: name at least one layer, e.g. noisecraft.lora.DEFAULT_TARGETS")
-    alpha = float(rank if alpha is None else alpha)
-    g = torch.Generator().manual_seed(int(seed))
-    lora = LoRASet()
-    lora.targets = targets
-    lora._bind(model)
-    try:
-        for key, (name, module) in sorted(_candidates(model).items(), key=lambda kv: kv[1][0]):
-            if not _matches(name, targets):
-                continue
-            if isinstance(module, nn.Conv2d) and module.groups != 1:
-                logger.debug("skipping grouped convolution %s", name)
-                continue
-            layer = LoRALayer(module, rank, alpha, dtype=dtype, device=module.weight.device)
-            layer.reset_parameters(g)
-            lora._attach(model, key, name, layer)
-    except BaseException:
-        lora.remove()
-        raise
-    if not lora.layers:
-        lora.remove()
-        examples = [name for _, (name, _) in list(_candidates(model).items())[:6]]
-        raise ValueError(
-            f"no Linear/Conv2d layer of {type(model).__name__} matches the targets {list(targets)}; "
-            f"its layers are named like {examples}"
-        )
-    return lora
 
 
 _MAX_HEADER = 100 * 1024 * 1024  # safetensors' own limit on the JSON header
@@ -371,24 +84,14 @@ def _safetensors_problem(path: Path, size: int) -> Optional[str]:
             text = head and all(32 <= c < 127 or c in (9, 10, 13) for c in head)
             what = "a text file" if text else "not a safetensors file"
             return f"is {what} ({size} bytes, starting with {head[:8]!r})"
-        n = int.from_bytes(head[:8], "little")
-        if n > _MAX_HEADER or 8 + n > size:
-            return f"is truncated (its safetensors header needs {8 + n} bytes, the file has {size})"
-        f.seek(8)
         try:
-            header = json.loads(f.read(n))
-        except (UnicodeDecodeError, ValueError):
+            n, end = safetensors_extent(f, size, max_header=_MAX_HEADER)
+        except SafetensorsHeaderError as exc:
+            if exc.kind == "length":
+                return f"is truncated (its safetensors header needs {8 + exc.n} bytes, the file has {size})"
+            if exc.kind == "offsets":
+                return f"has a damaged safetensors header (entry {exc.key!r})"
             return f"has a damaged safetensors header ({size} bytes)"
-    if not isinstance(header, dict):
-        return f"has a damaged safetensors header ({size} bytes)"
-    end = 0
-    for key, entry in header.items():
-        if key == "__metadata__":
-            continue
-        offsets = entry.get("data_offsets") if isinstance(entry, dict) else None
-        if not (isinstance(offsets, list) and len(offsets) == 2 and all(isinstance(v, int) for v in offsets)):
-            return f"has a damaged safetensors header (entry {key!r})"
-        end = max(end, offsets[1])
     if 8 + n + end > size:
         return f"is truncated (its tensors need {8 + n + end} bytes, the file has {size})"
     return None
@@ -405,10 +108,8 @@ def read_safetensors(path: str | os.PathLike, expected: str,
     from safetensors import safe_open
 
     path = Path(path)
-    if not path.exists():
-        raise FileNotFoundError(f"{path}: no such file; expected {expected}")
-    if path.is_dir():
-        raise ValueError(f"{path}: is a directory; expected {expected} (a file): pass the file inside it")
+    require_file(path, f"no such file; expected {expected}",
+                 f"is a directory; expected {expected} (a file): pass the file inside it")
     try:
         size = path.stat().st_size
         problem = _safetensors_problem(path, size)
@@ -427,7 +128,8 @@ def read_safetensors(path: str | os.PathLike, expected: str,
 
 
 _LORA_EXPECTED = ("a safetensors LoRA (kohya/ComfyUI '<name>.lora_down.weight' / '.lora_up.weight' / '.alpha' "
-                  "keys, e.g. a refiner from `python -m noisecraft train-refiner`)")
+                  "keys, or peft '<module>.lora_A.weight' / '.lora_B.weight'; e.g. a refiner from "
+                  "`python -m noisecraft train-refiner` or Save Refiner)")
 
 
 def read_lora_file(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
@@ -462,63 +164,172 @@ def _alpha(t: Optional[torch.Tensor], key: str, label: str, rank: int) -> float:
     return alpha
 
 
-def load_lora(
-    model: nn.Module,
-    source: str | os.PathLike | Mapping[str, torch.Tensor],
-    *,
-    dtype: Optional[torch.dtype] = None,
-) -> LoRASet:
-    """Hook a saved LoRA (path or exported state dict, kohya ``lora_unet_*`` keys) onto ``model``.
+# -- parsing: kohya and peft keys -> pairs -----------------------------------------------------------
 
-    Rank and alpha come from the file, per layer. A key that names no Linear/Conv2d of ``model``, or
-    a shape that does not fit, raises a ValueError naming the key, the layer and both shapes.
-    """
-    if isinstance(source, Mapping):
-        state, label = dict(source), "the LoRA state dict"
-        from .ode import check_tensors_finite
+_VARIANT_PARTS = (".lora_mid.weight", ".dora_scale", ".hada_w1_a", ".lokr_w1", ".diff", ".oft_blocks",
+                  ".lora_magnitude_vector", ".lora_embedding_A")
+_PEFT_KEY = re.compile(r"^(?:base_model\.model\.|unet\.|transformer\.)?(?P<module>.+)\.lora_(?P<part>[AB])"
+                       r"(?:\.(?P<adapter>[^.]+))?\.weight$")
+_TEXT_ENCODER = ("text_encoder", "lora_te")
 
-        check_tensors_finite(state, label)
-    else:
-        state, meta = read_lora_file(source)
-        label = str(source)
-        kind = meta.get("noisecraft.kind")
-        if kind is not None and kind != "refiner":
-            logger.warning("%s has noisecraft.kind=%r, not 'refiner'", label, kind)
-    prefixes = sorted({k.rsplit(".lora_down.weight", 1)[0] for k in state if k.endswith(".lora_down.weight")})
-    if not prefixes:
-        raise ValueError(f"{label} holds no '<name>.lora_down.weight' keys: it is not a LoRA in kohya/ComfyUI format")
-    cands = _candidates(model)
-    unknown = [p for p in prefixes if p not in cands]
-    if unknown:
-        raise ValueError(
-            f"{label} has {len(unknown)} LoRA keys that name no Linear/Conv2d layer of this "
-            f"{type(model).__name__} (e.g. {unknown[:3]}): it was trained for another model"
-        )
-    layers: list[tuple[str, str, LoRALayer]] = []
-    for key in prefixes:  # build and check everything before touching the model
-        name, module = cands[key]
-        down, up = state[f"{key}.lora_down.weight"], state.get(f"{key}.lora_up.weight")
+
+def _check_pair(label: str, key: str, down: Any, up: Any) -> None:
+    if not isinstance(down, torch.Tensor) or not isinstance(up, torch.Tensor) or down.ndim not in (2, 4) \
+            or up.ndim != down.ndim or up.shape[1] != down.shape[0] or up[0].numel() != down.shape[0]:
+        shape = lambda t: list(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__  # noqa: E731
+        raise ValueError(f"{label}: {key} has lora_down {shape(down)} and lora_up {shape(up)}; expected down "
+                         f"[rank, in(, kh, kw)] and up [out, rank(, 1, 1)] with the same rank: the file is "
+                         f"damaged or no kohya/peft LoRA; re-save it")
+
+
+def _peft_alpha(meta: Mapping[str, str], module: str, rank: int) -> float:
+    """alpha of a peft layer from diffusers' ``lora_adapter_metadata`` (``[unet.|transformer.]lora_alpha``,
+    ``alpha_pattern`` matched as peft matches it), else the rank."""
+    try:
+        cfg = json.loads(meta.get("lora_adapter_metadata") or "{}")
+    except ValueError:
+        cfg = None
+    cfg = cfg if isinstance(cfg, dict) else {}
+    get = lambda k: next((cfg[p + k] for p in ("", "unet.", "transformer.") if p + k in cfg), None)  # noqa: E731
+    patterns = get("alpha_pattern")
+    for pattern, value in (patterns.items() if isinstance(patterns, dict) else ()):
+        with contextlib.suppress(re.error, TypeError, ValueError):  # an unusable entry is no match
+            if re.match(rf"(.*\.)?({pattern})$", module) and math.isfinite(float(value)):
+                return float(value)
+    value = get("lora_alpha")
+    return float(value) if isinstance(value, (int, float)) and math.isfinite(value) else float(rank)
+
+
+def parse_refiner_state(state: Mapping[str, torch.Tensor], metadata: Optional[Mapping[str, str]] = None,
+                        label: str = "the LoRA state dict") -> dict[str, tuple[torch.Tensor, torch.Tensor, float]]:
+    """``{kohya prefix: (down, up, alpha)}`` (float32) from a kohya or peft/diffusers LoRA state dict.
+
+    Raises one ``ValueError`` naming ``label`` for: a NoiseCraft file of another kind, LoRA variants a
+    refiner does not use, text-encoder keys, no LoRA keys at all, a half pair, mismatched shapes,
+    an alpha that is not one finite number. (Non-finite weights: :func:`read_lora_file`.)"""
+    meta = dict(metadata or {})
+    kind = meta.get("noisecraft.kind")
+    if kind is not None and kind != "refiner":
+        raise ValueError(f"{label} is a NoiseCraft {kind!r} file, not a refiner (noisecraft.kind = {kind!r}); "
+                         f"load a refiner LoRA (noisecraft.kind = 'refiner')")
+    variants = sorted({k for k in state for part in _VARIANT_PARTS if k.endswith(part) or part + "." in k})
+    if variants:
+        raise ValueError(f"{label} uses LoRA variants a refiner does not use (e.g. {variants[:3]}); expected plain "
+                         f"'<key>.lora_down.weight' / '<key>.lora_up.weight' pairs as NoiseCraft writes them")
+    text = sorted(k for k in state if k.startswith(_TEXT_ENCODER))
+    if text:
+        raise ValueError(f"{label} holds text-encoder LoRA keys (e.g. {text[:2]}); a refiner adapts only the "
+                         f"diffusion model: save the UNet/transformer part only")
+    pairs: dict[str, tuple[torch.Tensor, torch.Tensor, float]] = {}
+    for p in sorted(k[: -len(".lora_down.weight")] for k in state if k.endswith(".lora_down.weight")):
+        down, up = state[f"{p}.lora_down.weight"], state.get(f"{p}.lora_up.weight")
         if up is None:
-            raise ValueError(f"{label}: {key}.lora_up.weight is missing")
-        if not isinstance(down, torch.Tensor) or down.ndim not in (2, 4) or not isinstance(up, torch.Tensor):
-            raise ValueError(f"{label}: {key}.lora_down.weight has shape "
-                             f"{list(getattr(down, 'shape', ())) or type(down).__name__}; expected a 2-d (linear) or "
-                             f"4-d (conv) LoRA down weight: the file is damaged or no kohya LoRA")
-        rank = int(down.shape[0])
-        alpha = _alpha(state.get(f"{key}.alpha"), key, label, rank)
-        layer = LoRALayer(module, rank, alpha, dtype=dtype or torch.float32, device=module.weight.device)
-        for part, t, param in (("lora_down", down, layer.lora_down.weight), ("lora_up", up, layer.lora_up.weight)):
-            if tuple(t.shape) != tuple(param.shape):
-                raise ValueError(
-                    f"{label}: {key}.{part}.weight has shape {tuple(t.shape)} but layer {name!r} of this "
-                    f"{type(model).__name__} needs {tuple(param.shape)}: the LoRA was trained for another model"
-                )
-            with torch.no_grad():
-                param.copy_(t)
-        layers.append((key, name, layer))
-    lora = LoRASet()
-    lora._bind(model)
-    for key, name, layer in layers:
-        lora._attach(model, key, name, layer)
-    lora.targets = tuple(name for _, name, _ in layers)
-    return lora
+            raise ValueError(f"{label} has {p}.lora_down.weight but no {p}.lora_up.weight: the file is damaged")
+        _check_pair(label, p, down, up)
+        pairs[p] = (down.to(torch.float32), up.to(torch.float32), _alpha(state.get(f"{p}.alpha"), p, label,
+                                                                         int(down.shape[0])))
+    peft: dict[str, dict[str, torch.Tensor]] = {}
+    adapters = set()
+    for k, t in state.items():
+        m = _PEFT_KEY.match(k)
+        if m:
+            peft.setdefault(m["module"], {})[m["part"]] = t
+            adapters.add(m["adapter"])
+    if len(adapters) > 1:
+        raise ValueError(f"{label} holds {len(adapters)} peft adapters ({sorted(map(str, adapters))}); a refiner is "
+                         f"one adapter: save one of them")
+    if peft and pairs:
+        raise ValueError(f"{label} mixes kohya ('.lora_down.weight') and peft ('.lora_A.weight') keys; expected one "
+                         f"format: re-save it")
+    for module, parts in sorted(peft.items()):
+        key = flat_name(module)
+        if "A" not in parts or "B" not in parts:
+            have, lack = ("A", "B") if "A" in parts else ("B", "A")
+            raise ValueError(f"{label} has {module}.lora_{have}.weight without its lora_{lack}: the file is damaged")
+        _check_pair(label, module, parts["A"], parts["B"])
+        rank = int(parts["A"].shape[0])
+        t = next((state[a] for a in (f"{module}.alpha", f"{key}.alpha") if a in state), None)
+        alpha = _alpha(t, module, label, rank) if t is not None else _peft_alpha(meta, module, rank)
+        if key in pairs:
+            raise ValueError(f"{label}: two entries map to the layer {module!r}; re-save it")
+        pairs[key] = (parts["A"].to(torch.float32), parts["B"].to(torch.float32), alpha)
+    if not pairs:
+        raise ValueError(f"{label} holds no '<key>.lora_down.weight' (kohya) or '<module>.lora_A.weight' (peft) "
+                         f"tensors ({len(state)} tensors, e.g. {sorted(state)[:3]}): it is not a LoRA. Pick a "
+                         f"refiner LoRA file")
+    if kind is None:
+        logger.warning("%s has no noisecraft.kind metadata; using it as a refiner LoRA anyway", label)
+    return pairs
+
+
+# -- metadata, export, the two file functions --------------------------------------------------------
+
+def refiner_metadata(pairs: Mapping[str, tuple], extra: Optional[Mapping[str, Any]] = None,
+                     targets: Optional[Sequence[str]] = None) -> dict[str, str]:
+    """The refiner file's string metadata for ``pairs``: kind, convention, rank, alpha, layers, kohya's
+    ``ss_network_*`` (and targets if given), then ``extra`` on top (plain keys get ``noisecraft.``,
+    non-strings are JSON)."""
+    ranks = sorted({int(d.shape[0]) for d, _, _ in pairs.values()})
+    alphas = sorted({float(a) for _, _, a in pairs.values()})
+    meta = {
+        "noisecraft.kind": "refiner",
+        "noisecraft.convention": CONVENTION,
+        "noisecraft.rank": str(ranks[0]) if len(ranks) == 1 else json.dumps(ranks),
+        "noisecraft.alpha": repr(alphas[0]) if len(alphas) == 1 else json.dumps(alphas),
+        "noisecraft.layers": str(len(pairs)),
+        "ss_network_module": "networks.lora",
+        "ss_network_dim": str(ranks[0]) if ranks else "0",
+        "ss_network_alpha": repr(alphas[0]) if alphas else "0",
+    }
+    if targets is not None:
+        meta["noisecraft.targets"] = json.dumps(list(targets))
+    for k, v in (extra or {}).items():
+        key = k if "." in k or k.startswith("ss_") else f"noisecraft.{k}"
+        meta[key] = v if isinstance(v, str) else json.dumps(v, sort_keys=True)
+    return meta
+
+
+def pairs_state_dict(pairs: Mapping[str, tuple], dtype: Optional[torch.dtype] = None) -> dict[str, torch.Tensor]:
+    """The kohya state dict of ``pairs`` (CPU, contiguous; ``dtype`` defaults to the weights')."""
+    out: dict[str, torch.Tensor] = {}
+    for key, (down, up, alpha) in pairs.items():
+        d, u = down.detach(), up.detach()
+        if dtype is not None:
+            d, u = d.to(dtype), u.to(dtype)
+        out[f"{key}.lora_down.weight"] = d.cpu().contiguous()
+        out[f"{key}.lora_up.weight"] = u.cpu().contiguous()
+        out[f"{key}.alpha"] = torch.tensor(float(alpha), dtype=torch.float32)
+    return out
+
+
+def save_refiner_pairs(pairs: Mapping[str, tuple], path: str | os.PathLike,
+                       metadata: Optional[Mapping[str, Any]] = None,
+                       dtype: Optional[torch.dtype] = torch.float32) -> Path:
+    """Write ``pairs`` (``{kohya prefix: (down, up, alpha)}``) as the refiner file, atomically and
+    reproducibly (:func:`noisecraft.io.write_safetensors`), as ``dtype`` (float32; None keeps the
+    weights' dtype). ``metadata`` goes on top of :func:`refiner_metadata`'s defaults. Refuses (``ValueError`` naming the layer and ``path``) an empty
+    refiner, bad shapes and non-finite weights or alphas: a file is never written that the loader
+    would refuse."""
+    from .io import write_safetensors
+
+    if not pairs:
+        raise ValueError(f"refusing to write {path}: the refiner has no LoRA layers")
+    for key, pair in pairs.items():
+        if not (isinstance(key, str) and key) or not (isinstance(pair, (tuple, list)) and len(pair) == 3):
+            raise ValueError(f"refusing to write {path}: entry {key!r} is not '<prefix>': (down, up, alpha)")
+        down, up, alpha = pair
+        _check_pair(f"refusing to write {path}", key, down, up)
+        bad = [n for n, t in (("lora_down", down), ("lora_up", up)) if not bool(torch.isfinite(t).all())]
+        if bad or not math.isfinite(float(alpha)):
+            raise ValueError(f"refusing to write {path}: {key} has NaN/inf in {bad or ['alpha']}; the training "
+                             f"diverged: retrain it (e.g. with a lower learning rate)")
+    meta = refiner_metadata(pairs, metadata)
+    return write_safetensors(pairs_state_dict(pairs, dtype), path, meta)
+
+
+def read_refiner_pairs(path: str | os.PathLike) -> tuple[dict[str, tuple[torch.Tensor, torch.Tensor, float]],
+                                                         dict[str, str]]:
+    """``(pairs, metadata)`` of a refiner file (kohya or peft keys; see the module docstring). Errors:
+    ``FileNotFoundError`` for a missing path, else one ``ValueError`` naming the path."""
+    state, meta = read_lora_file(path)
+    return parse_refiner_state(state, meta, str(path)), meta

@@ -21,8 +21,9 @@ be multiples of it (a ``UNet2DConditionModel`` takes any size: it upsamples to t
 connections' sizes). The message says what the model expects and that the CLI's
 ``--latent-shape C H W`` sets the latent. The check reads shapes only (no device sync).
 
-For the trainers (:mod:`noisecraft.train`) a model is a :class:`RefinerHost`: the module to hang
-the LoRA on, its sigma table, and a bank of condition embeddings indexed by condition id.
+For the trainers (:mod:`noisecraft.train`) a model is a :class:`RefinerHost`: the module that takes
+the refiner LoRA (a peft adapter, :func:`noisecraft.hosts.adapters.attach_lora`), its sigma table, and a bank of
+condition embeddings indexed by condition id.
 :func:`diffusers_host` builds one from a local diffusers folder (``unet/``, ``scheduler/``), encoding
 the prompts with the folder's ``tokenizer/`` + ``text_encoder/`` (CLIP, needs ``transformers``) or
 reading them precomputed from a safetensors file; :mod:`noisecraft.hosts.toy` builds one for the
@@ -155,7 +156,7 @@ class DiffusersDenoiser:
     encoder_hidden_states=..., return_dict=False)`` returning the prediction first).
 
     Args:
-        unet: the network (``UNet2DConditionModel`` or compatible, e.g. wrapped by peft).
+        unet: the network (``UNet2DConditionModel`` or compatible, e.g. with a peft adapter).
         table: the model's :class:`~noisecraft.sigmas.SigmaTable`; ``table.kind`` (eps, v, flow)
             chooses the parameterization. See :func:`sigma_table_from_scheduler`.
         cond: ``encoder_hidden_states`` [n, L, D]. A batch n that divides the latent batch B is
@@ -412,7 +413,8 @@ def sigma_table_from_scheduler(scheduler_or_config: Any, kind: ModelKind | str |
 class RefinerHost:
     """What the trainer needs from a model.
 
-    ``unet``: the module the LoRA hooks onto (frozen; a diffusers ``UNet2DConditionModel``);
+    ``unet``: the module the refiner LoRA goes on (frozen; a diffusers ``UNet2DConditionModel`` or SD3-class
+    transformer; :func:`noisecraft.hosts.adapters.attach_lora` adds it as a peft adapter);
     ``table``: its sigma table (model kind); ``conds``: condition embeddings [P, L, D], row ``i``
     for condition id ``i`` of the teacher cache; ``uncond``: [1, L, D] for guided teachers (may be
     None if the cache is already built); ``base_model``: a name written into the refiner's metadata.

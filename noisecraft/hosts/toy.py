@@ -177,13 +177,14 @@ def load_toy(device: str | torch.device = "cpu", dtype: torch.dtype = torch.floa
 
 
 def load_toy_refiner(model: ToyModel | None = None, path: str | Path | None = None):
-    """Hook the shipped NoiseRefine refiner LoRA onto the toy UNet; returns ``(model, lora)``.
+    """Put the shipped NoiseRefine refiner LoRA on the toy UNet (a peft adapter, so peft must be
+    installed: the ``dev``/``train`` extras); returns ``(model, lora)``.
 
-    ``lora`` is a :class:`noisecraft.lora.LoRASet` (enabled); use ``lora.base_and_lora(denoiser)``
+    ``lora`` is a :class:`noisecraft.hosts.adapters.LoRASet` (enabled); use ``lora.base_and_lora(denoiser)``
     with :func:`noisecraft.refine.refine_noise`, and ``lora.disabled()`` for plain sampling.
     Made by ``scripts/train_toy_refiner.py`` (MSD, teacher cfg 3 / 20 steps, student cfg 1 / 10 steps).
     """
-    from ..lora import load_lora
+    from .adapters import load_lora
 
     model = model or load_toy()
     path = Path(path) if path is not None else REFINER_WEIGHTS

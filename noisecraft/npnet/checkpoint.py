@@ -53,6 +53,7 @@ from typing import Any, Optional, Union
 
 import torch
 
+from ..io import require_file
 from ..ode import check_tensors_finite
 from .config import PRESETS, NPNetConfig, normalize_preset, preset_config, tile_shape
 from .model import NPNet
@@ -166,10 +167,8 @@ def _read_file(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str], str
     text, truncated or corrupt file: one ValueError naming the path and what was expected."""
     from ..lora import read_safetensors
 
-    if not path.exists():
-        raise FileNotFoundError(f"{path}: no such NPNet file; expected {_HELP_FILES} (ComfyUI folder models/npnet)")
-    if path.is_dir():
-        raise ValueError(f"{path}: is a directory; expected an NPNet file inside it: {_HELP_FILES}")
+    require_file(path, f"no such NPNet file; expected {_HELP_FILES} (ComfyUI folder models/npnet)",
+                 f"is a directory; expected an NPNet file inside it: {_HELP_FILES}")
     try:
         size = path.stat().st_size
         with open(path, "rb") as f:

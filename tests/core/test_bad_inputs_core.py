@@ -28,7 +28,8 @@ from noisecraft import stability as st
 from noisecraft.analytic import GaussianData
 from noisecraft.hosts.diffusers import DiffusersDenoiser, check_latent_shape
 from noisecraft.hosts.toy import NPNET_WEIGHTS, REFINER_WEIGHTS, load_toy
-from noisecraft.lora import load_lora, read_lora_file, read_safetensors
+from noisecraft.hosts.adapters import load_lora
+from noisecraft.lora import read_lora_file, read_safetensors
 from noisecraft.msd import msd_loss
 from noisecraft.npnet import (
     NPNetConfig,

@@ -3,7 +3,8 @@
 Tier 1 (torch + diffusers, CPU, no ComfyUI). Parameterization is checked two ways: an oracle
 network that knows the true x0 (so every kind must recover it exactly), and the raw algebra on
 a random network output. The toy model is then sampled with ``ode.sample`` and compared with
-diffusers' own ``DDIMScheduler`` (eta 0).
+diffusers' own ``DDIMScheduler`` (eta 0). The refiner LoRA goes on through peft (``add_adapter``):
+on an SD3-class transformer too, and on a bf16 UNet with float32 LoRA weights.
 """
 
 import math
@@ -461,3 +462,85 @@ def test_sigma_table_linear_and_zero_snr():
     torch.testing.assert_close(
         alphas_cumprod_from_config(cos.config), cos.alphas_cumprod.double(), rtol=1e-5, atol=1e-7
     )
+
+
+# -- the refiner LoRA through peft ----------------------------------------------------------------
+
+def _randomize_up(lora, seed, scale=0.05):
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for layer in lora.layers.values():
+            layer.lora_up.weight.copy_(torch.randn(layer.lora_up.weight.shape, generator=g) * scale)
+
+
+def test_refiner_lora_on_an_sd3_transformer_through_peft():
+    """diffusers' PeftAdapterMixin serves SD3Transformer2DModel as it serves UNets: the default targets
+    are its attention and feed-forward layers; zero init and the disabled flag are the base bit for bit;
+    the adapter equals ComfyUI's merged weight W + alpha / rank * up @ down. Tolerance: merged and
+    adapted differ only by float32 rounding of W x + s B (A x) against (W + s B A) x, a few ulps of the
+    activations (|out| ~ 1) per layer through one block: 1e-5 absolute is ~100 ulps."""
+    from diffusers import SD3Transformer2DModel
+
+    from noisecraft.hosts.adapters import attach_lora
+
+    config = dict(sample_size=8, patch_size=2, in_channels=4, num_layers=1, attention_head_dim=8, num_attention_heads=2,
+                  joint_attention_dim=16, caption_projection_dim=16, pooled_projection_dim=8, out_channels=4,
+                  pos_embed_max_size=16)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        model = SD3Transformer2DModel(**config).eval()
+    g = torch.Generator().manual_seed(0)
+    x, c, p = torch.randn(2, 4, 8, 8, generator=g), torch.randn(2, 5, 16, generator=g), torch.randn(2, 8, generator=g)
+
+    def run():
+        with torch.no_grad():
+            return model(hidden_states=x, encoder_hidden_states=c, pooled_projections=p,
+                         timestep=torch.tensor([500.0, 20.0]), return_dict=False)[0]
+
+    base = run()
+    own = list(model.parameters())
+    lora = attach_lora(model, rank=2, alpha=4.0, seed=1)
+    assert all(p.requires_grad for p in own)  # the model's own flags are kept (peft would freeze them)
+    ends = {n.split("attn.")[-1].split("ff.")[-1] for n in lora.module_names.values()}
+    assert ends == {"to_q", "to_k", "to_v", "to_out.0", "net.0.proj", "net.2"}
+    assert "noisecraft_refiner" in model.peft_config
+    assert torch.equal(run(), base)
+    _randomize_up(lora, seed=2)
+    adapted = run()
+    assert float((adapted - base).abs().max()) > 1e-3
+    with lora.disabled():
+        assert torch.equal(run(), base)
+    state = lora.export_state_dict()
+    lora.remove()
+    assert not hasattr(model, "peft_config") and torch.equal(run(), base)
+    with torch.no_grad():
+        for key, name in lora.module_names.items():
+            w = model.get_submodule(name).weight
+            down, up = state[f"{key}.lora_down.weight"], state[f"{key}.lora_up.weight"]
+            w += float(state[f"{key}.alpha"]) / down.shape[0] * (up @ down)
+    torch.testing.assert_close(run(), adapted, rtol=0, atol=1e-5)
+
+
+def test_refiner_lora_on_a_bf16_unet_keeps_float32_weights():
+    """The LoRA weights stay float32 on a bf16 UNet (its input is cast up, its output back to bf16), and
+    at zero init the bf16 output is the base output bit for bit (bf16 -> float32 -> bf16 is exact)."""
+    from noisecraft.hosts import toy
+    from noisecraft.hosts.adapters import attach_lora
+
+    model = toy.load_toy()
+    unet = model.unet.to(torch.bfloat16)
+    x = torch.randn((2, *model.latent_shape), generator=torch.Generator().manual_seed(3)).to(torch.bfloat16)
+    c = model.cond(torch.arange(2)).to(torch.bfloat16)
+
+    def run():
+        with torch.no_grad():
+            return unet(x, torch.tensor([999.0, 500.0]), encoder_hidden_states=c, return_dict=False)[0]
+
+    base = run()
+    lora = attach_lora(unet, rank=2)
+    assert {p.dtype for p in lora.parameters()} == {torch.float32}
+    out = run()
+    assert out.dtype == torch.bfloat16 and torch.equal(out, base)
+    _randomize_up(lora, seed=4)
+    assert not torch.equal(run(), base)
+    lora.remove()

@@ -23,9 +23,7 @@ from pathlib import Path
 
 import pytest
 
-from noisecraft import weights
 from noisecraft.weights import (
-    MANIFEST_PATH,
     DownloadError,
     WeightEntry,
     download,

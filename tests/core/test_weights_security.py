@@ -286,7 +286,7 @@ def test_a_link_under_the_final_name_pointing_outside_is_refused(srv, tmp_path):
 
 
 def test_every_manifest_file_name_is_plain_and_stays_inside(tmp_path):
-    from noisecraft.weights import _inside
+    from noisecraft.weights.manifest import inside_folder as _inside
 
     checked = 0
     for e in load_manifest():
@@ -342,7 +342,7 @@ def test_bad_content_is_refused_and_the_part_removed(srv, tmp_path, case):
 
 def test_real_safetensors_files_pass_the_format_check():
     """The shipped toy assets (written by the safetensors library) pass the check used without sha256."""
-    from noisecraft.weights import _content_problem
+    from noisecraft.weights.verify import content_problem as _content_problem
 
     files = [e for e in load_manifest() if e.path and e.path.endswith(".safetensors")]
     assert len(files) >= 3
@@ -498,7 +498,7 @@ def test_hub_path_in_repo_cannot_leave_the_folder(hub, tmp_path, tail):
 
 
 def test_hub_url_detection():
-    from noisecraft.weights import _hf_file
+    from noisecraft.weights.fetch import hub_file as _hf_file
 
     f = _hf_file("https://huggingface.co/LucipherDev/Golden-Noise-NPNets/resolve/main/Old_pth/sdxl.pth")
     assert (f.endpoint, f.repo_id, f.repo_type, f.revision, f.filename) == (

@@ -1,0 +1,112 @@
+"""The command line's argument types, and the fetch command's weights table and progress line.
+
+Numeric flags are checked before any work: each type is an argparse ``type=`` that raises
+``argparse.ArgumentTypeError`` with what is allowed and what was got (argparse prints
+``argument --flag: <message>``). NaN and inf are always refused.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+import time
+
+# -- argument types --------------------------------------------------------------------------------
+
+
+def int_at_least(low: int, what: str):
+    def parse(text: str) -> int:
+        try:
+            value = int(text, 10)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}") from None
+        if value < low:
+            raise argparse.ArgumentTypeError(f"expected {what}, got {value}")
+        return value
+
+    parse.__name__ = what  # argparse names the type in some messages
+    return parse
+
+
+positive_int = int_at_least(1, "a whole number >= 1")
+non_negative_int = int_at_least(0, "a whole number >= 0")
+two_or_more_int = int_at_least(2, "a whole number >= 2")
+
+
+def float_in(what: str, low: float = -math.inf, high: float = math.inf, *, low_open: bool = False,
+              high_open: bool = False):
+    """A finite float in [low, high] (open ends where asked); NaN and inf are always refused."""
+
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}") from None
+        if not math.isfinite(value):
+            raise argparse.ArgumentTypeError(f"expected {what}, got {text!r} (not a finite number)")
+        if value < low or value > high or (low_open and value == low) or (high_open and value == high):
+            raise argparse.ArgumentTypeError(f"expected {what}, got {text}")
+        return value
+
+    parse.__name__ = what
+    return parse
+
+
+finite_float = float_in("a finite number")
+positive_float = float_in("a finite number > 0", 0.0, low_open=True)
+non_negative_float = float_in("a finite number >= 0", 0.0)
+# keep-filter margin on probability scores (the toy classifier's confidence): score' > score + m keeps
+# nothing for m >= 1 and everything for m <= -1
+margin_float = float_in("a number in [-1, 1) (the filter's scores are probabilities)", -1.0, 1.0, high_open=True)
+
+
+# -- fetch: the --list table and the progress line ----------------------------------------------
+
+
+def _size_text(entry) -> str:
+    if entry.size is not None:
+        n = entry.size
+        return f"{n / 1e6:.1f} MB" if n >= 100_000 else f"{n / 1e3:.1f} kB"
+    return f"~{entry.size_approx}" if entry.size_approx else "?"
+
+
+def _how_to_get(entry) -> str:
+    if entry.url:
+        return "fetch"
+    return "in package" if entry.path else "by hand"
+
+
+def format_weights_table(entries) -> str:
+    header = ("name", "base model", "size", "folder", "sha256", "get")
+    rows = [(e.name, e.base_model, _size_text(e), e.folder, "known" if e.sha256 else "-", _how_to_get(e))
+            for e in entries]
+    widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
+    line = lambda r: "  ".join(str(c).ljust(w) for c, w in zip(r, widths)).rstrip()
+    out = [line(header), line(tuple("-" * w for w in widths))] + [line(r) for r in rows]
+    out.append("")
+    out.append("sha256 '-': none published: the download cannot be verified by hash; fetch checks the size where "
+               "known and the file format instead (and refuses HTML/text). 'by hand': no direct URL, see `page` in "
+               "the manifest.")
+    return "\n".join(out)
+
+
+class ProgressLine:
+    """Progress on stderr, at most ~4 updates a second, only when stderr is a terminal."""
+
+    def __init__(self, label: str):
+        self.label, self.last, self.enabled = label, 0.0, sys.stderr.isatty()
+
+    def __call__(self, done: int, total) -> None:
+        now = time.monotonic()
+        if not self.enabled or (now - self.last < 0.25 and done != total):
+            return
+        self.last = now
+        pct = f" ({100 * done / total:.0f}%)" if total else ""
+        tot = f" / {total / 1e6:.1f}" if total else ""
+        sys.stderr.write(f"\r{self.label}: {done / 1e6:.1f}{tot} MB{pct}   ")
+        sys.stderr.flush()
+
+    def close(self) -> None:
+        if self.enabled and self.last:
+            sys.stderr.write("\n")
