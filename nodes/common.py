@@ -23,6 +23,8 @@ CONDITIONING, the loaded-file cache, the pack's model folders, save paths and sh
   ``overwrite`` the plain ``<name>.safetensors`` is used (replaced if it exists); with
   ``plain_first`` the plain name is used while it is free, numbering only after that (Save NPNet's
   behaviour from before the numbering, kept for old workflows).
+* :func:`run_folder`: the run folder ``<output>/noisecraft_runs/<name>`` of a training node's
+  ``resume_from`` (Train Refiner, Train NPNet), the name checked like a save name.
 * Shared inputs (:func:`seed_input`, :func:`scheduler_input`, :func:`sampling_inputs`): the
   schema lines several nodes repeat; the caller gives the tooltip, which stays the node's own.
 """
@@ -231,6 +233,32 @@ def check_save_name(filename, node: str, example: str) -> str:
     if not _NAME_RE.match(stem):
         raise ValueError(f"{node}: filename {filename!r} is not {rule}")
     return stem
+
+
+RUNS_FOLDER = "noisecraft_runs"  # the training nodes' run folders, under ComfyUI's output folder
+
+
+def run_folder(name, node: str, *, example: str = "my_run") -> Optional[Path]:
+    """``<ComfyUI output>/noisecraft_runs/<name>`` for a training node's ``resume_from`` input;
+    ``None`` when it is empty (or not given): no named run.
+
+    The name is checked like a save name (:func:`check_save_name`: no folder part, no '..', not
+    hidden, not too long) and refused, never sanitized, with a message naming ``node`` and
+    ``resume_from``; :func:`inside` checks the final path once more."""
+    if name is None:
+        return None
+    if not isinstance(name, str):
+        raise ValueError(f"{node}: resume_from must be text (a run folder name), got {type(name).__name__}")
+    if not name.strip():
+        return None
+    try:
+        stem = check_save_name(name, node, example)
+    except ValueError as e:
+        msg = str(e).replace(": filename", ": resume_from", 1)
+        raise ValueError(msg.replace("the file is always written into the node's models folder",
+                                     f"the run folder is always made in ComfyUI's output/{RUNS_FOLDER}")) from None
+    root = Path(folder_paths.get_output_directory()).absolute() / RUNS_FOLDER
+    return inside(root, root / stem, node)
 
 
 def inside(root: Path, path: Path, node: str) -> Path:

@@ -21,21 +21,12 @@ Choices where the issue was silent:
   message names the node, the file and what was expected). ``noisecraft.model_kind``
   (eps/v/flow) is checked against the MODEL when Refine Noise runs: flow against eps/v is an error,
   eps against v a warning (both refine by an eps difference).
-* Keys: mapped with ComfyUI's own table (``comfy.lora.model_lora_keys_unet``), which knows the
-  kohya names of both diffusers and ldm layouts and ``diffusion_model.<ldm name>``; every key
-  must map and every shape must fit, or the error names the refiner (file, ``noisecraft.base_model``)
-  and the model, with the first mismatches.
-* Attaching without re-patching: the LoRA is applied as a weight function
-  (``weight + alpha / rank * up @ down``, out of place, ComfyUI's LoRA merge) on ComfyUI's cast
-  path (``comfy.ops``' ``weight_function``), with one shared ``enabled`` flag: ``D_base`` runs with
-  it off, ``D_lora`` with it on, in the same loaded model. The functions are appended to the
-  target modules only for the duration of the two passes, inside the sampler, and removed
-  afterwards. We do *not* register them with ``ModelPatcher.add_weight_wrapper``: that re-rolls
-  the clone's ``patches_uuid``, so every switch between the refine clone and the sampler's MODEL
-  makes ComfyUI unpatch the weights (moving the model to its offload device) and patch them
-  again (re-merging the user's own LoRAs) - twice per generation. Scoped weight functions keep
-  the patcher's weights identical to the input MODEL's, so the refine pass loads nothing new.
-  ``benchmarks/bench_comfy_refine.py`` times both ways over three generations.
+* Keys and attaching: :mod:`nodes.comfy_lora` (``map_refiner``: ComfyUI's own key table
+  ``comfy.lora.model_lora_keys_unet``, every key must map and every shape fit, or the error names
+  the refiner and the model; ``RefinerSwitch``: ComfyUI's LoRA merge as a scoped weight function on
+  the loaded model, ``D_base`` with it off, ``D_lora`` with it on, removed after the two passes -
+  not ``add_weight_wrapper``, which makes ComfyUI unpatch and re-patch twice per generation;
+  ``benchmarks/bench_comfy_refine.py`` times both ways over three generations).
 * Strength: 0 is off (the input NOISE itself is returned, no model call); the accepted range is
   ``noisecraft.refine``'s [0, 2]. The residual uses the model's ``sigma_max`` (the start of every
   full-denoise schedule), also for img2img latents: the refiner was trained on pure noise.
@@ -44,20 +35,19 @@ Choices where the issue was silent:
 from __future__ import annotations
 
 import logging
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Optional
 
 import torch
 from comfy_api.latest import io
 
-import comfy.lora
 import folder_paths
 
 from ..noisecraft.lora import read_lora_file
 from ..noisecraft.refine import STRENGTH_MAX, check_strength, refine_noise
 from ..noisecraft.sigmas import ModelKind
 from . import bridge
+from .comfy_lora import RefinerSwitch, Target, map_refiner  # noqa: F401 - public here (Train Refiner, benchmarks)
 from .common import REFINER_FOLDER as FOLDER, FileCache, register_folders
 from .noise import NoiseTransform
 
@@ -208,67 +198,7 @@ def clear_cache() -> None:
     CACHE.clear()
 
 
-# -- mapping onto a ComfyUI model ------------------------------------------------------------------
-
-class Target:
-    """One LoRA pair bound to a ComfyUI weight: module path, and ``scale * up @ down`` in its shape."""
-
-    def __init__(self, weight_key: str, down: torch.Tensor, up: torch.Tensor, scale: float):
-        self.weight_key = weight_key
-        self.module_path = weight_key[: -len(".weight")]
-        self.down_shape = tuple(down.shape)  # the file's shapes (kohya conv: [r, in, kh, kw], [out, r, 1, 1])
-        self.up_shape = tuple(up.shape)
-        self.down = down.flatten(1)
-        self.up = up.flatten(1)
-        self.scale = scale
-        self._on: dict = {}
-
-    def delta(self, weight: torch.Tensor) -> torch.Tensor:
-        key = (weight.device, weight.dtype)
-        if key not in self._on:
-            up = self.up.to(weight.device, torch.float32) * self.scale
-            self._on[key] = (torch.mm(up, self.down.to(weight.device, torch.float32))
-                             .reshape(weight.shape).to(weight.dtype))
-        return self._on[key]
-
-    def release(self) -> None:
-        self._on.clear()
-
-
-def map_refiner(refiner: Refiner, model) -> list[Target]:
-    """Bind every LoRA pair of ``refiner`` to a weight of ComfyUI ``model`` (a ModelPatcher).
-
-    Raises a ValueError naming the refiner and the model when a key maps to no weight or a shape
-    does not fit (a refiner trained for another model).
-    """
-    base = model.model
-    key_map = comfy.lora.model_lora_keys_unet(base, {})
-    weights = dict(base.named_parameters())
-    targets, unknown, bad = [], [], []
-    for prefix, (down, up, alpha) in refiner.pairs.items():
-        wkey = key_map.get(prefix)
-        if wkey is None or wkey not in weights:
-            unknown.append(prefix)
-            continue
-        w = weights[wkey]
-        if up.shape[0] != w.shape[0] or down[0].numel() != w[0].numel() or up[0].numel() != down.shape[0]:
-            bad.append(f"{prefix}: up {list(up.shape)} @ down {list(down.shape)} vs {wkey} {list(w.shape)}")
-            continue
-        targets.append(Target(wkey, down, up, alpha / down.shape[0]))
-    if unknown or bad:
-        what = []
-        if unknown:
-            what.append(f"{len(unknown)} of its {len(refiner.pairs)} keys name no weight of the model "
-                        f"(e.g. {unknown[:3]})")
-        if bad:
-            what.append(f"{len(bad)} shapes do not fit (e.g. {bad[:2]})")
-        raise ValueError(
-            f"{REFINE_NAME}: the refiner {refiner.describe()} does not fit this MODEL ({bridge.model_name(model)}): "
-            f"{'; '.join(what)}. It was trained for another model: load the refiner trained for this checkpoint, "
-            f"or train one for it"
-        )
-    return targets
-
+# -- mapping onto a ComfyUI model: nodes/comfy_lora.py (Target, map_refiner, RefinerSwitch) -------------
 
 def check_kind(refiner: Refiner, kind: ModelKind, model) -> None:
     want = refiner.model_kind
@@ -283,54 +213,6 @@ def check_kind(refiner: Refiner, kind: ModelKind, model) -> None:
         )
     log.warning("%s: refiner %s was trained for a %s model, this MODEL is %s", REFINE_NAME, refiner.name,
                 want.value, kind.value)
-
-
-class RefinerSwitch:
-    """The refiner as weight functions on a loaded ComfyUI model, toggled by ``enabled``.
-
-    :meth:`attached` appends one function per target module to ``module.weight_function`` (the
-    list ``comfy.ops`` layers apply when they cast their weight) and restores the modules' own
-    lists on exit. With ``enabled`` False the function returns the weight unchanged.
-    """
-
-    def __init__(self, targets: list[Target]):
-        self.targets = targets
-        self.enabled = False
-
-    def _fn(self, target: Target):
-        def apply(weight: torch.Tensor) -> torch.Tensor:
-            if not self.enabled:
-                return weight
-            return weight + target.delta(weight)
-
-        return apply
-
-    @contextmanager
-    def attached(self, base_model: torch.nn.Module):
-        saved = []
-        try:
-            for t in self.targets:
-                module = base_model.get_submodule(t.module_path)
-                if not hasattr(module, "weight_function"):
-                    raise ValueError(
-                        f"{REFINE_NAME}: layer {t.module_path} ({type(module).__name__}) is not a ComfyUI layer with "
-                        f"weight functions; the refiner cannot be attached to this model"
-                    )
-                prev = module.__dict__.get("weight_function", None)
-                mine = [*module.weight_function, self._fn(t)]
-                module.weight_function = mine
-                saved.append((module, prev, mine))
-            yield self
-        finally:
-            self.enabled = False
-            for module, prev, mine in reversed(saved):
-                if module.__dict__.get("weight_function") is mine:
-                    if prev is None:
-                        del module.weight_function
-                    else:
-                        module.weight_function = prev
-            for t in self.targets:
-                t.release()
 
 
 # -- refined noise as a NOISE ----------------------------------------------------------------------

@@ -3,10 +3,11 @@
 Paper: Ahn, Kang et al., "A Noise is Worth Diffusion Guidance" (arXiv:2412.03895), Sec. 3.3 (a
 refiner LoRA, trained with multistep score distillation, MSD) and App. D (teacher: N' guided
 steps; student: N = 10 unguided steps; latent MSE; LoRA on attention, conv and feed-forward
-layers). The loss is :func:`noisecraft.msd.msd_loss`, the teacher :func:`noisecraft.msd.teacher_x0`,
-the residual :func:`noisecraft.refine.residual_from_denoisers` (DESIGN.md, "NoiseRefine
-conventions"). The model calls go through :func:`nodes.bridge.run_core`, so ComfyUI prepares the
-conditioning and the model's own patches, exactly as for sampling.
+layers). Training is the core's, written once: the loop is :func:`noisecraft.train.loop.run`
+(AdamW, lr schedule and warmup, accumulation, clipping, precision, checkpoint and resume, loss
+log), the step is :class:`noisecraft.train.refiner.RefinerMethod` (the MSD loss of
+:mod:`noisecraft.msd` on the residual of :mod:`noisecraft.refine`), the data is a
+:class:`noisecraft.train.TeacherCache`; this module only puts them on a ComfyUI model.
 
 Choices where the issue was silent:
 
@@ -15,76 +16,76 @@ Choices where the issue was silent:
   entry lists), and every entry becomes one training prompt (its own tensor and dict: SDXL
   pooled output and size keys travel with it). We do not take a multiline STRING + CLIP: that
   would re-implement text encoding inside our node, and it works with any text encoder node.
-* Teacher cache (TEACHER_CACHE): in memory only (the noises, the prompt index of each sample and
-  the teacher's x0 in the model's inner latent space, on the CPU), with the teacher settings and
-  the model's kind / sigma_max / latent channels for checks. ComfyUI caches the node's output, so
-  changing only the training settings re-uses it. Large caches produced by a separate job are
-  the CLI's business (:mod:`noisecraft.train.teacher_cache` shards); not written here.
-  Noises: ``samples_per_prompt`` per prompt from one ``torch.Generator(seed)`` (never the global
-  RNG); the LATENT input only gives the size and channels (its batch and content are ignored).
-* Trainer: LoRA pairs on ComfyUI's UNet weights of the default targets of :mod:`noisecraft.lora`
-  (attention q/k/v/out, resnet conv1/conv2, feed-forward), named with ComfyUI's own
-  ``unet_to_diffusers`` table in the kohya form (``lora_unet_<diffusers name>``) and bound to the
-  weights with :func:`nodes.nodes_refine.map_refiner` (the mapping Load Refiner uses). UNet models
-  only (SD1.x/SD2.x/SDXL); DiT/MMDiT models get a clear error. ``down`` is Kaiming-uniform (bound
-  ``1/sqrt(fan_in)``) from ``torch.Generator(seed)``, ``up`` zero: the residual starts at exactly 0.
-  The LoRA is applied as scoped weight functions (:class:`nodes.nodes_refine.RefinerSwitch`, on
-  only for the refiner pass) whose deltas are recomputed from the trainable float32 tensors at
-  every call; the forward runs in the model's compute dtype (float32 on the CPU). AdamW
-  (weight decay 0), no schedule. Every optimizer step draws ``batch_size`` samples in a per-epoch
-  permutation from ``torch.Generator(seed + epoch)``; samples of different prompts are handled in
-  one guider run per prompt, and their losses are weighted by their share of the batch.
+* Teacher cache (TEACHER_CACHE, :class:`NodeTeacherCache`): the core's
+  :meth:`TeacherCache.in_memory <noisecraft.train.TeacherCache.in_memory>` (the noises, the prompt
+  index of each sample and the teacher's x0 in the model's inner latent space, on the CPU; read in
+  batches by the same code as the CLI's folder caches) plus the prompts' CONDITIONINGs; the teacher
+  settings and the model's kind / sigma_max / latent channels are its metadata, checked by Train
+  Refiner. ComfyUI caches the node's output, so changing only the training settings re-uses it.
+  Noises: ``samples_per_prompt`` per prompt (prompt-major) from one ``torch.Generator(seed)`` (never
+  the global RNG); the LATENT input only gives the size and channels (its batch and content are
+  ignored).
+* Train Refiner runs the whole loop inside ONE sampler run (:func:`nodes.bridge.run_core`, as
+  ComfyUI's own training node runs inside ``TrainSampler.sample``): ComfyUI loads the model and
+  prepares every prompt's conditioning once (the prompts are passed as one combined CONDITIONING;
+  the denoiser of a batch runs each prompt's samples with that prompt's prepared entry, as
+  ``TrainSampler`` selects its entries, cfg 1). The LoRA is :class:`nodes.comfy_lora.TrainableLoRA`
+  (ComfyUI's ``LoraDiff`` adapters as weight wrappers of a clone, initialised like the core's LoRA;
+  UNet models only, SD1.x/SD2.x/SDXL; DiT/MMDiT models get a clear error); the input MODEL is
+  never patched or changed and keeps no function of ours, also when training is interrupted.
+  Defaults are the node's behaviour before the engine: fp32, constant lr, no warmup, no clipping,
+  no accumulation, weight decay 0; ``batch_size`` is capped at the cache size.
 * ComfyUI runs nodes under ``torch.inference_mode()``: the training runs in
-  ``torch.inference_mode(False)`` + ``torch.enable_grad()`` on cloned conditioning, noise and
-  teacher tensors, and every other ComfyUI layer whose weight is an inference tensor gets a
-  weight function for the refiner pass too, so ComfyUI's cast path hands autograd a copy (norm
-  layers save their weight for backward). All of these functions are removed afterwards: the
-  input MODEL is never patched or changed, also when training is interrupted.
-* Progress: one tick per model call (teacher: one per step and prompt; training: 2 + N per
-  prompt group and step); every tick is an interrupt point (ComfyUI's
-  ``InterruptProcessingException``). An interrupted training returns nothing.
+  ``torch.inference_mode(False)`` on cloned conditioning, noise and teacher tensors, with the base
+  weights' ``requires_grad`` off for the run (restored afterwards), so no gradient is computed for
+  them or left in their ``.grad``.
+* Progress and interrupt: one progress tick per optimizer step; Cancel is seen by the engine's
+  ``interrupt`` check before the next step: it writes a checkpoint and stops, then the node raises
+  ComfyUI's ``InterruptProcessingException`` (the UI shows the interrupt). An interrupted training
+  returns nothing.
+* Runs (``resume_from``): empty = a temporary folder, removed afterwards (nothing resumes). A name
+  = the folder ``<ComfyUI output>/noisecraft_runs/<name>``: checkpoints every
+  :data:`CHECKPOINT_EVERY` steps and at an interrupt, the loss log and plot, and the finished
+  ``refiner.safetensors`` go there, and a run whose folder holds a checkpoint resumes from it (with
+  the same settings; ``steps`` may grow), after an interrupt or a killed process alike.
 * Output: a REFINER exactly like Load Refiner's (:class:`nodes.nodes_refine.Refiner`, kohya keys,
   ``noisecraft.*`` metadata), so Refine Noise and Save Refiner take it; the loss per step goes to
   the UI as text and as the list ``noisecraft_losses``, and out as a FLOAT list.
-* Save Refiner writes ``<folder>/<filename>_<counter:05>_.safetensors``, numbered the way ComfyUI's
-  own savers (SaveLoRA) number theirs (:func:`nodes.common.save_path`, the counter one past the
-  highest in the folder), atomically and reproducibly (:func:`noisecraft.io.write_safetensors`),
-  never overwriting. The default folder is ``models/loras``, where both Load Refiner and ComfyUI's
-  stock LoraLoader(ModelOnly) find it; ``noise_refiners`` keeps it out of the LoRA lists. The
-  filename is refused (not sanitized) when it is empty, longer than 200 characters, or has a folder
-  part ('/', '\\', '..'), so nothing is written outside that folder.
+* Save Refiner writes ``<folder>/<filename>_<counter:05>_.safetensors`` through the core's one
+  refiner writer (:func:`noisecraft.lora.save_refiner_pairs`), numbered the way ComfyUI's own savers
+  (SaveLoRA) number theirs (:func:`nodes.common.save_path`, the counter one past the highest in the
+  folder), never overwriting. The default folder is ``models/loras``, where both Load Refiner and
+  ComfyUI's stock LoraLoader(ModelOnly) find it; ``noise_refiners`` keeps it out of the LoRA lists.
+  The filename is refused (not sanitized) when it is empty, longer than 200 characters, or has a
+  folder part ('/', '\\', '..'), so nothing is written outside that folder.
 """
 
 from __future__ import annotations
 
-import json
 import logging
-import math
-import time
+import tempfile
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Optional
 
 import torch
 from comfy_api.latest import io
 
+import comfy.model_management
 import comfy.utils
 
-from ..noisecraft.lora import CONVENTION, DEFAULT_TARGETS
-from ..noisecraft.msd import msd_loss, teacher_x0
-from ..noisecraft.io import write_safetensors
-from ..noisecraft.refine import refine_with, residual_from_denoisers
+from ..noisecraft import lora as core_lora
+from ..noisecraft.lora import DEFAULT_TARGETS
+from ..noisecraft.msd import teacher_x0
+from ..noisecraft.sigmas import ModelKind
+from ..noisecraft.train.loop import CHECKPOINT_NAME, PRECISIONS, SCHEDULES, run
+from ..noisecraft.train.refiner import RefinerMethod, RefinerTrainConfig
+from ..noisecraft.train.teacher_cache import TeacherCache
 from . import bridge
-from .common import (check_combo, check_int, check_number, file_list_changed, node_id, sampling_inputs, save_path,
-                     scheduler_input, seed_input)
-from .nodes_refine import (
-    FOLDER as REFINER_FOLDER,
-    LORA_FOLDER,
-    Refiner,
-    RefinerSwitch,
-    RefinerType,
-    Target,
-    map_refiner,
-)
+from .comfy_lora import TrainableLoRA, lora_keys  # noqa: F401 - lora_keys: public here (tests, tools)
+from .common import (check_combo, check_int, check_number, file_list_changed, node_id,
+                     run_folder as common_run_folder, sampling_inputs, save_path, scheduler_input, seed_input)
+from .nodes_refine import FOLDER as REFINER_FOLDER, LORA_FOLDER, Refiner, RefinerType
 
 log = logging.getLogger(__name__)
 
@@ -94,6 +95,7 @@ TRAIN_NAME = "Train Refiner"
 SAVE_NAME = "Save Refiner"
 TeacherCacheType = io.Custom("TEACHER_CACHE")
 SAVE_FOLDERS = [LORA_FOLDER, REFINER_FOLDER]
+CHECKPOINT_EVERY = 50  # steps between checkpoints of a named run
 
 
 def _clone_value(v):
@@ -131,32 +133,43 @@ def split_prompts(positive, node: str) -> list[list]:
 
 # -- the teacher cache -----------------------------------------------------------------------------
 
-class TeacherCache:
-    """What travels on a TEACHER_CACHE socket (CPU tensors; x0 in the model's inner latent space)."""
+class NodeTeacherCache:
+    """What travels on a TEACHER_CACHE socket: the core's in-memory :class:`TeacherCache` (``data``) and
+    the prompts' CONDITIONINGs (``prompts``: one one-entry CONDITIONING per condition id)."""
 
-    def __init__(self, prompts, negative, noise, prompt_ids, x0, *, kind, sigma_max, channels, model_name,
-                 settings: dict):
-        self.prompts = prompts  # list of one-entry CONDITIONINGs
+    def __init__(self, data: TeacherCache, prompts: list, negative: list):
+        self.data = data
+        self.prompts = prompts
         self.negative = negative
-        self.noise = noise  # [S, C, H, W] unit noise
-        self.prompt_ids = prompt_ids  # [S] long
-        self.x0 = x0  # [S, C, H, W]
-        self.kind = kind
-        self.sigma_max = float(sigma_max)
-        self.channels = int(channels)
-        self.model_name = model_name
-        self.settings = dict(settings)
+        meta = data.meta
+        self.kind = ModelKind.parse(meta["kind"])
+        self.sigma_max = float(meta["sigma_max"])
+        self.channels = int(data.shape[0])
+        self.model_name = meta.get("model_name", "unknown")
+        self.settings = {k: meta[k] for k in ("cfg", "steps", "scheduler", "seed", "samples_per_prompt") if k in meta}
 
     def __len__(self) -> int:
-        return int(self.noise.shape[0])
+        return self.data.total
+
+    @property
+    def noise(self) -> torch.Tensor:
+        return self.data.get(range(self.data.total)).e
+
+    @property
+    def x0(self) -> torch.Tensor:
+        return self.data.get(range(self.data.total)).x0
+
+    @property
+    def prompt_ids(self) -> torch.Tensor:
+        return self.data.get(range(self.data.total)).cond
 
     def __repr__(self) -> str:
-        return (f"TeacherCache({len(self)} samples, {len(self.prompts)} prompts, latent {list(self.noise.shape[1:])}, "
+        return (f"TeacherCache({len(self)} samples, {len(self.prompts)} prompts, latent {list(self.data.shape[1:])}, "
                 f"{self.kind.value}, {self.model_name}, {self.settings})")
 
 
 def build_teacher_cache(model, positive, negative, latent, *, samples_per_prompt: int, seed: int, cfg: float,
-                        steps: int, scheduler: str, node_id=None) -> TeacherCache:
+                        steps: int, scheduler: str, node_id=None) -> NodeTeacherCache:
     prompts = split_prompts(positive, CACHE_NAME)
     bridge.check_conditioning(positive, "positive", CACHE_NAME, model)
     bridge.check_conditioning(negative, "negative", CACHE_NAME, model)
@@ -181,145 +194,98 @@ def build_teacher_cache(model, positive, negative, latent, *, samples_per_prompt
 
         x0s.append(bridge.run_core(model, cond, negative, torch.zeros((n, *shape)), fn, sigmas=sigmas, cfg=cfg,
                                    seed=int(seed), progress=progress))
-    ids = torch.arange(len(prompts)).repeat_interleave(n)
     x0 = torch.cat(x0s)
     if not torch.isfinite(x0).all():
         raise ValueError(f"{CACHE_NAME}: the teacher's samples contain NaN/inf; check the model, cfg and scheduler")
-    settings = {"cfg": cfg, "steps": steps, "scheduler": scheduler, "seed": int(seed), "samples_per_prompt": n}
-    return TeacherCache(clone_conditioning_list(prompts), clone_conditioning(negative), noise, ids, x0, kind=kind,
-                        sigma_max=float(sigmas[0]), channels=shape[0], model_name=bridge.model_name(model),
-                        settings=settings)
+    meta = {"cfg": cfg, "steps": steps, "teacher_steps": steps, "scheduler": scheduler, "seed": int(seed),
+            "samples_per_prompt": n, "kind": kind.value, "sigma_max": float(sigmas[0]),
+            "model_name": bridge.model_name(model), "host": "comfyui"}
+    with torch.inference_mode(False):  # normal tensors: the trainer's autograd may save them
+        data = TeacherCache.in_memory(noise.clone(), x0.clone(), torch.arange(len(prompts)).repeat_interleave(n),
+                                      conds=[f"prompt {p}" for p in range(len(prompts))], meta=meta)
+    return NodeTeacherCache(data, [clone_conditioning(p) for p in prompts], clone_conditioning(negative))
 
 
-def clone_conditioning_list(prompts: list) -> list:
-    return [clone_conditioning(p) for p in prompts]
+# -- training: the core's method and loop on a ComfyUI model -----------------------------------------
+
+class _ComfyHost:
+    """The host :class:`RefinerMethod` trains on, inside the sampler run: ``denoiser(cond_ids)`` is the
+    cfg-1 model call with each sample's prompt (its entry of the guider's prepared conditioning)."""
+
+    def __init__(self, ctx: bridge.BridgeContext, prompts: int, base_model: str, unet: torch.nn.Module):
+        self.table = SimpleNamespace(kind=ctx.kind)  # the student schedule comes from ComfyUI (sigmas=)
+        self.base_model, self.unet, self._ctx = base_model, unet, ctx
+        self._entries = list(ctx.model_wrap.conds["positive"])
+        if len(self._entries) != prompts:
+            raise ValueError(f"{TRAIN_NAME}: ComfyUI prepared {len(self._entries)} conditioning entries for "
+                             f"{prompts} prompts (area or mask conditioning?); use plain CLIP Text Encode prompts, "
+                             f"joined with Conditioning (Combine)")
+
+    def _call(self, p: int, x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+        conds = self._ctx.model_wrap.conds
+        saved, conds["positive"] = conds["positive"], [self._entries[p]]
+        try:
+            return self._ctx.denoiser(x, sigma)
+        finally:
+            conds["positive"] = saved
+
+    def denoiser(self, cond_ids: torch.Tensor):
+        ids = torch.as_tensor(cond_ids, dtype=torch.long).reshape(-1).cpu()
+        groups = sorted(set(ids.tolist()))
+
+        def d(x, sigma):
+            if len(groups) == 1:
+                return self._call(groups[0], x, sigma)
+            parts, order = [], []
+            for p in groups:
+                sel = (ids == p).nonzero().flatten()
+                dev = sel.to(x.device)
+                parts.append(self._call(p, x.index_select(0, dev), sigma.index_select(0, dev.to(sigma.device))))
+                order.append(sel)
+            inverse = torch.empty(len(ids), dtype=torch.long)
+            inverse[torch.cat(order)] = torch.arange(len(ids))
+            return torch.cat(parts).index_select(0, inverse.to(x.device))
+
+        return d
 
 
-# -- trainable LoRA on ComfyUI weights -------------------------------------------------------------
+class _ComfyRefinerMethod(RefinerMethod):
+    """:class:`RefinerMethod` on the ComfyUI host: ComfyUI's student schedule and device; the finished
+    refiner is written by the core's writer with the node's metadata."""
 
-class TrainTarget(Target):
-    """A :class:`Target` whose ``down``/``up`` are trainable float32 leaves; the delta is recomputed
-    at every call (no cache), so gradients reach them through ComfyUI's weight functions."""
+    def __init__(self, host, cache, config, lora, *, sigmas, device, metadata: dict):
+        super().__init__(host, cache, config, lora, None, sigmas=sigmas)
+        self.device = device
+        self.file_metadata = metadata
 
-    def __init__(self, target: Target, generator: torch.Generator):
-        super().__init__(target.weight_key, target.down, target.up, target.scale)
-        fan_in = self.down.shape[1]
-        bound = 1.0 / math.sqrt(fan_in)
-        self.down = (torch.rand(self.down.shape, generator=generator, dtype=torch.float32) * 2 - 1) * bound
-        self.up = torch.zeros(self.up.shape, dtype=torch.float32)
-        self.down.requires_grad_(True)
-        self.up.requires_grad_(True)
-        self.down_shape = target.down_shape  # saved in the standard (kohya) shapes, not flattened
-        self.up_shape = target.up_shape
-
-    def params(self) -> list[torch.Tensor]:
-        return [self.down, self.up]
-
-    def delta(self, weight: torch.Tensor) -> torch.Tensor:
-        d = torch.mm(self.up.to(weight.device) * self.scale, self.down.to(weight.device))
-        return d.reshape(weight.shape).to(weight.dtype)
-
-    def release(self) -> None:
-        pass
+    def finalize(self, out_dir: Path, records: list, meta) -> Path:
+        return write_refiner(self.module.pairs(), Path(out_dir) / self.result_name, self.file_metadata)
 
 
-def lora_keys(model) -> dict[str, str]:
-    """kohya key -> ComfyUI weight key of the default targets of ``model``'s UNet."""
-    unet_config = getattr(getattr(model.model, "model_config", None), "unet_config", None) or {}
-    try:
-        diff = comfy.utils.unet_to_diffusers(unet_config)
-    except Exception:  # noqa: BLE001 - not a UNet config
-        diff = {}
-    out = {}
-    for dname, lname in sorted(diff.items()):
-        if not dname.endswith(".weight"):
-            continue
-        mod = dname[: -len(".weight")]
-        if any(mod == t or mod.endswith("." + t) for t in DEFAULT_TARGETS):
-            out["lora_unet_" + mod.replace(".", "_")] = "diffusion_model." + lname
-    if not out:
-        raise ValueError(
-            f"{TRAIN_NAME}: this MODEL ({bridge.model_name(model)}) has no UNet layers the refiner LoRA targets "
-            f"({', '.join(DEFAULT_TARGETS)}); training in ComfyUI supports UNet models (SD1.x, SD2.x, SDXL)"
-        )
-    return out
+def write_refiner(pairs: dict, path: Path, metadata: dict) -> Path:
+    """The core's one refiner writer (kohya keys, ``noisecraft.*`` metadata, atomic)."""
+    return core_lora.save_refiner_pairs(pairs, path, metadata)
 
 
-def new_targets(model, rank: int, alpha: float, seed: int) -> list[TrainTarget]:
-    weights = dict(model.model.named_parameters())
-    pairs = {}
-    for key, wkey in lora_keys(model).items():
-        w = weights[wkey]
-        r = min(rank, w.shape[0], w[0].numel())
-        pairs[key] = (torch.zeros((r, *w.shape[1:])), torch.zeros((w.shape[0], r, *([1] * (w.ndim - 2)))), alpha)
-    targets = map_refiner(Refiner(pairs, {}, "new refiner"), model)
-    g = torch.Generator().manual_seed(int(seed))
-    return [TrainTarget(t, g) for t in targets]
+def run_folder(resume_from, node: str = TRAIN_NAME) -> Optional[Path]:
+    """``<output>/noisecraft_runs/<name>`` for a ``resume_from`` name; None when it is empty (off)."""
+    return common_run_folder(resume_from, node, example="my_refiner_run")
 
 
-class _Copier:
-    """Weight/bias functions that make ComfyUI's cast path hand autograd a copy of inference-tensor
-    weights and biases (see the module docstring); removed on exit."""
-
-    @staticmethod
-    def fn(weight: torch.Tensor) -> torch.Tensor:
-        return weight
-
-    def __init__(self, base_model: torch.nn.Module, skip: set):
-        self.slots = []
-        for name, m in base_model.named_modules():
-            for attr, fattr in (("weight", "weight_function"), ("bias", "bias_function")):
-                t = getattr(m, attr, None)
-                if not hasattr(m, fattr) or not torch.is_tensor(t) or not t.is_inference():
-                    continue
-                if attr == "weight" and name in skip:
-                    continue  # the LoRA's own function already makes the copy
-                self.slots.append((m, fattr))
-
-    def __enter__(self):
-        self.saved = []
-        for m, fattr in self.slots:
-            prev = m.__dict__.get(fattr, None)
-            mine = [*getattr(m, fattr), self.fn]  # any function makes comfy.ops cast with copy=True
-            setattr(m, fattr, mine)
-            self.saved.append((m, fattr, prev, mine))
-        return self
-
-    def __exit__(self, *exc):
-        for m, fattr, prev, mine in reversed(self.saved):
-            if m.__dict__.get(fattr) is mine:
-                if prev is None:
-                    delattr(m, fattr)
-                else:
-                    setattr(m, fattr, prev)
-        return False
+def _metadata(pairs: dict, model, kind, smax: float, training: dict) -> dict:
+    """The refiner's metadata: the core's (:func:`noisecraft.lora.refiner_metadata`) with this model and run."""
+    return core_lora.refiner_metadata(pairs, {"noisecraft.model_kind": kind.value,
+                                              "noisecraft.base_model": bridge.model_name(model),
+                                              "noisecraft.sigma_max": repr(smax), "noisecraft.training": training},
+                                      targets=DEFAULT_TARGETS)
 
 
-def to_refiner(targets: list[TrainTarget], keys: list[str], metadata: dict, name: str) -> Refiner:
-    pairs = {}
-    for key, t in zip(keys, targets):
-        down = t.down.detach().to("cpu", torch.float32).clone().reshape(t.down_shape)
-        up = t.up.detach().to("cpu", torch.float32).clone().reshape(t.up_shape)
-        pairs[key] = (down, up, float(t.scale * t.down_shape[0]))
-    return Refiner(pairs, metadata, name)
-
-
-def epoch_batches(total: int, batch: int, steps: int, seed: int) -> list[torch.Tensor]:
-    """Sample indices of each optimizer step: consecutive slices of per-epoch permutations."""
-    out, pool, epoch = [], [], 0
-    while len(out) < steps:
-        while len(pool) < batch:
-            pool += torch.randperm(total, generator=torch.Generator().manual_seed(int(seed) + epoch)).tolist()
-            epoch += 1
-        out.append(torch.tensor(pool[:batch]))
-        pool = pool[batch:]
-    return out
-
-
-def train(model, cache: TeacherCache, *, steps: int, student_steps: int, batch_size: int, learning_rate: float,
-          rank: int, alpha: float, seed: int, scheduler: Optional[str] = None, node_id=None):
+def train(model, cache: NodeTeacherCache, *, steps: int, student_steps: int, batch_size: int, learning_rate: float,
+          rank: int, alpha: float, seed: int, resume_from: str = "", precision: str = "fp32",
+          lr_schedule: str = "constant", warmup: int = 0, max_grad_norm: float = 0.0, grad_accum: int = 1,
+          scheduler: Optional[str] = None, node_id=None):
     """Train a refiner LoRA on ``cache``; returns ``(Refiner, losses)``. ``model`` is not modified."""
-    if not isinstance(cache, TeacherCache):
+    if not isinstance(cache, NodeTeacherCache):
         raise ValueError(f"{TRAIN_NAME}: expected a TEACHER_CACHE from {CACHE_NAME}, got {type(cache).__name__}")
     steps = check_int(TRAIN_NAME, "steps", steps, 1, hint="set the number of optimizer steps to 1 or more")
     student_steps = check_int(TRAIN_NAME, "student_steps", student_steps, 1, hint="the paper uses 10 student steps")
@@ -328,6 +294,12 @@ def train(model, cache: TeacherCache, *, steps: int, student_steps: int, batch_s
     lr = check_number(TRAIN_NAME, "learning_rate", learning_rate, above=0.0)
     alpha = check_number(TRAIN_NAME, "alpha", alpha, 0.0, None, "0 uses alpha = rank (scale 1)")
     alpha = alpha if alpha > 0 else float(rank)
+    precision = check_combo(TRAIN_NAME, "precision", precision, list(PRECISIONS))
+    lr_schedule = check_combo(TRAIN_NAME, "lr_schedule", lr_schedule, list(SCHEDULES))
+    warmup = check_int(TRAIN_NAME, "warmup", warmup, 0, hint="0 turns warmup off")
+    max_grad_norm = check_number(TRAIN_NAME, "max_grad_norm", max_grad_norm, 0.0, None, "0 turns clipping off")
+    grad_accum = check_int(TRAIN_NAME, "grad_accum", grad_accum, 1, hint="1 turns accumulation off")
+    out = run_folder(resume_from)
     kind = bridge.model_kind(model)
     smax = bridge.sigma_max(model)
     channels = int(model.get_model_object("latent_format").latent_channels)
@@ -340,85 +312,74 @@ def train(model, cache: TeacherCache, *, steps: int, student_steps: int, batch_s
         )
     scheduler = scheduler or cache.settings["scheduler"]
     sigmas = bridge.get_sigmas(model, scheduler, student_steps)
-    batches = epoch_batches(len(cache), min(batch_size, len(cache)), steps, seed)
-    groups_per_step = [len(set(cache.prompt_ids[b].tolist())) for b in batches]
-    calls = 2 + (len(sigmas) - 1)
-    progress = bridge.Progress(sum(groups_per_step) * calls, node_id=node_id)
-    keys = list(lora_keys(model))
-    losses: list[float] = []
-    t0 = time.monotonic()
-    with torch.inference_mode(False):
-        targets = new_targets(model, rank, alpha, seed)
-        params = [p for t in targets for p in t.params()]
-        opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
-        prompts = [clone_conditioning(p) for p in cache.prompts]
-        for idx in batches:
-            opt.zero_grad(set_to_none=True)
-            step_loss = 0.0
-            ids = cache.prompt_ids[idx]
-            for pid in sorted(set(ids.tolist())):
-                sel = idx[ids == pid]
-                e = cache.noise[sel].clone()
-                x0 = cache.x0[sel].clone()
-                weight = len(sel) / len(idx)
-                switch = RefinerSwitch(targets)
-
-                def fn(ctx: bridge.BridgeContext, e=e, x0=x0, weight=weight, switch=switch):
-                    base = ctx.model_wrap.inner_model
-                    skip = {t.module_path for t in targets}
-
-                    def d_base(x, sigma):
-                        with torch.no_grad():
-                            switch.enabled = False
-                            return ctx.denoiser(x, sigma)
-
-                    def d_lora(x, sigma):
-                        switch.enabled = True
-                        try:
-                            with _Copier(base, skip):
-                                return ctx.denoiser(x, sigma)
-                        finally:
-                            switch.enabled = False
-
-                    def d_student(x, sigma):
-                        switch.enabled = False
-                        return ctx.denoiser(x, sigma)
-
-                    with switch.attached(base), torch.enable_grad():
-                        residual = residual_from_denoisers(d_base, d_lora, ctx.kind, smax)
-                        loss, _ = msd_loss(lambda z: refine_with(residual, z), e.to(ctx.device), d_student,
-                                           x0.to(ctx.device), ctx.sigmas, ctx.kind)
-                        (loss * weight).backward()
-                    return float(loss.detach())
-
-                pos = prompts[pid]
-                value = bridge.run_core(model, pos, pos, torch.zeros_like(e), fn, sigmas=sigmas, cfg=1.0,
-                                        seed=int(seed), progress=progress)
-                step_loss += value * weight
-            opt.step()
-            losses.append(step_loss)
-    wall = time.monotonic() - t0
+    data = cache.data
+    batch = min(batch_size, len(data))
+    config = RefinerTrainConfig(
+        steps=steps, lr=lr, weight_decay=0.0, warmup=warmup, lr_schedule=lr_schedule, batch_size=batch,
+        grad_accum=grad_accum, max_grad_norm=max_grad_norm or None, precision=precision,
+        checkpoint_every=CHECKPOINT_EVERY, log_every=1, seed=int(seed), rank=rank, alpha=alpha,
+        targets=DEFAULT_TARGETS, student_steps=student_steps, scheduler=scheduler, lora_seed=int(seed))
+    try:
+        config.check()
+    except ValueError as e:
+        raise ValueError(f"{TRAIN_NAME}: {e}") from None
     training = {"steps": steps, "student_steps": student_steps, "batch_size": batch_size, "learning_rate": lr,
                 "seed": int(seed), "scheduler": scheduler, "optimizer": "AdamW", "teacher": cache.settings,
-                "prompts": len(cache.prompts), "samples": len(cache), "final_loss": losses[-1],
-                "host": "comfyui", "wall_s": round(wall, 3)}
-    metadata = {
-        "noisecraft.kind": "refiner",
-        "noisecraft.convention": CONVENTION,
-        "noisecraft.model_kind": kind.value,
-        "noisecraft.base_model": bridge.model_name(model),
-        "noisecraft.sigma_max": repr(smax),
-        "noisecraft.rank": str(rank),
-        "noisecraft.alpha": repr(alpha),
-        "noisecraft.targets": json.dumps(list(DEFAULT_TARGETS)),
-        "noisecraft.layers": str(len(targets)),
-        "noisecraft.training": json.dumps(training, sort_keys=True),
-        "ss_network_module": "networks.lora",
-        "ss_network_dim": str(rank),
-        "ss_network_alpha": repr(alpha),
-    }
-    refiner = to_refiner(targets, keys, metadata, f"trained refiner ({steps} steps)")
-    log.info("%s: %d steps in %.1f s, loss %.5g -> %.5g", TRAIN_NAME, steps, wall, losses[0], losses[-1])
+                "prompts": len(cache.prompts), "samples": len(cache), "host": "comfyui", "precision": precision,
+                "lr_schedule": lr_schedule, "warmup": warmup, "max_grad_norm": max_grad_norm,
+                "grad_accum": grad_accum, "loss": "MSD latent MSE (noisecraft.msd)"}
+    bar = comfy.utils.ProgressBar(steps, node_id=node_id)
+
+    def progress(step, total, record):
+        if not comfy.model_management.processing_interrupted():  # else the server's hook would raise mid-run
+            bar.update_absolute(step, total)
+
+    with torch.inference_mode(False):
+        lora = TrainableLoRA(model, rank, alpha, seed)
+        meta = _metadata(lora.pairs(), model, kind, smax, training)
+        prompts = [clone_conditioning(p) for p in cache.prompts]
+        positive = [entry for p in prompts for entry in p]
+        patcher = model.clone()
+        lora.register(patcher)
+        tmp = tempfile.TemporaryDirectory(prefix="noisecraft_train_") if out is None else None
+        out_dir = Path(tmp.name) if tmp is not None else out
+        resume = (out_dir / CHECKPOINT_NAME).is_file()
+
+        def fn(ctx: bridge.BridgeContext):
+            host = _ComfyHost(ctx, len(prompts), bridge.model_name(model), patcher.model)
+            method = _ComfyRefinerMethod(host, data, config, lora, sigmas=sigmas, device=ctx.device, metadata=meta)
+            return run(method, data, out_dir, config.loop(), resume=resume, device=ctx.device, progress=progress,
+                       interrupt=comfy.model_management.processing_interrupted)
+
+        # the base weights take no gradient (else autograd fills their .grad: the input MODEL's, and memory)
+        frozen = [p for p in model.model.parameters() if p.requires_grad]
+        try:
+            for p in frozen:
+                p.requires_grad_(False)
+            result = bridge.run_core(patcher, positive, positive, torch.zeros((batch, *data.shape)), fn,
+                                     sigmas=sigmas, cfg=1.0, seed=int(seed))
+        except (ValueError, FileExistsError) as e:
+            msg = str(e) if str(e).startswith(TRAIN_NAME) else f"{TRAIN_NAME}: {e}"
+            if out is not None and CHECKPOINT_NAME in msg:
+                msg += f" (resume_from {resume_from!r}: {out})"
+            raise ValueError(msg) from None
+        finally:
+            for p in frozen:
+                with torch.inference_mode(p.is_inference()):  # (only allowed there for inference tensors)
+                    p.requires_grad_(True)
+            lora.detach(model.model)
+            if tmp is not None:
+                tmp.cleanup()
+    if result.interrupted:
+        log.info("%s: interrupted at step %d%s", TRAIN_NAME, result.step,
+                 f"; checkpoint in {out}" if out is not None else "")
+        comfy.model_management.throw_exception_if_processing_interrupted()
+        raise comfy.model_management.InterruptProcessingException()
+    losses = [float(v) for v in result.losses]
+    training.update(final_loss=losses[-1], wall_s=round(result.wall_s, 3))
+    pairs = lora.pairs()
+    refiner = Refiner(pairs, _metadata(pairs, model, kind, smax, training), f"trained refiner ({steps} steps)")
+    log.info("%s: %d steps in %.1f s, loss %.5g -> %.5g", TRAIN_NAME, steps, result.wall_s, losses[0], losses[-1])
     return refiner, losses
 
 
@@ -429,14 +390,12 @@ def save_refiner(refiner: Refiner, filename: str, folder: str) -> Path:
         raise ValueError(f"{SAVE_NAME}: expected a REFINER from {TRAIN_NAME} or Load Refiner, got {type(refiner).__name__}")
     check_combo(SAVE_NAME, "folder", folder, SAVE_FOLDERS)
     path = save_path(folder, filename, SAVE_NAME, example="my_refiner")
-    state = {}
-    for key, (down, up, alpha) in refiner.pairs.items():
-        state[f"{key}.lora_down.weight"] = down.to(torch.float32)
-        state[f"{key}.lora_up.weight"] = up.to(torch.float32)
-        state[f"{key}.alpha"] = torch.tensor(float(alpha), dtype=torch.float32)
     meta = {str(k): str(v) for k, v in refiner.metadata.items()}
     meta.setdefault("noisecraft.kind", "refiner")
-    write_safetensors(state, path, meta)
+    try:
+        write_refiner(refiner.pairs, path, meta)
+    except ValueError as e:
+        raise ValueError(f"{SAVE_NAME}: {e}") from None
     file_list_changed(folder)
     return path
 
@@ -500,7 +459,8 @@ class TrainRefiner(io.ComfyNode):
             category=CATEGORY,
             description="Trains a NoiseRefine refiner LoRA (Ahn, Kang et al., arXiv:2412.03895) with multistep score "
             "distillation: unguided sampling from the refined noise learns to land on the guided teacher's result. "
-            "Interruptible; shows the loss. Save it with Save Refiner, use it with Refine Noise.",
+            "Interruptible and resumable (resume_from); shows the loss. Save it with Save Refiner, use it with Refine "
+            "Noise.",
             inputs=[
                 io.Model.Input("model", tooltip="The model the teacher cache was built with. Not modified. Always used."),
                 TeacherCacheType.Input("teacher_cache", tooltip="From Build Teacher Cache. Always used."),
@@ -509,7 +469,8 @@ class TrainRefiner(io.ComfyNode):
                 io.Int.Input("student_steps", default=10, min=1, max=1000,
                              tooltip="Unguided student sampling steps N (the paper uses 10). Minimum 1."),
                 io.Int.Input("batch_size", default=2, min=1, max=1024,
-                             tooltip="Samples per optimizer step (capped at the cache size). Minimum 1."),
+                             tooltip="Samples per optimizer step (per micro-batch with grad_accum; capped at the cache "
+                             "size). Minimum 1."),
                 io.Float.Input("learning_rate", default=1e-4, min=1e-8, max=1.0, step=1e-5, round=1e-8,
                                tooltip="AdamW learning rate. Must be > 0."),
                 io.Int.Input("rank", default=16, min=1, max=512,
@@ -517,6 +478,26 @@ class TrainRefiner(io.ComfyNode):
                 io.Float.Input("alpha", default=0.0, min=0.0, max=1024.0, step=1.0,
                                tooltip="LoRA alpha (scale alpha / rank). 0 uses alpha = rank (scale 1)."),
                 seed_input("Seed of the LoRA initialisation and the data order."),
+                io.String.Input("resume_from", default="", optional=True,
+                                tooltip="Name of a run folder (output/noisecraft_runs/<name>): checkpoints, the loss "
+                                "log and the finished refiner go there, and a run whose folder holds a checkpoint "
+                                "continues from it (after an interrupt or a crash; same settings, steps may grow). "
+                                "Empty turns it off (nothing is kept, nothing resumes)."),
+                io.Combo.Input("precision", options=list(PRECISIONS), default="fp32", optional=True,
+                               tooltip="Compute precision of training: fp32 (off: full precision), bf16 / fp16 "
+                               "autocast (LoRA weights and optimizer stay fp32; fp16 uses a gradient scaler), auto = "
+                               "bf16 on GPUs that support it, else fp16, fp32 on the CPU."),
+                io.Combo.Input("lr_schedule", options=list(SCHEDULES), default="constant", optional=True,
+                               tooltip="Learning-rate schedule after warmup: constant (off) or cosine (down to 10% of "
+                               "learning_rate at the last step)."),
+                io.Int.Input("warmup", default=0, min=0, max=1000000, optional=True,
+                             tooltip="Steps of linear learning-rate warmup. 0 turns it off."),
+                io.Float.Input("max_grad_norm", default=0.0, min=0.0, max=1000.0, step=0.1, round=0.001,
+                               optional=True,
+                               tooltip="Clip the gradient norm of each step to this value. 0 turns clipping off."),
+                io.Int.Input("grad_accum", default=1, min=1, max=1024, optional=True,
+                             tooltip="Micro-batches of batch_size accumulated per optimizer step (a step sees "
+                             "batch_size x grad_accum samples). 1 turns accumulation off."),
             ],
             outputs=[
                 RefinerType.Output(display_name="refiner", tooltip="The trained refiner, for Refine Noise and Save "
@@ -527,10 +508,12 @@ class TrainRefiner(io.ComfyNode):
         )
 
     @classmethod
-    def execute(cls, model, teacher_cache, steps, student_steps, batch_size, learning_rate, rank, alpha, seed):
+    def execute(cls, model, teacher_cache, steps, student_steps, batch_size, learning_rate, rank, alpha, seed,
+                resume_from="", precision="fp32", lr_schedule="constant", warmup=0, max_grad_norm=0.0, grad_accum=1):
         refiner, losses = train(model, teacher_cache, steps=steps, student_steps=student_steps, batch_size=batch_size,
                                 learning_rate=learning_rate, rank=rank, alpha=alpha, seed=seed,
-                                node_id=node_id(cls))
+                                resume_from=resume_from, precision=precision, lr_schedule=lr_schedule, warmup=warmup,
+                                max_grad_norm=max_grad_norm, grad_accum=grad_accum, node_id=node_id(cls))
         text = (f"MSD loss {losses[0]:.5g} -> {losses[-1]:.5g} in {len(losses)} steps\n"
                 + ", ".join(f"{v:.5g}" for v in losses))
         return io.NodeOutput(refiner, losses, ui={"text": [text], "noisecraft_losses": losses})

@@ -2,34 +2,50 @@
 
 Paper: Zikai Zhou, Shitong Shao, Lichen Bai, Zhiqiang Xu, Bo Han, Zeke Xie, "Golden Noise for
 Diffusion Models: A Learning Framework" (arXiv:2411.09502), Sec. 3.1-3.2, Alg. 1-2, App. A.5.
-The algorithms are the core's: :func:`noisecraft.train.npnet_pairs.re_denoise` (one step down at
-CFG w_l, one inversion step back up at CFG w_w) and the training recipe of
-:mod:`noisecraft.train.npnet_trainer` (identity initialisation ``init_npnet``, MSE, AdamW with
-gradient clipping at 1, canonical singular-vector signs, one prompt per pair). These nodes only
-run them inside ComfyUI (the model through :func:`nodes.bridge.run_core`, so LoRAs and patches on
-the MODEL apply) and keep the data in memory.
+Everything but the ComfyUI plumbing is the core's, written once: the re-denoise step
+(:func:`noisecraft.train.npnet_pairs.re_denoise`), the pair store
+(:class:`noisecraft.train.PairStore`), the NPNet shape rule (:func:`noisecraft.train.npnet_config_for`)
+and the training (:func:`noisecraft.train.train_npnet`: the NPNet method in the one loop,
+:mod:`noisecraft.train.loop`). These nodes run them inside ComfyUI: the model through
+:func:`nodes.bridge.run_core` (so LoRAs and patches on the MODEL apply), the training on ComfyUI's
+torch device with its progress bar and Cancel button.
 
 Choices where the issue was silent:
 
-* Pairs live in memory (``NPNET_PAIRS``: noise, target, prompt embeddings, prompt id per pair); a
-  graph run collects and trains in one go. For large datasets, resumable collection and the
-  classifier keep-filter use the CLI (``python -m noisecraft collect-pairs / train-npnet``).
-  The node keeps every pair (no keep-filter: scoring needs a reward model the graph does not have).
-* Noise: pair ``i`` starts from ``seeded_noise(seed + i, [1, C, H, W])``, the CLI's convention
-  (``PairStore.sample_noise``), so the same seed gives the same pairs in both.
+* Pairs (``NPNET_PAIRS``) are a :class:`~noisecraft.train.PairStore` held in memory
+  (:meth:`PairStore.in_memory`: the CLI's definition, shard checks and batch interface, no folder);
+  a graph run collects and trains in one go, and a graph re-run after a restart collects the same
+  pairs again (same seed, same model). For large datasets, resumable collection and the classifier
+  keep-filter use the CLI (``python -m noisecraft collect-pairs / train-npnet``). The node keeps
+  every pair (no keep-filter: scoring needs a reward model the graph does not have).
+* Noise: pair ``i`` starts from ``seeded_noise(seed + i, [1, C, H, W])``, the store's convention
+  (``PairStore.sample_noise``), so the same seed gives the same pairs as the CLI.
 * Prompts: the positive CONDITIONING's first entry (``cond[0][0]``; further entries are ignored
   as in NPNet Golden Noise). A batch of P prompts (a batch of texts) gives ``count`` pairs per
-  prompt, pair ``i`` with prompt ``i % P``; the negative is shared. Prompts longer than 77 tokens
-  are truncated to their first 77 (the golden-noise node's default policy).
+  prompt, pair ``i`` with prompt ``i % P`` (the store's condition rule); the negative is shared.
+  Prompts longer than 77 tokens are truncated to their first 77 (the golden-noise node's default).
 * Latent: only its shape is used (square; channels from the model). The schedule is ComfyUI's
   (``scheduler``, ``steps``); the re-denoise step is its first step, as in the CLI.
 * Network: fine-tunes the NPNET given (a copy; the input is unchanged; it must fit the pairs'
   channels, latent size, tokens and text width), else a new one, identity-initialised from
-  ``seed``, sized from the pairs with ``size`` = ``official`` (Swin-T, the paper's) or ``small``
-  (the core's ``SMALL_NPNET``, ~0.1M parameters; use it for small latents and CPU runs).
-* Training runs on ComfyUI's torch device under ``torch.inference_mode(False)`` and
-  ``torch.enable_grad()`` on tensors cloned out of the inference-mode pairs; every step is a
-  progress tick and an interrupt point. The loss history goes to the UI (``noisecraft_history``).
+  ``seed``, sized from the pairs by ``npnet_config_for`` with ``size`` = ``official`` (Swin-T, the
+  paper's) or ``small`` (the core's ``SMALL_NPNET``, ~0.1M parameters; for small latents and CPU).
+* Training: ``train_npnet`` with the node's settings; the defaults are what the node always did
+  (AdamW, weight decay 0.01, constant lr without warm-up, clipping at 1, float32), ``seed`` seeds
+  both the new net and the data order. The data order is the store's (an epoch's tail that does
+  not fill a batch is skipped); a ``batch_size`` above the number of pairs trains on all pairs
+  per step, as before. It runs under ``torch.inference_mode(False)`` (ComfyUI runs prompts in
+  inference mode); the store hands out plain tensors.
+* Run folder: with ``resume_from`` = NAME the run lives in ``output/noisecraft_runs/NAME``
+  (checkpoint every 100 steps, on Cancel and at the end; ``loss.jsonl``, ``loss.png`` and
+  ``npnet.safetensors``), and a run of the same graph continues from its checkpoint: after a Cancel,
+  a crash or a killed process, with more ``steps`` to train further. Other settings than the
+  checkpoint's are refused. Empty (default): a temporary folder under ComfyUI's temp folder, removed
+  after the run (nothing to resume, as before).
+* Progress and Cancel: every step updates a ``comfy.utils.ProgressBar``; Cancel (the engine's
+  ``interrupt`` callback reads ``comfy.model_management.processing_interrupted()``, and the server's
+  progress hook) stops before the next step with a checkpoint, then ComfyUI's
+  ``InterruptProcessingException`` is raised. The loss history goes to the UI (``noisecraft_history``).
 * Saving: ``models/npnet/<filename>.safetensors`` (the first ``npnet`` folder), so Load NPNet lists
   it after a refresh; written with the core's one NPNet writer, ``save_npnet_safetensors``, which
   writes atomically through :func:`noisecraft.io.write_safetensors` (a temporary name, renamed).
@@ -44,26 +60,29 @@ Choices where the issue was silent:
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
-from dataclasses import dataclass, field
+import tempfile
 from pathlib import Path
-from typing import Optional
+from typing import Iterator, Optional
 
 import torch
-import torch.nn.functional as F
 from comfy_api.latest import io
 
 import comfy.model_management
+import comfy.utils
+import folder_paths
 
-from ..noisecraft.npnet import NPNet, NPNetConfig, fit_prompt, save_npnet_safetensors
-from ..noisecraft.rng import seeded_noise
-from ..noisecraft.train.npnet_pairs import re_denoise
-from ..noisecraft.train.npnet_trainer import SMALL_NPNET, init_npnet
+from ..noisecraft.npnet import NPNet, fit_prompt, save_npnet_safetensors
+from ..noisecraft.train.loop import resolve_precision
+from ..noisecraft.train.npnet import SMALL_NPNET, NPNetTrainConfig, npnet_config_for, train_npnet
+from ..noisecraft.train.npnet_pairs import PairStore, re_denoise
 from . import bridge
-from .common import (SEED_MASK, check_combo, check_int, file_list_changed, node_id, prompt_embedding, sampling_inputs,
-                     save_path, scheduler_input, seed_input)
+from .common import (RUNS_FOLDER, SEED_MASK, check_combo, check_int, check_number, file_list_changed, node_id,
+                     prompt_embedding, run_folder as common_run_folder, sampling_inputs, save_path,
+                     scheduler_input, seed_input)
 from .nodes_npnet import FOLDER, LOAD_NAME, LoadedNPNet, NPNetType, width_note
 
 log = logging.getLogger(__name__)
@@ -73,35 +92,12 @@ COLLECT_NAME = "Collect NPNet Pairs"
 TRAIN_NAME = "Train NPNet"
 SAVE_NAME = "Save NPNet"
 SIZES = ["official", "small"]
+PRECISIONS = ["auto", "fp32", "bf16", "fp16"]
+SCHEDULES = ["constant", "cosine"]
 MAX_TOKENS = 77
+CHECKPOINT_EVERY = 100
 
 NPNetPairsType = io.Custom("NPNET_PAIRS")
-
-
-@dataclass
-class NPNetPairs:
-    """What travels on an NPNET_PAIRS socket (CPU float32 tensors)."""
-
-    noise: torch.Tensor  # [N, C, H, W] unit noise (the source)
-    target: torch.Tensor  # [N, C, H, W] re-denoised noise (the target)
-    embeds: torch.Tensor  # [P, tokens, width] prompt embeddings
-    cond: torch.Tensor  # [N] int64: prompt id of each pair
-    meta: dict = field(default_factory=dict)
-
-    def __len__(self) -> int:
-        return int(self.noise.shape[0])
-
-    @property
-    def shape(self) -> tuple[int, int, int]:
-        return tuple(int(s) for s in self.noise.shape[1:])  # type: ignore[return-value]
-
-    def identity_mse(self) -> float:
-        return float(F.mse_loss(self.noise, self.target))
-
-    def __repr__(self) -> str:
-        c, h, w = self.shape
-        return (f"NPNetPairs({len(self)} pairs of {c}x{h}x{w} latents, {self.embeds.shape[0]} prompt(s) of "
-                f"{self.embeds.shape[1]}x{self.embeds.shape[2]}, w_l={self.meta.get('w_l')}, w_w={self.meta.get('w_w')})")
 
 
 def _positive_embeds(positive) -> torch.Tensor:
@@ -109,14 +105,28 @@ def _positive_embeds(positive) -> torch.Tensor:
     emb = prompt_embedding(positive, COLLECT_NAME)
     if emb.shape[1] > MAX_TOKENS:
         emb = fit_prompt(emb, MAX_TOKENS, "truncate")
-    return emb.detach().to("cpu", torch.float32).clone()
+    return emb.detach().to("cpu", torch.float32)
+
+
+def NPNetPairs(noise: torch.Tensor, target: torch.Tensor, embeds: torch.Tensor, cond: torch.Tensor,
+               meta: Optional[dict] = None) -> PairStore:
+    """An in-memory :class:`PairStore` of given pairs (pair ``i`` with prompt ``i % P``), as the node
+    module's former ``NPNetPairs(noise, target, embeds, cond)`` took them."""
+    n, p = int(noise.shape[0]), int(embeds.shape[0])
+    if not torch.equal(torch.as_tensor(cond).long().reshape(-1), torch.arange(n) % p):
+        raise ValueError(f"pair i must have prompt i % {p} (the store's rule), got {cond.tolist()}")
+    store = PairStore.in_memory(shape=noise.shape[1:], conds=list(range(p)), embeds=embeds, base_seed=0, total=n,
+                                meta=meta)
+    nan = torch.full((n,), float("nan"))
+    store.write_shard(0, noise, target, torch.ones(n, dtype=torch.bool), nan, nan)
+    return store
 
 
 # -- Collect NPNet Pairs ----------------------------------------------------------------------------
 
 def collect(model, positive, negative, latent: dict, *, seed: int, count: int, w_l: float, w_w: float,
             steps: int, scheduler: str, batch_size: int, node_id: Optional[str] = None,
-            require_gap: bool = True) -> NPNetPairs:
+            require_gap: bool = True) -> PairStore:
     """``count`` re-denoise pairs per prompt of ``positive`` for ``model`` (see the module docstring).
 
     ``require_gap=False`` allows ``w_w >= w_l`` (diagnostics: w_w = w_l gives near-identity pairs); the
@@ -149,8 +159,12 @@ def collect(model, positive, negative, latent: dict, *, seed: int, count: int, w
     kind = bridge.model_kind(model)
     p = int(embeds.shape[0])
     total = count * p
-    noise = torch.cat([seeded_noise((int(seed) + i) & SEED_MASK, (1, c, h, w)) for i in range(total)])
-    cond = torch.arange(total, dtype=torch.int64) % p
+    meta = {"w_l": w_l, "w_w": w_w, "steps": int(steps), "scheduler": scheduler, "seed": int(seed),
+            "kind": kind.value, "sigma_max": float(sigmas[0]), "sigma_next": float(sigmas[1]),
+            "base_model": bridge.model_name(model), "count": count, "prompts": p}
+    store = PairStore.in_memory(shape=(c, h, w), conds=list(range(p)), embeds=embeds, base_seed=int(seed),
+                                total=total, meta=meta)
+    noise = store.sample_noise(range(total))  # pair i: seeded_noise(seed + i), prompt i % P
     per_call = max(1, batch_size // p)  # candidates per call; a call holds per_call * P samples
     rounds = math.ceil(count / per_call)
     progress = bridge.Progress(rounds * 2, node_id=node_id)  # two denoiser calls per round
@@ -159,19 +173,20 @@ def collect(model, positive, negative, latent: dict, *, seed: int, count: int, w
         targets = []
         for r in range(rounds):
             # candidate-major: sample j * P + b is pair (start + j) * P + b, with prompt b
-            lo, hi = r * per_call * p, min((r + 1) * per_call * p, total)
-            e = noise[lo:hi].to(ctx.device)
+            e = noise[r * per_call * p: (r + 1) * per_call * p].to(ctx.device)
             targets.append(re_denoise(ctx.denoiser, ctx.inverse_denoiser, e, ctx.sigmas, ctx.kind).float().cpu())
         return torch.cat(targets)
 
     # the conditioning is prepared for a batch of P (one per prompt); ComfyUI tiles it to every call
-    samples = torch.zeros(p, c, h, w)
-    target = bridge.run_core(model, positive, negative, samples, fn, sigmas=sigmas, cfg=w_l, inversion_cfg=w_w,
-                             seed=int(seed), progress=progress)
-    meta = {"w_l": w_l, "w_w": w_w, "steps": int(steps), "scheduler": scheduler, "seed": int(seed),
-            "kind": kind.value, "sigma_max": float(sigmas[0]), "sigma_next": float(sigmas[1]),
-            "base_model": bridge.model_name(model), "count": count, "prompts": p}
-    return NPNetPairs(noise, target, embeds, cond, meta)
+    target = bridge.run_core(model, positive, negative, torch.zeros(p, c, h, w), fn, sigmas=sigmas, cfg=w_l,
+                             inversion_cfg=w_w, seed=int(seed), progress=progress)
+    nan = torch.full((total,), float("nan"))  # no keep-filter: every pair kept, no scores
+    try:
+        store.write_shard(0, noise, target, torch.ones(total, dtype=torch.bool), nan, nan)
+    except FloatingPointError as e:
+        raise ValueError(f"{COLLECT_NAME}: {e}: check the model (a NaN-producing patch or LoRA) and the "
+                         f"conditioning") from None
+    return store
 
 
 class CollectNPNetPairs(io.ComfyNode):
@@ -231,24 +246,16 @@ class CollectNPNetPairs(io.ComfyNode):
 
 # -- Train NPNet --------------------------------------------------------------------------------------
 
-def _check_pairs(pairs) -> NPNetPairs:
-    if not isinstance(pairs, NPNetPairs):
+def _check_pairs(pairs) -> PairStore:
+    if not isinstance(pairs, PairStore):
         raise ValueError(f"{TRAIN_NAME}: expected NPNET_PAIRS from {COLLECT_NAME}, got {type(pairs).__name__}")
-    if len(pairs) < 1:
-        raise ValueError(f"{TRAIN_NAME}: the pairs are empty: collect at least one pair (count >= 1)")
+    if not pairs.complete:
+        raise ValueError(f"{TRAIN_NAME}: the pairs are incomplete ({len(pairs.missing_shards())} shards missing): "
+                         f"run {COLLECT_NAME} again")
     return pairs
 
 
-def config_for(pairs: NPNetPairs, size: str) -> NPNetConfig:
-    """The NPNet shape for the pairs: channels and size from the latents, tokens and width from the text."""
-    check_combo(TRAIN_NAME, "size", size, SIZES)
-    c, h, _ = pairs.shape
-    _, tokens, width = pairs.embeds.shape
-    extra = SMALL_NPNET if size == "small" else {}
-    return NPNetConfig(latent_channels=c, latent_size=h, tokens=int(tokens), text_width=int(width), **extra)
-
-
-def _check_fits(net: NPNet, pairs: NPNetPairs, name: str) -> None:
+def _check_fits(net: NPNet, pairs: PairStore, name: str) -> None:
     cfg = net.config
     c, h, _ = pairs.shape
     _, tokens, width = pairs.embeds.shape
@@ -267,9 +274,45 @@ def _check_fits(net: NPNet, pairs: NPNetPairs, name: str) -> None:
         )
 
 
-def train(pairs: NPNetPairs, npnet: Optional[LoadedNPNet], *, steps: int, lr: float, batch_size: int, seed: int,
-          size: str = "small", node_id: Optional[str] = None) -> tuple[NPNet, list[dict]]:
-    """Train (a copy of) ``npnet`` or a new NPNet on ``pairs``; returns the net (eval, CPU) and the log."""
+def run_folder(resume_from) -> Optional[Path]:
+    """``output/noisecraft_runs/<resume_from>`` (None when empty: no named run)."""
+    return common_run_folder(resume_from, TRAIN_NAME, example="my_npnet_run")
+
+
+@contextlib.contextmanager
+def _out_dir(folder: Optional[Path]) -> Iterator[Path]:
+    """The named run folder, or a temporary one under ComfyUI's temp folder (removed afterwards)."""
+    if folder is not None:
+        yield folder
+        return
+    parent = Path(folder_paths.get_temp_directory()) / RUNS_FOLDER
+    parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix="npnet_", dir=parent) as tmp:
+        yield Path(tmp)
+
+
+def _controls(steps: int, node: Optional[str]):
+    """``progress`` (a ComfyUI progress bar) and ``interrupt`` (Cancel) callbacks for the training loop."""
+    bar = comfy.utils.ProgressBar(steps, node_id=node)
+    cancelled: list[int] = []
+
+    def progress(step: int, total: int, record: dict) -> None:
+        try:
+            bar.update_absolute(step, total)
+        except comfy.model_management.InterruptProcessingException:  # the server's hook saw Cancel
+            cancelled.append(step)
+
+    def interrupt() -> bool:
+        return bool(cancelled) or comfy.model_management.processing_interrupted()
+
+    return progress, interrupt
+
+
+def train(pairs: PairStore, npnet: Optional[LoadedNPNet], *, steps: int, lr: float, batch_size: int, seed: int,
+          size: str = "small", resume_from: str = "", precision: str = "fp32", lr_schedule: str = "constant",
+          warmup: int = 0, max_grad_norm: float = 1.0, node_id: Optional[str] = None) -> tuple[NPNet, list[dict]]:
+    """Train (a copy of) ``npnet`` or a new NPNet on ``pairs`` with the core's ``train_npnet``; returns the
+    net (eval, CPU) and the loss log (resumed steps included)."""
     pairs = _check_pairs(pairs)
     steps = check_int(TRAIN_NAME, "steps", steps, 1, hint="optimizer steps; 1 or more")
     batch_size = check_int(TRAIN_NAME, "batch_size", batch_size, 1, hint="pairs per step; 1 or more")
@@ -277,52 +320,52 @@ def train(pairs: NPNetPairs, npnet: Optional[LoadedNPNet], *, steps: int, lr: fl
     if not (math.isfinite(lr) and lr > 0):
         raise ValueError(f"{TRAIN_NAME}: lr must be a positive number (the paper-style default is 1e-4 to 1e-3), "
                          f"got {lr}")
+    seed = check_int(TRAIN_NAME, "seed", seed, 0, SEED_MASK)
+    check_combo(TRAIN_NAME, "precision", precision, PRECISIONS)
+    check_combo(TRAIN_NAME, "lr_schedule", lr_schedule, SCHEDULES)
+    warmup = check_int(TRAIN_NAME, "warmup", warmup, 0, hint="linear warm-up steps; 0 turns warm-up off")
+    clip = check_number(TRAIN_NAME, "max_grad_norm", max_grad_norm, lo=0.0, hint="0 turns clipping off")
+    folder = run_folder(resume_from)
+    device = comfy.model_management.get_torch_device()
+    try:
+        resolve_precision(precision, device)
+    except ValueError as e:
+        raise ValueError(f"{TRAIN_NAME}: {e}") from None
+    kept = int(pairs.kept_indices().numel())
+    if batch_size > kept:  # as before: a step then sees every pair
+        log.info("%s: batch_size %d > %d pairs: training on all %d pairs per step", TRAIN_NAME, batch_size, kept, kept)
+        batch_size = kept
     if npnet is not None:
         if not isinstance(npnet, LoadedNPNet):
             raise ValueError(f"{TRAIN_NAME}: npnet: expected an NPNET from {LOAD_NAME} or {TRAIN_NAME}, got "
                              f"{type(npnet).__name__}")
         _check_fits(npnet.net, pairs, npnet.describe())
     else:
-        config = config_for(pairs, size)
-    device = comfy.model_management.get_torch_device()
-    progress = bridge.Progress(steps, node_id=node_id)
-    n = len(pairs)
-    history: list[dict] = []
-    g = torch.Generator().manual_seed(int(seed) & SEED_MASK)
-    with torch.inference_mode(False), torch.enable_grad():
-        # built (and cloned) outside inference mode: normal tensors autograd may use
+        check_combo(TRAIN_NAME, "size", size, SIZES)
+    config = NPNetTrainConfig(steps=steps, lr=lr, batch_size=batch_size, warmup=warmup, lr_schedule=lr_schedule,
+                              max_grad_norm=clip or None, precision=precision, seed=seed, init_seed=seed,
+                              checkpoint_every=CHECKPOINT_EVERY if folder is not None else steps)
+    progress, interrupt = _controls(steps, node_id)
+    with torch.inference_mode(False), _out_dir(folder) as out:
+        # built outside inference mode: plain tensors autograd may use
+        initial = None
         if npnet is not None:  # a copy: the input NPNET stays as it is
-            net = NPNet(npnet.config, preset=npnet.preset)
-            net.load_state_dict({k: v.detach().clone() for k, v in npnet.net.state_dict().items()}, strict=True)
-        else:
-            net = init_npnet(config, seed=int(seed))
-        net = net.to(device).float().train()
-        for prm in net.parameters():
-            prm.requires_grad_(True)
-        noise, target = pairs.noise.clone().to(device), pairs.target.clone().to(device)
-        embeds, cond = pairs.embeds.clone().to(device), pairs.cond.clone()
-        params = [prm for prm in net.parameters() if prm.requires_grad]
-        opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.01)
-        order, pos = torch.randperm(n, generator=g), 0
-        for step in range(1, steps + 1):
-            if pos >= n:
-                order, pos = torch.randperm(n, generator=g), 0
-            idx = order[pos: pos + batch_size]
-            pos += batch_size
-            e, t = noise[idx.to(device)], target[idx.to(device)]
-            prompt = embeds[cond[idx].to(device)]  # one prompt per pair
-            opt.zero_grad(set_to_none=True)
-            loss = F.mse_loss(net(e, prompt, canonical_signs=True), t)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(params, 1.0)
-            opt.step()
-            history.append({"step": step, "loss": float(loss.detach()),
-                            "identity_mse": float(F.mse_loss(e, t).detach())})
-            progress.tick()
-        net = net.eval().to("cpu")
-        for prm in net.parameters():
-            prm.requires_grad_(False)
-    return net, history
+            initial = NPNet(npnet.config, preset=npnet.preset)
+            initial.load_state_dict({k: v.detach().clone() for k, v in npnet.net.state_dict().items()}, strict=True)
+        shape = npnet.config if npnet is not None else npnet_config_for(pairs, **(SMALL_NPNET if size == "small"
+                                                                               else {}))
+        try:
+            result = train_npnet(pairs, out, config, shape, resume=folder is not None, device=device,
+                                 progress=progress, interrupt=interrupt, initial=initial,
+                                 metadata={"source": npnet.describe() if npnet is not None else f"new ({size})"})
+        except (ValueError, FileExistsError) as e:
+            hint = f" (resume_from {resume_from.strip()!r}: give another name to start a new run)" if folder else ""
+            raise ValueError(f"{TRAIN_NAME}: {e}{hint}") from None
+        net = result.model.eval().to("cpu").requires_grad_(False)
+    if result.interrupted:
+        comfy.model_management.interrupt_current_processing(False)
+        raise comfy.model_management.InterruptProcessingException()
+    return net, result.records
 
 
 class TrainNPNet(io.ComfyNode):
@@ -336,16 +379,19 @@ class TrainNPNet(io.ComfyNode):
             category=CATEGORY,
             description="Trains an NPNet (Zhou et al., arXiv:2411.09502, Alg. 2: MSE to the golden targets, AdamW, "
             "one prompt per pair) on pairs from Collect NPNet Pairs. Connect an NPNet to fine-tune it, or leave "
-            "npnet empty for a new one sized from the pairs. Feed NPNet Golden Noise or Save NPNet.",
+            "npnet empty for a new one sized from the pairs. Give resume_from a name to keep the run resumable. "
+            "Feed NPNet Golden Noise or Save NPNet.",
             inputs=[
                 NPNetPairsType.Input("pairs", tooltip="From Collect NPNet Pairs. Always used."),
                 io.Int.Input("steps", default=200, min=1, max=1_000_000,
-                             tooltip="Optimizer steps. Minimum 1; no value turns training off."),
+                             tooltip="Optimizer steps (in total, over resumes). Minimum 1; no value turns training "
+                             "off."),
                 io.Float.Input("lr", default=1e-3, min=1e-7, max=1.0, step=1e-5, round=1e-7,
                                tooltip="AdamW learning rate (1e-3 for a new net; lower, e.g. 1e-4, to fine-tune). "
                                "No value turns it off."),
                 io.Int.Input("batch_size", default=16, min=1, max=4096,
-                             tooltip="Pairs per step (the paper: 64). No value turns it off."),
+                             tooltip="Pairs per step (the paper: 64); above the number of pairs, all pairs. No "
+                             "value turns it off."),
                 seed_input("Seed of the new net's weights and of the data order. No value turns it off.",
                            control_after_generate=None),
                 io.Combo.Input("size", options=SIZES, default="official",
@@ -355,6 +401,24 @@ class TrainNPNet(io.ComfyNode):
                 NPNetType.Input("npnet", optional=True,
                                 tooltip="An NPNet to fine-tune (from Load NPNet); it must fit the pairs. Leave "
                                 "unconnected (off) to train a new one."),
+                io.String.Input("resume_from", default="", optional=True,
+                                tooltip="A run folder name: the run is kept in output/noisecraft_runs/<name> "
+                                "(checkpoints, loss log and plot) and a later run of the same graph continues "
+                                "from its checkpoint, after a Cancel or a crash (raise steps to train further). "
+                                "Empty (default) turns it off: a temporary run, nothing to resume."),
+                io.Combo.Input("precision", options=PRECISIONS, default="fp32", optional=True,
+                               tooltip="Arithmetic of the training steps: fp32 (default, as before), bf16 or fp16 "
+                               "autocast (faster on GPUs; fp16 with loss scaling), auto (bf16 or fp16 on a GPU, fp32 "
+                               "on the CPU). fp32 turns mixed precision off."),
+                io.Combo.Input("lr_schedule", options=SCHEDULES, default="constant", optional=True,
+                               tooltip="Learning rate after the warm-up: constant (default, as before) or cosine "
+                               "(down to 10% of lr at the last step). constant turns the schedule off."),
+                io.Int.Input("warmup", default=0, min=0, max=1_000_000, optional=True,
+                             tooltip="Steps of linear learning-rate warm-up from lr / warmup to lr. 0 (default, as "
+                             "before) turns it off."),
+                io.Float.Input("max_grad_norm", default=1.0, min=0.0, max=1e6, step=0.1, round=1e-4, optional=True,
+                               tooltip="Clip the gradient norm of each step to this value (default 1, as before). "
+                               "0 turns clipping off."),
             ],
             outputs=[NPNetType.Output(display_name="npnet", tooltip="The trained NPNet (in memory; Save NPNet "
                                       "writes it to models/npnet).")],
@@ -363,19 +427,23 @@ class TrainNPNet(io.ComfyNode):
         )
 
     @classmethod
-    def execute(cls, pairs, steps, lr, batch_size, seed, size="official", npnet=None) -> io.NodeOutput:
-        check_combo(TRAIN_NAME, "size", size, SIZES)
+    def execute(cls, pairs, steps, lr, batch_size, seed, size="official", npnet=None, resume_from="",
+                precision="fp32", lr_schedule="constant", warmup=0, max_grad_norm=1.0) -> io.NodeOutput:
         net, history = train(pairs, npnet, steps=steps, lr=lr, batch_size=batch_size, seed=seed, size=size,
-                             node_id=node_id(cls))
+                             resume_from=resume_from, precision=precision, lr_schedule=lr_schedule, warmup=warmup,
+                             max_grad_norm=max_grad_norm, node_id=node_id(cls))
+        pairs_mse = pairs.identity_mse()
         first, last = history[0], history[-1]
         text = (f"{len(history)} steps on {len(pairs)} pairs: loss {first['loss']:.6g} -> {last['loss']:.6g} "
-                f"(identity MSE {pairs.identity_mse():.6g})")
+                f"(identity MSE {pairs_mse:.6g})")
         log.info("%s: %s", TRAIN_NAME, text)
         name = f"trained from {npnet.describe()}" if npnet is not None else f"trained ({size})"
         loaded = LoadedNPNet(net, name, Path("<memory>"))
         loaded.training = {"pairs": pairs.meta, "steps": len(history), "lr": float(lr), "batch_size": int(batch_size),
                            "seed": int(seed), "size": size if npnet is None else "fine-tuned",
-                           "final_loss": last["loss"], "identity_mse": pairs.identity_mse()}
+                           "final_loss": last["loss"], "identity_mse": pairs_mse, "precision": precision,
+                           "lr_schedule": lr_schedule, "warmup": int(warmup), "max_grad_norm": float(max_grad_norm),
+                           "resume_from": resume_from}
         ui = {"text": [text], "noisecraft_history": [r["loss"] for r in history]}
         return io.NodeOutput(loaded, ui=ui)
 

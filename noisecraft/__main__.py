@@ -22,60 +22,13 @@ from __future__ import annotations
 
 import argparse
 import logging
-import math
 import os
 import sys
 import time
 from pathlib import Path
 
-# -- argument types: numeric flags are checked before any work ------------------------------------
-# (argparse prints "argument --flag: <message>"; each message says what is allowed and what was got)
-
-
-def _int_at_least(low: int, what: str):
-    def parse(text: str) -> int:
-        try:
-            value = int(text, 10)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}") from None
-        if value < low:
-            raise argparse.ArgumentTypeError(f"expected {what}, got {value}")
-        return value
-
-    parse.__name__ = what  # argparse names the type in some messages
-    return parse
-
-
-_positive_int = _int_at_least(1, "a whole number >= 1")
-_non_negative_int = _int_at_least(0, "a whole number >= 0")
-_two_or_more_int = _int_at_least(2, "a whole number >= 2")
-
-
-def _float_in(what: str, low: float = -math.inf, high: float = math.inf, *, low_open: bool = False,
-              high_open: bool = False):
-    """A finite float in [low, high] (open ends where asked); NaN and inf are always refused."""
-
-    def parse(text: str) -> float:
-        try:
-            value = float(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}") from None
-        if not math.isfinite(value):
-            raise argparse.ArgumentTypeError(f"expected {what}, got {text!r} (not a finite number)")
-        if value < low or value > high or (low_open and value == low) or (high_open and value == high):
-            raise argparse.ArgumentTypeError(f"expected {what}, got {text}")
-        return value
-
-    parse.__name__ = what
-    return parse
-
-
-_finite_float = _float_in("a finite number")
-_positive_float = _float_in("a finite number > 0", 0.0, low_open=True)
-_non_negative_float = _float_in("a finite number >= 0", 0.0)
-# keep-filter margin on probability scores (the toy classifier's confidence): score' > score + m keeps
-# nothing for m >= 1 and everything for m <= -1
-_margin_float = _float_in("a number in [-1, 1) (the filter's scores are probabilities)", -1.0, 1.0, high_open=True)
+from .cli_args import (ProgressLine, finite_float, format_weights_table, margin_float, non_negative_float,
+                       non_negative_int, positive_float, positive_int, two_or_more_int)
 
 
 class _Parser(argparse.ArgumentParser):
@@ -130,6 +83,35 @@ def _check_resume(out: Path, args: argparse.Namespace, result_name: str) -> None
                        "if that run finished")
 
 
+def _every_5s(log: logging.Logger, message: str):
+    """A ``progress(done, total)`` callback that logs ``message % (done, total)`` at most every 5 s and at the end."""
+    last = [0.0]
+
+    def progress(done, total):
+        if time.perf_counter() - last[0] > 5 or done == total:
+            last[0] = time.perf_counter()
+            log.info(message, done, total)
+
+    return progress
+
+
+def _every_10_steps(log: logging.Logger, message: str, key: str):
+    """A trainer's ``progress(step, total, rec)`` callback: every 10th and the last step, logs ``message`` with
+    the step, total, ``rec["loss"]``, ``rec[key]`` and ``rec["wall_s"]``."""
+
+    def progress(step, total, rec):
+        if step % 10 == 0 or step == total:
+            log.info(message, step, total, rec["loss"], rec[key], rec["wall_s"])
+
+    return progress
+
+
+def _interrupted_resume(command: str, out: Path) -> int:
+    sys.stderr.write(f"noisecraft {command}: interrupted; run the same command with --resume to continue "
+                     f"from the last checkpoint in {out}\n")
+    return 130
+
+
 def _read_prompts(path) -> list[str]:
     """The non-empty lines of --prompts FILE; a missing or unreadable file is refused naming the flag."""
     p = Path(path)
@@ -172,60 +154,12 @@ def _demo(args: argparse.Namespace) -> int:
 # -- fetch -----------------------------------------------------------------------------------------
 
 
-def _size_text(entry) -> str:
-    if entry.size is not None:
-        n = entry.size
-        return f"{n / 1e6:.1f} MB" if n >= 100_000 else f"{n / 1e3:.1f} kB"
-    return f"~{entry.size_approx}" if entry.size_approx else "?"
-
-
-def _how_to_get(entry) -> str:
-    if entry.url:
-        return "fetch"
-    return "in package" if entry.path else "by hand"
-
-
-def _format_weights_table(entries) -> str:
-    header = ("name", "base model", "size", "folder", "sha256", "get")
-    rows = [(e.name, e.base_model, _size_text(e), e.folder, "known" if e.sha256 else "-", _how_to_get(e))
-            for e in entries]
-    widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
-    line = lambda r: "  ".join(str(c).ljust(w) for c, w in zip(r, widths)).rstrip()
-    out = [line(header), line(tuple("-" * w for w in widths))] + [line(r) for r in rows]
-    out.append("")
-    out.append("sha256 '-': none published: the download cannot be verified by hash; fetch checks the size where "
-               "known and the file format instead (and refuses HTML/text). 'by hand': no direct URL, see `page` in "
-               "the manifest.")
-    return "\n".join(out)
-
-
-class _ProgressLine:
-    """Progress on stderr, at most ~4 updates a second, only when stderr is a terminal."""
-
-    def __init__(self, label: str):
-        self.label, self.last, self.enabled = label, 0.0, sys.stderr.isatty()
-
-    def __call__(self, done: int, total) -> None:
-        now = time.monotonic()
-        if not self.enabled or (now - self.last < 0.25 and done != total):
-            return
-        self.last = now
-        pct = f" ({100 * done / total:.0f}%)" if total else ""
-        tot = f" / {total / 1e6:.1f}" if total else ""
-        sys.stderr.write(f"\r{self.label}: {done / 1e6:.1f}{tot} MB{pct}   ")
-        sys.stderr.flush()
-
-    def close(self) -> None:
-        if self.enabled and self.last:
-            sys.stderr.write("\n")
-
-
 def _fetch(args: argparse.Namespace) -> int:
     from .weights import DownloadError, download, load_manifest, resolve_models_dir
 
     entries = load_manifest()
     if args.list:
-        sys.stdout.write(_format_weights_table(entries) + "\n")
+        sys.stdout.write(format_weights_table(entries) + "\n")
         return 0
     if not args.name:
         sys.stderr.write("noisecraft fetch: expected a NAME (or --list); known names: "
@@ -253,7 +187,7 @@ def _fetch(args: argparse.Namespace) -> int:
         return 2
     for noisy in ("httpx2", "httpx"):  # huggingface_hub's client logs every request at INFO
         logging.getLogger(noisy).setLevel(logging.WARNING)
-    bar = _ProgressLine(entry.file_name or entry.name)
+    bar = ProgressLine(entry.file_name or entry.name)
     try:
         path = download(entry, dest, url=args.url, timeout=args.timeout, retries=args.retries, progress=bar,
                         allow_http=args.allow_http)
@@ -353,12 +287,7 @@ def _train_refiner_run(args: argparse.Namespace, device: str, acc, log: logging.
         shape = (c, size, size)
     _check_channels(shape, host)
     t0 = time.perf_counter()
-    last = [0.0]
-
-    def cache_progress(done, total):
-        if time.perf_counter() - last[0] > 5 or done == total:
-            last[0] = time.perf_counter()
-            log.info("teacher cache: %d / %d samples", done, total)
+    cache_progress = _every_5s(log, "teacher cache: %d / %d samples")
 
     try:
         def build(shards=None):
@@ -392,17 +321,10 @@ def _train_refiner_run(args: argparse.Namespace, device: str, acc, log: logging.
             grad_accum=args.grad_accum, student_steps=args.student_steps, scheduler=args.scheduler,
             precision=args.precision, seed=args.seed, checkpoint_every=args.checkpoint_every,
             warmup=args.warmup, lr_schedule=args.lr_schedule)
-
-        def progress(step, total, rec):
-            if step % 10 == 0 or step == total:
-                log.info("step %d/%d  loss %.5f  residual rms %.4f  %.0f s", step, total, rec["loss"],
-                         rec["residual_rms"], rec["wall_s"])
-
+        progress = _every_10_steps(log, "step %d/%d  loss %.5f  residual rms %.4f  %.0f s", "residual_rms")
         result = train_refiner(host, cache, out, config, resume=args.resume, progress=progress, accelerator=acc)
     except KeyboardInterrupt:
-        sys.stderr.write(f"noisecraft train-refiner: interrupted; run the same command with --resume to continue "
-                         f"from the last checkpoint in {out}\n")
-        return 130
+        return _interrupted_resume("train-refiner", out)
     result.lora.remove()
     if not acc.is_main_process:
         return 0
@@ -452,12 +374,7 @@ def _collect_pairs(args: argparse.Namespace) -> int:
         scorer = toy_confidence_scorer() if args.filter == "toy-classifier" else None
         w_l = args.w_l if args.w_l is not None else (3.0 if args.toy else 5.5)
         t0 = time.perf_counter()
-        last = [0.0]
-
-        def progress(done, total):
-            if time.perf_counter() - last[0] > 5 or done == total:
-                last[0] = time.perf_counter()
-                log.info("pairs: %d / %d", done, total)
+        progress = _every_5s(log, "pairs: %d / %d")
 
         store = collect_pairs(args.out, host, total=args.pairs, w_l=w_l, w_w=args.w_w, steps=args.steps,
                               scheduler=args.scheduler, base_seed=args.seed_base, scorer=scorer, margin=args.margin,
@@ -474,7 +391,7 @@ def _collect_pairs(args: argparse.Namespace) -> int:
 def _train_npnet(args: argparse.Namespace) -> int:
     from .train import NPNetTrainConfig, PairStore, npnet_config_for, train_npnet
     from .train.loop import make_accelerator
-    from .train.npnet_trainer import SMALL_NPNET
+    from .train.npnet import SMALL_NPNET
 
     log = logging.getLogger("noisecraft.train-npnet")
     out = _check_out(args.out)
@@ -494,23 +411,29 @@ def _train_npnet(args: argparse.Namespace) -> int:
                                   warmup=args.warmup, weight_decay=args.weight_decay, margin=args.margin,
                                   seed=args.seed, init_seed=args.init_seed, checkpoint_every=args.checkpoint_every)
         t0 = time.perf_counter()
-
-        def progress(step, total, rec):
-            if step % 10 == 0 or step == total:
-                log.info("step %d/%d  loss %.5f  (identity %.5f)  %.0f s", step, total, rec["loss"],
-                         rec["identity_mse"], rec["wall_s"])
-
+        progress = _every_10_steps(log, "step %d/%d  loss %.5f  (identity %.5f)  %.0f s", "identity_mse")
         result = train_npnet(pairs, out, config, npnet_config, resume=args.resume, progress=progress,
                              device=device, metadata={"arch": arch}, accelerator=acc)
     except KeyboardInterrupt:
-        sys.stderr.write(f"noisecraft train-npnet: interrupted; run the same command with --resume to continue "
-                         f"from the last checkpoint in {out}\n")
-        return 130
+        return _interrupted_resume("train-npnet", out)
     if not acc.is_main_process:
         return 0
     sys.stdout.write(f"{result.npnet_path}\n({result.step} steps, {arch} NPNet, final loss {result.losses[-1]:.5f}; "
                      f"loss log {out / 'loss.jsonl'}, plot {out / 'loss.png'}, {time.perf_counter() - t0:.0f} s)\n")
     return 0
+
+
+def _add_model_args(parser: argparse.ArgumentParser, model_help: str, embeds_help: str, negative_help: str) -> None:
+    """The "model" option group of train-refiner and collect-pairs (--toy or --model and its prompts)."""
+    src = parser.add_argument_group("model")
+    src.add_argument("--toy", action="store_true", help="the shipped toy digits model (the 10 class labels are the prompts)")
+    src.add_argument("--model", help=model_help)
+    src.add_argument("--prompts", help="text file, one prompt per line (with --model)")
+    src.add_argument("--prompt-embeds", help=embeds_help)
+    src.add_argument("--negative", default="", help=negative_help)
+    src.add_argument("--latent-shape", type=positive_int, nargs=3, metavar=("C", "H", "W"),
+                     help="latent size (default: the UNet's in_channels x sample_size^2)")
+    src.add_argument("--device", help="cpu or cuda (default: cuda when available)")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -536,9 +459,9 @@ def main(argv: list[str] | None = None) -> int:
     fetch.add_argument("--comfyui", help="the ComfyUI folder; the file goes to <this>/models/<folder>")
     fetch.add_argument("--url", help="download from this URL instead of the manifest's (a mirror); "
                                      "the manifest's size and sha256 are still checked")
-    fetch.add_argument("--retries", type=_non_negative_int, default=3,
+    fetch.add_argument("--retries", type=non_negative_int, default=3,
                        help="resume a broken transfer this many times before giving up (default 3; 0: never)")
-    fetch.add_argument("--timeout", type=_positive_float, default=30, help="network timeout in seconds (default 30)")
+    fetch.add_argument("--timeout", type=positive_float, default=30, help="network timeout in seconds (default 30)")
     fetch.add_argument("--allow-http", action="store_true",
                        help="accept a plain http:// URL (or a redirect to one); refused by default because anyone on "
                             "the network can alter it. Use only for a local mirror you trust")
@@ -558,42 +481,35 @@ def main(argv: list[str] | None = None) -> int:
         description="Build a teacher cache (guided sampling, paid once; a killed build resumes) and train a refiner "
                     "LoRA with multistep score distillation. Writes refiner.safetensors (a kohya LoRA that ComfyUI's "
                     "LoRA loader reads), checkpoint.safetensors, loss.jsonl and loss.png into --out.")
-    src = tr.add_argument_group("model")
-    src.add_argument("--toy", action="store_true", help="the shipped toy digits model (the 10 class labels are the prompts)")
-    src.add_argument("--model", help="a local diffusers folder (unet/, scheduler/, and tokenizer/ + text_encoder/ "
-                                     "unless --prompt-embeds is given)")
-    src.add_argument("--prompts", help="text file, one prompt per line (with --model)")
-    src.add_argument("--prompt-embeds", help="safetensors with 'cond' [P, L, D] and 'uncond' [1, L, D] (no text "
-                                             "encoder or transformers needed)")
-    src.add_argument("--negative", default="", help="the unconditional prompt for the teacher's CFG (default empty)")
-    src.add_argument("--latent-shape", type=_positive_int, nargs=3, metavar=("C", "H", "W"),
-                     help="latent size (default: the UNet's in_channels x sample_size^2)")
-    src.add_argument("--device", help="cpu or cuda (default: cuda when available)")
+    _add_model_args(tr, "a local diffusers folder (unet/, scheduler/, and tokenizer/ + text_encoder/ unless "
+                        "--prompt-embeds is given)",
+                    "safetensors with 'cond' [P, L, D] and 'uncond' [1, L, D] (no text encoder or transformers needed)",
+                    "the unconditional prompt for the teacher's CFG (default empty)")
     tr.add_argument("--out", default="refiner_out", help="output folder (default refiner_out)")
     tr.add_argument("--cache", help="teacher cache folder (default <out>/teacher_cache); may be shared between runs")
     tr.add_argument("--resume", action="store_true", help="continue from <out>/checkpoint.safetensors")
-    tr.add_argument("--steps", type=_positive_int, default=300, help="optimizer steps (default 300)")
-    tr.add_argument("--rank", type=_positive_int, default=4, help="LoRA rank (default 4; the paper uses 128 on SD2.1)")
-    tr.add_argument("--alpha", type=_positive_float, help="LoRA alpha (default = rank)")
-    tr.add_argument("--lr", type=_positive_float, default=1e-3, help="AdamW learning rate (default 1e-3)")
+    tr.add_argument("--steps", type=positive_int, default=300, help="optimizer steps (default 300)")
+    tr.add_argument("--rank", type=positive_int, default=4, help="LoRA rank (default 4; the paper uses 128 on SD2.1)")
+    tr.add_argument("--alpha", type=positive_float, help="LoRA alpha (default = rank)")
+    tr.add_argument("--lr", type=positive_float, default=1e-3, help="AdamW learning rate (default 1e-3)")
     tr.add_argument("--lr-schedule", choices=["constant", "cosine"], default="cosine")
-    tr.add_argument("--warmup", type=_non_negative_int, default=10)
-    tr.add_argument("--batch", type=_positive_int, default=32,
+    tr.add_argument("--warmup", type=non_negative_int, default=10)
+    tr.add_argument("--batch", type=positive_int, default=32,
                     help="samples per micro-batch over all processes (default 32; under accelerate launch / "
                          "torchrun each of N processes takes batch/N)")
-    tr.add_argument("--grad-accum", type=_positive_int, default=1, help="micro-batches per optimizer step (default 1)")
-    tr.add_argument("--student-steps", type=_positive_int, default=10, help="N, unguided student steps (default 10)")
-    tr.add_argument("--teacher-steps", type=_positive_int, default=20, help="N', guided teacher steps (default 20)")
-    tr.add_argument("--cfg", type=_finite_float, help="teacher CFG scale (default 3 for --toy, 7 otherwise)")
+    tr.add_argument("--grad-accum", type=positive_int, default=1, help="micro-batches per optimizer step (default 1)")
+    tr.add_argument("--student-steps", type=positive_int, default=10, help="N, unguided student steps (default 10)")
+    tr.add_argument("--teacher-steps", type=positive_int, default=20, help="N', guided teacher steps (default 20)")
+    tr.add_argument("--cfg", type=finite_float, help="teacher CFG scale (default 3 for --toy, 7 otherwise)")
     tr.add_argument("--scheduler", default="normal",
                     help="sigma schedule: normal, karras, exponential, sgm_uniform, simple or ddim_uniform (default normal)")
-    tr.add_argument("--samples", type=_positive_int, default=1024, help="teacher-cache size (default 1024)")
-    tr.add_argument("--shard-size", type=_positive_int, default=256)
-    tr.add_argument("--seed-base", type=_non_negative_int, default=10_000, help="sample i starts from seed seed_base + i")
-    tr.add_argument("--seed", type=_non_negative_int, default=0, help="data-order seed")
+    tr.add_argument("--samples", type=positive_int, default=1024, help="teacher-cache size (default 1024)")
+    tr.add_argument("--shard-size", type=positive_int, default=256)
+    tr.add_argument("--seed-base", type=non_negative_int, default=10_000, help="sample i starts from seed seed_base + i")
+    tr.add_argument("--seed", type=non_negative_int, default=0, help="data-order seed")
     tr.add_argument("--precision", choices=["auto", "fp32", "bf16", "fp16"], default="auto",
                     help="autocast: auto = fp32 on CPU, bf16 (else fp16) on CUDA")
-    tr.add_argument("--checkpoint-every", type=_positive_int, default=50)
+    tr.add_argument("--checkpoint-every", type=positive_int, default=50)
     tr.set_defaults(func=_train_refiner)
     cp = sub.add_parser(
         "collect-pairs", help="collect NPNet training pairs (re-denoise sampling) on the toy or a local diffusers model",
@@ -601,30 +517,24 @@ def main(argv: list[str] | None = None) -> int:
                     "denoising step at CFG w_l and one inversion step at CFG w_w give the target noise; optionally "
                     "kept only when a scorer prefers the image from the target noise. Writes safetensors shards and "
                     "index.json into --out; running the same command again finishes a killed collection.")
-    src = cp.add_argument_group("model")
-    src.add_argument("--toy", action="store_true", help="the shipped toy digits model (the 10 class labels are the prompts)")
-    src.add_argument("--model", help="a local diffusers folder (SD1.x/SD2.x-class UNet; SDXL's extra conditioning "
-                                     "is not supported yet)")
-    src.add_argument("--prompts", help="text file, one prompt per line (with --model)")
-    src.add_argument("--prompt-embeds", help="safetensors with 'cond' [P, L, D] and 'uncond' [1, L, D]")
-    src.add_argument("--negative", default="", help="the unconditional prompt for CFG (default empty)")
-    src.add_argument("--latent-shape", type=_positive_int, nargs=3, metavar=("C", "H", "W"),
-                     help="latent size (default: the UNet's in_channels x sample_size^2)")
-    src.add_argument("--device", help="cpu or cuda (default: cuda when available)")
+    _add_model_args(cp, "a local diffusers folder (SD1.x/SD2.x-class UNet; SDXL's extra conditioning is not "
+                        "supported yet)",
+                    "safetensors with 'cond' [P, L, D] and 'uncond' [1, L, D]",
+                    "the unconditional prompt for CFG (default empty)")
     cp.add_argument("--out", default="npnet_pairs", help="pair folder (default npnet_pairs)")
-    cp.add_argument("--pairs", type=_positive_int, default=1024, help="number of pairs (default 1024)")
-    cp.add_argument("--w-l", type=_finite_float, help="CFG of the denoising step (default 3 for --toy, 5.5 otherwise: the paper's SDXL value)")
-    cp.add_argument("--w-w", type=_finite_float, default=1.0, help="CFG of the inversion step (default 1, the paper's)")
-    cp.add_argument("--steps", type=_two_or_more_int, default=10, help="collection schedule steps (default 10, the paper's)")
+    cp.add_argument("--pairs", type=positive_int, default=1024, help="number of pairs (default 1024)")
+    cp.add_argument("--w-l", type=finite_float, help="CFG of the denoising step (default 3 for --toy, 5.5 otherwise: the paper's SDXL value)")
+    cp.add_argument("--w-w", type=finite_float, default=1.0, help="CFG of the inversion step (default 1, the paper's)")
+    cp.add_argument("--steps", type=two_or_more_int, default=10, help="collection schedule steps (default 10, the paper's)")
     cp.add_argument("--scheduler", default="normal",
                     help="sigma schedule: normal, karras, exponential, sgm_uniform, simple or ddim_uniform (default normal)")
     cp.add_argument("--filter", choices=["none", "toy-classifier"], default="none",
                     help="keep-filter: none keeps every pair; toy-classifier (with --toy) keeps a pair when the digit "
                          "classifier is more confident on the sample from the target noise")
-    cp.add_argument("--margin", type=_margin_float, default=0.0, help="filter threshold m in [-1, 1): keep when score' > score + m (default 0)")
-    cp.add_argument("--seed-base", type=_non_negative_int, default=20_000, help="pair i starts from seed seed_base + i")
-    cp.add_argument("--shard-size", type=_positive_int, default=256)
-    cp.add_argument("--batch", type=_positive_int, default=64, help="samples per model batch (default 64)")
+    cp.add_argument("--margin", type=margin_float, default=0.0, help="filter threshold m in [-1, 1): keep when score' > score + m (default 0)")
+    cp.add_argument("--seed-base", type=non_negative_int, default=20_000, help="pair i starts from seed seed_base + i")
+    cp.add_argument("--shard-size", type=positive_int, default=256)
+    cp.add_argument("--batch", type=positive_int, default=64, help="samples per model batch (default 64)")
     cp.set_defaults(func=_collect_pairs)
     tn = sub.add_parser(
         "train-npnet", help="train an NPNet (golden noise) on a folder of collected pairs",
@@ -637,16 +547,16 @@ def main(argv: list[str] | None = None) -> int:
     tn.add_argument("--arch", choices=["official", "small"],
                     help="official: Swin-T at 224 and the official SVD widths (28M parameters); small: a 2-stage Swin "
                          "at 32 (the toy NPNet's). Default: small for latents up to 32x32, else official")
-    tn.add_argument("--steps", type=_positive_int, default=600, help="optimizer steps (default 600)")
-    tn.add_argument("--lr", type=_positive_float, default=1e-3)
+    tn.add_argument("--steps", type=positive_int, default=600, help="optimizer steps (default 600)")
+    tn.add_argument("--lr", type=positive_float, default=1e-3)
     tn.add_argument("--lr-schedule", choices=["constant", "cosine"], default="cosine")
-    tn.add_argument("--warmup", type=_non_negative_int, default=20)
-    tn.add_argument("--weight-decay", type=_non_negative_float, default=0.01)
-    tn.add_argument("--batch", type=_positive_int, default=64, help="pairs per step (default 64, the paper's)")
-    tn.add_argument("--margin", type=_finite_float, help="re-filter the pairs by score margin (default: the stored kept flags)")
-    tn.add_argument("--seed", type=_non_negative_int, default=0, help="data-order seed")
-    tn.add_argument("--init-seed", type=_non_negative_int, default=0, help="weight-init seed")
-    tn.add_argument("--checkpoint-every", type=_positive_int, default=100)
+    tn.add_argument("--warmup", type=non_negative_int, default=20)
+    tn.add_argument("--weight-decay", type=non_negative_float, default=0.01)
+    tn.add_argument("--batch", type=positive_int, default=64, help="pairs per step (default 64, the paper's)")
+    tn.add_argument("--margin", type=finite_float, help="re-filter the pairs by score margin (default: the stored kept flags)")
+    tn.add_argument("--seed", type=non_negative_int, default=0, help="data-order seed")
+    tn.add_argument("--init-seed", type=non_negative_int, default=0, help="weight-init seed")
+    tn.add_argument("--checkpoint-every", type=positive_int, default=100)
     tn.add_argument("--device", help="cpu or cuda (default cpu)")
     tn.set_defaults(func=_train_npnet)
     try:

@@ -40,7 +40,7 @@ from noisecraft.rng import seeded_noise  # noqa: E402
 from noisecraft.sigmas import get_sigmas, noise_to_x  # noqa: E402
 from noisecraft.train import (NPNetTrainConfig, collect_pairs, npnet_config_for, re_denoise,  # noqa: E402
                               train_npnet)
-from noisecraft.train.npnet_trainer import SMALL_NPNET  # noqa: E402
+from noisecraft.train.npnet import SMALL_NPNET  # noqa: E402
 
 TRAIN_SEED_BASE = 20_000
 EVAL_SEED_BASE = 600_000

@@ -18,7 +18,7 @@ from .refiner import (
 from .loop import DataSource, LoopConfig, LoopResult, Method, run
 from .teacher_cache import TeacherBatch, TeacherCache, build_teacher_cache
 from .npnet_pairs import PairBatch, PairStore, collect_pairs, re_denoise
-from .npnet_trainer import NPNetTrainConfig, NPNetTrainResult, init_npnet, npnet_config_for, train_npnet
+from .npnet import NPNetTrainConfig, NPNetTrainResult, init_npnet, npnet_config_for, train_npnet
 
 __all__ = [
     "LoopConfig",

@@ -1,7 +1,7 @@
 """The one training loop: a method step plugged into AdamW, schedule, accumulation, precision, checkpoints.
 
 Both trainers (the NoiseRefine MSD refiner, :mod:`noisecraft.train.refiner`, and NPNet,
-:mod:`noisecraft.train.npnet_trainer`) are a *method* run by :func:`run`. A method owns its trainable
+:mod:`noisecraft.train.npnet`) are a *method* run by :func:`run`. A method owns its trainable
 module and its loss on one micro-batch; the loop owns everything else, once:
 
 * :class:`LoopConfig`: steps, AdamW (lr, weight decay, betas), linear warmup then a constant or
@@ -76,7 +76,7 @@ from torch import nn
 
 from ..io import atomic_write, atomic_write_text, clean_stale_temps, ensure_dir, read_safetensors, write_safetensors
 
-__all__ = ["LoopConfig", "Method", "DataSource", "LoopResult", "run", "lr_at", "resolve_precision",
+__all__ = ["LoopConfig", "Method", "DataSource", "LoopResult", "TrainerResult", "run", "lr_at", "resolve_precision",
            "make_accelerator", "plot_losses", "read_log", "fewer_steps_message", "CHECKPOINT_NAME", "LOG_NAME",
            "PLOT_NAME", "LOOP_RESUME_KEYS"]
 
@@ -246,6 +246,16 @@ class LoopResult:
     @property
     def losses(self) -> list:
         return [r["loss"] for r in self.records]
+
+
+@dataclass
+class TrainerResult:
+    """The part of a trainer's result that comes from the loop (the trainers add their model and file)."""
+
+    step: int
+    losses: list = field(default_factory=list)
+    wall_s: float = 0.0
+    stopped_early: bool = False
 
 
 class _Step(nn.Module):

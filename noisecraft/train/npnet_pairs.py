@@ -40,6 +40,10 @@ As the teacher cache (:mod:`noisecraft.train.teacher_cache`): sample ``i`` has n
 made by any job in any order; files are written atomically (:mod:`noisecraft.io`); a killed
 collection resumes at the first missing shard (and its stale temp files are removed); identical definitions give identical bytes.
 Cost per pair: 2 + 1 model passes (w_l != 1, w_w = 1), plus ``4 * filter_steps`` with a scorer.
+
+A store can also live in memory (:meth:`PairStore.in_memory`: the same definition, shards and
+checks, no folder): ComfyUI's Collect NPNet Pairs node makes one per graph run and Train NPNet reads
+it through the same :meth:`PairStore.batches` as the CLI, so both train on one data structure.
 """
 
 from __future__ import annotations
@@ -56,6 +60,7 @@ import torch
 from .. import ode
 from ..sigmas import get_sigmas, noise_to_x, x_to_noise
 from ..io import ensure_dir, load_safetensors
+from .teacher_cache import ShardBatch
 from .shards import INDEX_NAME, ShardedStore, check_split, epoch_generator, positioned_batches, write_safetensors
 
 __all__ = [
@@ -104,16 +109,10 @@ def re_denoise(denoiser_l: ode.Denoiser, denoiser_w: ode.Denoiser, e: torch.Tens
 
 
 @dataclass
-class PairBatch:
+class PairBatch(ShardBatch):
     """One training batch: source noise ``e``, target noise ``target``, condition ids, sample indices."""
 
-    e: torch.Tensor
     target: torch.Tensor
-    cond: torch.Tensor
-    index: torch.Tensor
-
-    def __len__(self) -> int:
-        return int(self.index.numel())
 
 
 class PairStore(ShardedStore):
@@ -128,6 +127,13 @@ class PairStore(ShardedStore):
     def __init__(self, root: str | os.PathLike, *, max_open_shards: int = 4):
         super().__init__(root, max_open_shards=max_open_shards)
         self._embeds: Optional[torch.Tensor] = None
+        self._memory: Optional[dict[int, dict[str, torch.Tensor]]] = None  # shard k -> tensors, in memory only
+
+    def __repr__(self) -> str:
+        c, h, w = self.shape
+        where = "in memory" if self.in_memory_store else str(self.root)
+        return (f"PairStore({where}: {self.total} pairs of {c}x{h}x{w} latents, {len(self.conds)} prompt(s), "
+                f"w_l={self.meta.get('w_l')}, w_w={self.meta.get('w_w')})")
 
     def _no_index_message(self) -> str:
         return (
@@ -157,10 +163,7 @@ class PairStore(ShardedStore):
         root = Path(root)
         definition = cls._definition({"kind": "npnet_pairs", "version": PAIRS_VERSION}, shape=shape, conds=conds,
                                      base_seed=base_seed, total=total, shard_size=shard_size, meta=meta)
-        embeds = torch.as_tensor(embeds).detach().to("cpu", torch.float32).contiguous()
-        if embeds.ndim != 3 or embeds.shape[0] != len(conds):
-            raise ValueError(f"embeds must be [P, tokens, width] with one row per condition ({len(conds)}), "
-                             f"got {list(embeds.shape)}")
+        embeds = _as_embeds(embeds, len(conds))
         store = cls._reopen(root, definition)
         if store is not None:
             if not torch.equal(store.embeds, embeds):
@@ -170,6 +173,50 @@ class PairStore(ShardedStore):
         ensure_dir(root, None)
         write_safetensors({"embeds": embeds}, root / CONDS_NAME, {"noisecraft.kind": "npnet_pair_conds"})
         return cls._new(root, definition)
+
+    @classmethod
+    def in_memory(cls, *, shape: Sequence[int], conds: Sequence[Any], embeds: torch.Tensor, base_seed: int,
+                  total: int, meta: Optional[Mapping[str, Any]] = None,
+                  shard_size: Optional[int] = None) -> "PairStore":
+        """An empty pair store held in memory: the definition of :meth:`create` (one shard of ``total``
+        unless ``shard_size`` is given), filled with :meth:`write_shard`, read like a folder."""
+        definition = cls._definition({"kind": "npnet_pairs", "version": PAIRS_VERSION}, shape=shape, conds=conds,
+                                     base_seed=base_seed, total=total, shard_size=shard_size or total, meta=meta)
+        store = cls.__new__(cls)
+        store.root = Path("<memory>")
+        store._index = {**definition, "shards": []}
+        store._embeds = _as_embeds(embeds, len(conds))
+        store._memory = {}
+        store._load_shard = store._read_shard
+        return store
+
+    @property
+    def base_seed(self) -> int:
+        """Sample ``i`` has noise ``seeded_noise(base_seed + i)``."""
+        return int(self._index["base_seed"])
+
+    @property
+    def in_memory_store(self) -> bool:
+        """True for a store made by :meth:`in_memory` (no folder)."""
+        return self._memory is not None
+
+    def missing_shards(self) -> list[int]:
+        if self._memory is None:
+            return super().missing_shards()
+        return [k for k in range(self.num_shards) if k not in self._memory]
+
+    def reindex(self) -> None:
+        if self._memory is None:
+            return super().reindex()
+        self._index["shards"] = [{"file": None, "start": self.shard_range(k).start, "count": len(self.shard_range(k))}
+                                 for k in sorted(self._memory)]
+
+    def _read_shard(self, k: int) -> dict[str, torch.Tensor]:
+        if self._memory is None:
+            return super()._read_shard(k)
+        if k not in self._memory:
+            raise FileNotFoundError(f"NPNet pairs in memory: shard {k} was never written: finish the collection")
+        return self._memory[k]
 
     # -- index -------------------------------------------------------------------------------
     @property
@@ -195,15 +242,24 @@ class PairStore(ShardedStore):
                              f"and {tuple(target.shape)}")
         if not bool(torch.isfinite(target).all()):
             raise FloatingPointError(f"re-denoise sampling produced non-finite target noise in shard {k}: not stored")
-        path = self.shard_path(k)
-        write_safetensors({
+        tensors = {
             "noise": noise.to(torch.float32), "target": target.to(torch.float32),
             "cond": self.sample_conds(idx),
             "seed": self._sample_seeds(idx),
             "kept": kept.to(torch.uint8).reshape(-1),
             "score_source": score_source.to(torch.float32).reshape(-1),
             "score_target": score_target.to(torch.float32).reshape(-1),
-        }, path, {"noisecraft.kind": "npnet_pairs_shard", "start": str(idx[0]), "count": str(len(idx))})
+        }
+        bad = [key for key in self._SHARD_KEYS if tensors[key].shape[0] != len(idx)]
+        if bad:
+            raise ValueError(f"shard {k} needs one value per pair ({len(idx)}) in {bad}")
+        path = self.shard_path(k)
+        if self._memory is not None:  # plain tensors (not inference-mode ones), so autograd may read them later
+            with torch.inference_mode(False):
+                self._memory[k] = {key: v.detach().cpu().clone() for key, v in tensors.items()}
+        else:
+            write_safetensors(tensors, path, {"noisecraft.kind": "npnet_pairs_shard", "start": str(idx[0]),
+                                              "count": str(len(idx))})
         self.reindex()
         return path
 
@@ -221,6 +277,17 @@ class PairStore(ShardedStore):
         if bool(torch.isnan(s0).any()):
             raise ValueError(f"{self.root} was collected without a scorer: there are no scores to filter by margin")
         return (s1 > s0 + float(margin)).nonzero().flatten()
+
+    def _sample_seeds(self, indices: Sequence[int]) -> torch.Tensor:
+        """The samples' noise seeds (64-bit unsigned, as ComfyUI's; stored as the int64 of the same bits)."""
+        base = int(self._index["base_seed"])
+        return torch.tensor([(((base + int(i)) & 0xFFFF_FFFF_FFFF_FFFF) ^ (1 << 63)) - (1 << 63) for i in indices],
+                            dtype=torch.long)
+
+    def identity_mse(self, margin: Optional[float] = None) -> float:
+        """MSE(x_T, x'_T) over the kept pairs: the loss of the untrained (identity) NPNet."""
+        b = self.get(self.kept_indices(margin))
+        return float((b.e - b.target).pow(2).mean()) if len(b) else float("nan")
 
     def get(self, indices: Sequence[int] | torch.Tensor) -> PairBatch:
         idx = self._indices(indices, "pair")
@@ -256,6 +323,18 @@ class PairStore(ShardedStore):
         check_split(batch_size, rank, world_size)
         yield from positioned_batches(lambda ep: self.epoch_order(pool, seed, ep), pool.numel(), self.get,
                                       batch_size, epoch=epoch, offset=offset, rank=rank, world_size=world_size)
+
+
+def _as_embeds(embeds: torch.Tensor, n_conds: int) -> torch.Tensor:
+    """Prompt embeddings as a CPU float32 [P, tokens, width] tensor with one row per condition."""
+    with torch.inference_mode(False):
+        embeds = torch.as_tensor(embeds).detach().to("cpu", torch.float32).clone().contiguous()
+    if embeds.ndim != 3 or embeds.shape[0] != n_conds:
+        raise ValueError(f"embeds must be [P, tokens, width] with one row per condition ({n_conds}), "
+                         f"got {list(embeds.shape)}")
+    if not bool(torch.isfinite(embeds).all()):
+        raise FloatingPointError("the prompt embeddings of the pairs contain NaN/inf values: re-encode the prompts")
+    return embeds
 
 
 def collect_pairs(

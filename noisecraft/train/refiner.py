@@ -42,19 +42,19 @@ import functools
 import logging
 import math
 import os
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Callable, Mapping, Optional
 
 import torch
-from torch import nn
 
 from ..hosts.diffusers import RefinerHost
-from ..lora import CONVENTION, DEFAULT_TARGETS, LoRASet, attach_lora
+from ..hosts.adapters import LoRASet, attach_lora
+from ..lora import CONVENTION, DEFAULT_TARGETS
 from ..msd import msd_loss
 from ..refine import refine_with, residual_from_denoisers
 from ..sigmas import get_sigmas
-from .loop import CHECKPOINT_NAME, LOG_NAME, PLOT_NAME, LoopConfig, plot_losses, run
+from .loop import CHECKPOINT_NAME, LOG_NAME, PLOT_NAME, LoopConfig, TrainerResult, _module_device, plot_losses, run
 from .teacher_cache import TeacherCache, write_safetensors
 
 __all__ = [
@@ -125,23 +125,19 @@ _RESUME_KEYS = ("rank", "alpha", "targets", "lr", "weight_decay", "betas", "warm
                 "grad_accum", "max_grad_norm", "student_steps", "scheduler", "precision", "seed", "lora_seed")
 
 
-@dataclass
-class TrainResult:
+@dataclass(kw_only=True)
+class TrainResult(TrainerResult):
     lora: LoRASet
     refiner_path: Path
-    step: int
-    losses: list = field(default_factory=list)
-    wall_s: float = 0.0
-    stopped_early: bool = False
 
 
 # -- the method -------------------------------------------------------------------------------------
 
 
 def save_refiner(lora: LoRASet, path: str | os.PathLike, metadata: Optional[Mapping[str, Any]] = None) -> Path:
-    """The refiner LoRA as a kohya/ComfyUI safetensors (:meth:`LoRASet.export_state_dict` keys) with
-    ``noisecraft.*`` metadata (:meth:`LoRASet.metadata`), written atomically and reproducibly."""
-    return write_safetensors(lora.export_state_dict(), path, lora.metadata(metadata))
+    """The refiner LoRA as the refiner file (:meth:`LoRASet.save`: kohya keys, ``noisecraft.*``
+    metadata, written atomically and reproducibly by :func:`noisecraft.lora.save_refiner_pairs`)."""
+    return lora.save(path, metadata)
 
 
 class RefinerMethod:
@@ -154,10 +150,11 @@ class RefinerMethod:
     resume_keys = _RESUME_KEYS
 
     def __init__(self, host: RefinerHost, cache: TeacherCache, config: RefinerTrainConfig, lora: LoRASet,
-                 metadata: Optional[Mapping[str, Any]] = None):
+                 metadata: Optional[Mapping[str, Any]] = None, sigmas: Optional[torch.Tensor] = None):
+        # ``sigmas``: the student schedule when the host has its own (ComfyUI's schedulers); default: the core's
         self.host, self.cache, self.config, self.module = host, cache, config, lora
         self.kind_of_model = host.table.kind
-        self.sigmas = get_sigmas(host.table, config.scheduler, config.student_steps)
+        self.sigmas = get_sigmas(host.table, config.scheduler, config.student_steps) if sigmas is None else sigmas
         self.sigma_max = float(self.sigmas[0])
         self.device = _module_device(host.unet)
         self.extra = dict(metadata or {})
@@ -194,12 +191,6 @@ class RefinerMethod:
         full = {"base_model": self.host.base_model, "model_kind": self.kind_of_model.value,
                 "sigma_max": repr(self.sigma_max), "convention": CONVENTION, "training": training, **self.extra}
         return save_refiner(self.module, Path(out_dir) / REFINER_NAME, full)
-
-
-def _module_device(m: nn.Module) -> torch.device:
-    for p in m.parameters():
-        return p.device
-    return torch.device("cpu")
 
 
 def train_refiner(
@@ -271,4 +262,5 @@ def train_refiner(
     except BaseException:
         lora.remove()
         raise
-    return TrainResult(lora, Path(out_dir) / REFINER_NAME, res.step, res.losses, res.wall_s, res.stopped_early)
+    return TrainResult(lora=lora, refiner_path=Path(out_dir) / REFINER_NAME, step=res.step, losses=res.losses,
+                       wall_s=res.wall_s, stopped_early=res.stopped_early)

@@ -29,6 +29,10 @@ Layout of a cache folder::
   training checkpoint stores). For several processes, each takes a contiguous slice of every
   global batch (``rank``, ``world_size``): the union over ranks is the single-process batch.
   Shards are read lazily (a small LRU of open shards), so caches larger than memory work.
+* In memory (:meth:`TeacherCache.in_memory`): the same store without a folder, for a teacher that
+  lives in one process (the ComfyUI Build Teacher Cache node): the given noise, condition ids and
+  x0 form one shard, so :meth:`TeacherCache.batches` (and a training checkpoint's data position)
+  is the same code and the same order as for a folder.
 """
 
 from __future__ import annotations
@@ -52,16 +56,23 @@ CACHE_VERSION = 1
 
 
 @dataclass
-class TeacherBatch:
-    """One batch: unit noise ``e``, condition ids ``cond``, the teacher's ``x0`` and the sample indices."""
+class ShardBatch:
+    """What a batch of a sharded store holds: unit noise ``e``, condition ids ``cond`` and the sample indices
+    (:class:`TeacherBatch` adds the teacher's ``x0``, the NPNet pairs' batch its ``target``)."""
 
     e: torch.Tensor
     cond: torch.Tensor
-    x0: torch.Tensor
     index: torch.Tensor
 
     def __len__(self) -> int:
         return int(self.index.numel())
+
+
+@dataclass
+class TeacherBatch(ShardBatch):
+    """One batch: unit noise ``e``, condition ids ``cond``, the teacher's ``x0`` and the sample indices."""
+
+    x0: torch.Tensor
 
 
 class TeacherCache(ShardedStore):
@@ -122,9 +133,44 @@ class TeacherCache(ShardedStore):
         cache = cls._reopen(root, definition)
         return cls._new(root, definition) if cache is None else cache
 
+    @classmethod
+    def in_memory(cls, noise: torch.Tensor, x0: torch.Tensor, cond: torch.Tensor, *, conds: Sequence[Any],
+                  meta: Optional[Mapping[str, Any]] = None) -> "TeacherCache":
+        """A cache held in memory (no folder): sample ``i`` is ``(noise[i], cond[i], x0[i])``, ``cond[i]``
+        an index into ``conds``. Reading (:meth:`get`, :meth:`batches`) is the folder cache's code."""
+        n = int(noise.shape[0]) if torch.is_tensor(noise) and noise.ndim >= 2 else 0
+        if n < 1 or not torch.is_tensor(x0) or tuple(x0.shape) != tuple(noise.shape):
+            raise ValueError(f"an in-memory teacher cache needs noise and x0 of one shape [n >= 1, C, H, W], got "
+                             f"{tuple(getattr(noise, 'shape', ()))} and {tuple(getattr(x0, 'shape', ()))}")
+        cond = torch.as_tensor(cond, dtype=torch.long).reshape(-1).cpu()
+        if cond.numel() != n or (n and (int(cond.min()) < 0 or int(cond.max()) >= len(conds))):
+            raise ValueError(f"an in-memory teacher cache needs {n} condition ids in 0..{len(conds) - 1}, got "
+                             f"{cond.tolist()[:8]}")
+        if not bool(torch.isfinite(x0).all()) or not bool(torch.isfinite(noise).all()):
+            raise FloatingPointError("the teacher cache's noise or x0 contain NaN/inf: not stored")
+        self = cls.__new__(cls)
+        self.root = None
+        self._index = {**cls._definition({"version": CACHE_VERSION}, shape=noise.shape[1:], conds=conds,
+                                          base_seed=0, total=n, shard_size=n, meta=meta), "shards": []}
+        data = {"noise": noise.detach().to("cpu", torch.float32), "x0": x0.detach().to("cpu", torch.float32),
+                "cond": cond}
+        self._load_shard = lambda k: data
+        return self
+
+    @property
+    def is_in_memory(self) -> bool:
+        """True for a cache made by :meth:`in_memory` (no folder)."""
+        return self.root is None
+
+    def missing_shards(self) -> list[int]:
+        return [] if self.root is None else super().missing_shards()
+
     # -- shards ----------------------------------------------------------------------------------
     def write_shard(self, k: int, x0: torch.Tensor, noise: Optional[torch.Tensor] = None) -> Path:
         """Store shard ``k`` (samples ``shard_range(k)``) with the teacher's x0 for them, atomically."""
+        if self.root is None:
+            raise ValueError("an in-memory teacher cache has no folder to write shards to: build a folder cache "
+                             "with TeacherCache.create(...) / build_teacher_cache(...)")
         idx = self._shard_indices(k)
         noise = self.sample_noise(idx) if noise is None else noise
         if tuple(x0.shape) != (len(idx), *self.shape) or tuple(noise.shape) != tuple(x0.shape):

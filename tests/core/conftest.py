@@ -1,4 +1,5 @@
-"""Fixtures shared by the core tests: a real HTTP server on 127.0.0.1 for the download tests."""
+"""Fixtures shared by the core tests: a real HTTP server on 127.0.0.1 for the download tests, and the
+check that a sharded store (teacher cache, NPNet pairs) built in parts matches one built at once."""
 
 from __future__ import annotations
 
@@ -20,3 +21,22 @@ def server(request):
     httpd.shutdown()
     httpd.server_close()
     thread.join(5)
+
+
+def _check_resumed_build(build, root, first: list[int], missing: list[int], batch: int, shards: int = 3):
+    """Build ``root / "b"`` with only the ``first`` shards (a killed job): it lists ``missing`` as missing,
+    refuses to give batches, and, finished by a second build, holds the same shard bytes as ``root / "a"``."""
+    part = build(root / "b", shards=first)
+    assert part.missing_shards() == missing and not part.complete
+    with pytest.raises(FileNotFoundError, match="incomplete"):
+        next(part.batches(batch))
+    build(root / "b")
+    for k in range(shards):
+        name = f"shard_{k:05d}.safetensors"
+        assert (root / "a" / name).read_bytes() == (root / "b" / name).read_bytes()
+
+
+@pytest.fixture
+def check_resumed_build():
+    """:func:`_check_resumed_build`, for the store tests."""
+    return _check_resumed_build

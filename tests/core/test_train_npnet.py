@@ -1,4 +1,4 @@
-"""NPNet training (noisecraft.train.npnet_pairs / npnet_trainer): pairs, filter, trainer, resume, CLI, toy NPNet.
+"""NPNet training (noisecraft.train.npnet_pairs / npnet): pairs, filter, trainer, resume, CLI, toy NPNet.
 
 Tier 1: torch (+ diffusers for the toy), CPU, no ComfyUI. Pairs are checked on exact Gaussian
 denoisers (closed-form posterior mean) so the re-denoise step can be recomputed by hand.
@@ -15,7 +15,7 @@ from noisecraft.npnet import golden_noise, load_npnet
 from noisecraft.rng import seeded_noise
 from noisecraft.sigmas import SigmaTable, get_sigmas
 from noisecraft.train import NPNetTrainConfig, PairStore, collect_pairs, npnet_config_for, re_denoise, train_npnet
-from noisecraft.train.npnet_trainer import SMALL_NPNET, init_npnet, pair_loss
+from noisecraft.train.npnet import SMALL_NPNET, init_npnet, pair_loss
 from noisecraft.weights import find_entry, sha256_file, verify_file
 
 SHAPE = (1, 8, 8)
@@ -77,7 +77,7 @@ def test_re_denoise_matches_the_hand_computed_step_and_cfg_gap():
         re_denoise(d_l, d_w, e, torch.tensor([14.6, 0.0]), "eps")
 
 
-def test_pair_folder_is_deterministic_resumable_and_keeps_all_by_default(tmp_path):
+def test_pair_folder_is_deterministic_resumable_and_keeps_all_by_default(tmp_path, check_resumed_build):
     store = _collect(tmp_path / "a")
     assert store.complete and store.num_shards == 3 and len(store) == 10
     assert store.meta["w_l"] == 3.0 and store.meta["scorer"] is None and store.meta["base_model"] == "gauss"
@@ -91,14 +91,7 @@ def test_pair_folder_is_deterministic_resumable_and_keeps_all_by_default(tmp_pat
     want = re_denoise(host.denoiser(b.cond, 3.0), host.denoiser(b.cond, 1.0), b.e, s, "eps")
     assert torch.allclose(b.target, want, atol=1e-6)
     # a second folder, built one shard first (a killed job) then finished: identical bytes
-    part = _collect(tmp_path / "b", shards=[2])
-    assert part.missing_shards() == [0, 1]
-    with pytest.raises(FileNotFoundError, match="incomplete"):
-        next(part.batches(2))
-    _collect(tmp_path / "b")
-    for k in range(3):
-        assert (tmp_path / "a" / f"shard_{k:05d}.safetensors").read_bytes() == \
-            (tmp_path / "b" / f"shard_{k:05d}.safetensors").read_bytes()
+    check_resumed_build(_collect, tmp_path, first=[2], missing=[0, 1], batch=2)
     with pytest.raises(ValueError, match="different"):
         _collect(tmp_path / "b", w_l=5.5)
     with pytest.raises(FileNotFoundError, match="not an NPNet pair folder"):
@@ -183,6 +176,75 @@ def test_resume_after_kill_equals_uninterrupted_run(gauss_pairs, tmp_path):
     assert (tmp_path / "full" / "npnet.safetensors").read_bytes() == (tmp_path / "killed" / "npnet.safetensors").read_bytes()
     strip = lambda p: [{k: v for k, v in json.loads(x).items() if k != "wall_s"} for x in p.read_text().splitlines()]  # noqa: E731
     assert strip(tmp_path / "full" / "loss.jsonl") == strip(tmp_path / "killed" / "loss.jsonl")
+
+
+def _in_memory_copy(store: PairStore) -> PairStore:
+    """The same pairs as ``store``, in a store held in memory (as ComfyUI's Collect NPNet Pairs makes one)."""
+    mem = PairStore.in_memory(shape=store.shape, conds=store.conds, embeds=store.embeds,
+                              base_seed=store.base_seed, total=store.total, meta=store.meta,
+                              shard_size=store.shard_size)
+    kept, s0, s1 = store.column("kept"), store.column("score_source"), store.column("score_target")
+    for k in range(store.num_shards):
+        idx = list(store.shard_range(k))
+        b = store.get(idx)
+        mem.write_shard(k, b.e, b.target, kept[idx], s0[idx], s1[idx])
+    return mem
+
+
+def test_in_memory_store_reads_and_trains_exactly_like_the_folder(gauss_pairs, tmp_path):
+    mem = _in_memory_copy(gauss_pairs)
+    assert mem.in_memory_store and not gauss_pairs.in_memory_store and mem.complete and len(mem) == 128
+    assert "in memory" in repr(mem) and mem.identity_mse() == gauss_pairs.identity_mse()
+    for (a, pa), (b, pb), _ in zip(mem.batches(16, seed=3), gauss_pairs.batches(16, seed=3), range(10)):
+        assert pa == pb and torch.equal(a.index, b.index) and torch.equal(a.e, b.e) and torch.equal(a.target, b.target)
+    assert torch.equal(mem.column("seed"), gauss_pairs.column("seed"))
+    cfg, config = npnet_config_for(mem, **SMALL_NPNET), NPNetTrainConfig(steps=4, batch_size=16, seed=1)
+    train_npnet(mem, tmp_path / "mem", config, cfg)
+    train_npnet(gauss_pairs, tmp_path / "folder", config, cfg)
+    assert (tmp_path / "mem" / "npnet.safetensors").read_bytes() == \
+        (tmp_path / "folder" / "npnet.safetensors").read_bytes()
+
+
+def test_in_memory_store_refuses_bad_shards_and_is_incomplete_until_written():
+    mem = PairStore.in_memory(shape=SHAPE, conds=[0, 1], embeds=torch.zeros(2, 1, 4), base_seed=2**64 - 1, total=3)
+    with pytest.raises(FileNotFoundError, match="incomplete"):
+        next(mem.batches(1))
+    e, nan, ones = mem.sample_noise(range(3)), torch.full((3,), float("nan")), torch.ones(3)
+    assert torch.equal(e[1:2], seeded_noise(0, (1, *SHAPE)))  # ComfyUI's 64-bit seeds wrap around
+    with pytest.raises(ValueError, match="shape"):
+        mem.write_shard(0, e[:2], e[:2], ones[:2], nan[:2], nan[:2])
+    with pytest.raises(FloatingPointError, match="non-finite target"):
+        mem.write_shard(0, e, e * float("nan"), ones, nan, nan)
+    with pytest.raises(ValueError, match="one value per pair"):
+        mem.write_shard(0, e, e, ones[:2], nan, nan)
+    mem.write_shard(0, e, e, ones, nan, nan)
+    assert mem.complete and mem.column("seed").tolist() == [-1, 0, 1]  # uint64 seeds as int64 bits
+    with pytest.raises(FloatingPointError, match="NaN/inf"):
+        PairStore.in_memory(shape=SHAPE, conds=[0], embeds=torch.full((1, 1, 4), float("inf")), base_seed=0, total=1)
+    with pytest.raises(ValueError, match="one row per condition"):
+        PairStore.in_memory(shape=SHAPE, conds=[0, 1], embeds=torch.zeros(1, 1, 4), base_seed=0, total=1)
+
+
+def test_fine_tuning_starts_from_the_given_net_and_precision_is_a_resume_setting(gauss_pairs, tmp_path):
+    cfg = npnet_config_for(gauss_pairs, **SMALL_NPNET)
+    start = init_npnet(cfg, seed=4)
+    with torch.no_grad():
+        start.beta.fill_(0.5)  # not the identity any more
+    before = {k: v.clone() for k, v in start.state_dict().items()}
+    res = train_npnet(gauss_pairs, tmp_path / "ft", NPNetTrainConfig(steps=2, batch_size=16), initial=start)
+    assert res.model is start and res.model.config == cfg
+    first = res.records[0]
+    assert first["loss"] > 1.5 * first["identity_mse"]  # the first loss is the given net's, not the identity's
+    assert any(not torch.equal(before[k], v) for k, v in start.state_dict().items())
+    with pytest.raises(ValueError, match="another shape"):
+        train_npnet(gauss_pairs, tmp_path / "ft2", NPNetTrainConfig(steps=1), cfg, initial=init_npnet(
+            npnet_config_for(gauss_pairs, **{**SMALL_NPNET, "svd_hidden": 16})))
+    bf16 = NPNetTrainConfig(steps=3, batch_size=16, precision="bf16", checkpoint_every=1)
+    res = train_npnet(gauss_pairs, tmp_path / "bf16", bf16, cfg, stop_after=2)
+    assert all(torch.isfinite(torch.tensor(res.losses))) and res.stopped_early
+    with pytest.raises(ValueError, match=r"other settings \(precision: 'bf16' there, 'fp32' now"):
+        train_npnet(gauss_pairs, tmp_path / "bf16", NPNetTrainConfig(steps=3, batch_size=16), cfg, resume=True)
+    assert train_npnet(gauss_pairs, tmp_path / "bf16", bf16, cfg, resume=True).step == 3
 
 
 def test_cli_collect_pairs_and_train_npnet_toy(tmp_path, capsys):

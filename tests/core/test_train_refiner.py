@@ -18,7 +18,8 @@ from safetensors.torch import load_file, save_file
 from noisecraft import ode
 from noisecraft.hosts import toy
 from noisecraft.hosts.toy import toy_host
-from noisecraft.lora import CONVENTION, load_lora, read_lora_file
+from noisecraft.hosts.adapters import load_lora
+from noisecraft.lora import CONVENTION, read_lora_file
 from noisecraft.msd import msd_loss
 from noisecraft.refine import refine_noise, refine_with, residual_from_denoisers
 from noisecraft.rng import seeded_noise
@@ -45,7 +46,7 @@ def _build(root, **kw):
 # -- teacher cache ---------------------------------------------------------------------------------
 
 
-def test_teacher_cache_round_trip_and_determinism(tmp_path):
+def test_teacher_cache_round_trip_and_determinism(tmp_path, check_resumed_build):
     cache = _build(tmp_path / "a")
     assert cache.complete and cache.num_shards == 3 and len(cache) == 10
     assert cache.meta["model"] == "fake" and cache.meta["teacher_steps"] == 2 and cache.meta["sigma_max"] == 4.0
@@ -62,15 +63,8 @@ def test_teacher_cache_round_trip_and_determinism(tmp_path):
     assert torch.allclose(batch.x0, expected, atol=1e-6)
 
     # same definition elsewhere -> the same shard bytes; a build killed after one shard resumes
-    _build(tmp_path / "b", shards=[1])
-    part = TeacherCache(tmp_path / "b")
-    assert part.missing_shards() == [0, 2] and not part.complete
-    with pytest.raises(FileNotFoundError, match="incomplete"):
-        next(part.batches(4))
-    _build(tmp_path / "b")
-    for k in range(3):
-        assert (tmp_path / "a" / f"shard_{k:05d}.safetensors").read_bytes() == \
-            (tmp_path / "b" / f"shard_{k:05d}.safetensors").read_bytes()
+    check_resumed_build(lambda root, shards=None: (_build(root, shards=shards), TeacherCache(root))[1],
+                        tmp_path, first=[1], missing=[0, 2], batch=4)
     with pytest.raises(ValueError, match="different"):
         _build(tmp_path / "b", total=12)
     with pytest.raises(FileNotFoundError, match="not a teacher cache"):

@@ -127,7 +127,7 @@ class Ctx:
 def ctx(nc, npn, rf, tr, tn, tmp_path_factory, model_folders):
     pack = nc.noise.__name__.split(".")[0]  # the package name the conftest imported the pack under
     core = importlib.import_module(pack + ".noisecraft.npnet")
-    small = importlib.import_module(pack + ".noisecraft.train.npnet_trainer").SMALL_NPNET
+    small = importlib.import_module(pack + ".noisecraft.train.npnet").SMALL_NPNET
     root = tmp_path_factory.mktemp("models")
     for name in ("npnet", "loras", "noise_refiners"):
         (root / name).mkdir()

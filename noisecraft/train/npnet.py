@@ -20,7 +20,10 @@ Choices (ours; the paper is silent or we differ on purpose):
 * The loop (AdamW, schedule, clipping, atomic checkpoints with exact resume: kill + resume equals an
   uninterrupted run bit for bit on CPU, tested; loss log and plot) is :mod:`noisecraft.train.loop`;
   this module is the method plugged into it (:class:`NPNetMethod`; the checkpoint holds the whole
-  net). NPNet trains in float32 without accumulation, as it always has.
+  net). NPNet trains without accumulation and, by default, in float32 (``precision`` = ``fp32``, as it
+  always has; ``auto`` / ``bf16`` / ``fp16`` autocast through the loop).
+* The data is a :class:`PairStore`, a folder or one held in memory (:meth:`PairStore.in_memory`, what
+  ComfyUI's Collect NPNet Pairs makes); ComfyUI's Train NPNet runs this same method in the same loop.
 * Output ``npnet.safetensors``: the ``text_embedding.*`` flavour that :func:`noisecraft.npnet.load_npnet`
   reads strictly, with the same ``noisecraft.*`` shape metadata as ``save_npnet_safetensors`` plus
   the training settings, written byte-for-byte reproducibly.
@@ -30,7 +33,6 @@ Outputs in ``out_dir``: ``npnet.safetensors``, ``checkpoint.safetensors``, ``los
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import os
@@ -43,7 +45,7 @@ import torch.nn.functional as F
 
 from ..npnet import NPNet, NPNetConfig, random_npnet, save_npnet_safetensors
 from .npnet_pairs import PairStore
-from .loop import CHECKPOINT_NAME, LOG_NAME, PLOT_NAME, LoopConfig, run
+from .loop import CHECKPOINT_NAME, LOG_NAME, PLOT_NAME, LoopConfig, TrainerResult, run
 
 __all__ = ["NPNetTrainConfig", "NPNetTrainResult", "train_npnet", "init_npnet", "npnet_config_for",
            "save_trained_npnet", "pair_loss", "SMALL_NPNET", "CHECKPOINT_NAME", "NPNET_NAME", "LOG_NAME", "PLOT_NAME"]
@@ -69,6 +71,7 @@ class NPNetTrainConfig:
     lr_schedule: str = "constant"  # or "cosine" (to 10% of lr)
     batch_size: int = 64
     max_grad_norm: Optional[float] = 1.0
+    precision: str = "fp32"  # auto | fp32 | bf16 | fp16 (the loop's autocast)
     margin: Optional[float] = None  # None: the stored kept flags; a number: re-filter by score margin
     canonical_signs: bool = True
     seed: int = 0  # data order
@@ -83,9 +86,9 @@ class NPNetTrainConfig:
                              "with NaN no pair would be kept")
 
     def loop(self) -> LoopConfig:
-        """The loop's part of these settings (no accumulation; float32, as NPNet training always ran)."""
+        """The loop's part of these settings (no accumulation)."""
         return LoopConfig(**{k: getattr(self, k) for k in LoopConfig.__dataclass_fields__ if hasattr(self, k)},
-                          grad_accum=1, precision="fp32")
+                          grad_accum=1)
 
     def to_json(self) -> dict:
         d = asdict(self)
@@ -99,18 +102,16 @@ class NPNetTrainConfig:
         return cls(**{k: v for k, v in d.items() if k in cls.__dataclass_fields__})
 
 
-_RESUME_KEYS = ("lr", "weight_decay", "betas", "warmup", "lr_schedule", "batch_size", "max_grad_norm", "margin",
-                "canonical_signs", "seed", "init_seed")
+_RESUME_KEYS = ("lr", "weight_decay", "betas", "warmup", "lr_schedule", "batch_size", "max_grad_norm", "precision",
+                "margin", "canonical_signs", "seed", "init_seed")
 
 
-@dataclass
-class NPNetTrainResult:
+@dataclass(kw_only=True)
+class NPNetTrainResult(TrainerResult):
     model: NPNet
     npnet_path: Path
-    step: int
-    losses: list = field(default_factory=list)
-    wall_s: float = 0.0
-    stopped_early: bool = False
+    interrupted: bool = False  # interrupt() said stop: a checkpoint was written at ``step``
+    records: list = field(default_factory=list)  # the loss log (resumed steps included)
 
 
 def _config_json(cfg: NPNetConfig) -> dict:
@@ -118,8 +119,9 @@ def _config_json(cfg: NPNetConfig) -> dict:
 
 
 def npnet_config_for(pairs: PairStore, **overrides) -> NPNetConfig:
-    """An :class:`NPNetConfig` that fits a pair folder: channels and size from its latents, tokens and
-    text width from its prompt embeddings; everything else from ``overrides`` (else the defaults)."""
+    """An :class:`NPNetConfig` that fits a pair store: channels and size from its latents, tokens and
+    text width from its prompt embeddings; everything else from ``overrides`` (else the defaults).
+    The one shape rule for the CLI and ComfyUI's Train NPNet (``size`` small: ``**SMALL_NPNET``)."""
     c, h, w = pairs.shape
     if h != w:
         raise ValueError(f"NPNet trains on square latents; the pairs are {h}x{w}")
@@ -175,7 +177,8 @@ class NPNetMethod:
                  device, metadata: Optional[Mapping[str, Any]] = None):
         self.module, self.pairs, self.config, self.npnet_config = model, pairs, config, npnet_config
         self.device = torch.device(device)
-        self.embeds = pairs.embeds.to(self.device)
+        with torch.inference_mode(False):  # a plain tensor even when built inside ComfyUI's inference mode
+            self.embeds = pairs.embeds.to(self.device).clone()
         self.kept = int(pairs.kept_indices(config.margin).numel())
         self.extra = dict(metadata or {})
         self.plot_title = f"NPNet MSE to re-denoise targets ({pairs.meta.get('base_model', '?')})"
@@ -227,23 +230,28 @@ def train_npnet(
     interrupt: Optional[Callable[[], bool]] = None,
     metadata: Optional[Mapping[str, Any]] = None,
     accelerator=None,
+    initial: Optional[NPNet] = None,
 ) -> NPNetTrainResult:
     """Train an NPNet on a complete pair folder with :func:`noisecraft.train.loop.run`; see the module docstring.
 
     Args:
-        pairs: a :class:`PairStore` (or its folder); its prompt embeddings are the NPNet's text input.
+        pairs: a :class:`PairStore` (or its folder, or one in memory); its prompt embeddings are the NPNet's
+            text input.
         npnet_config: the net's shape; default :func:`npnet_config_for` (official-size SVD MLPs and
             Swin-T: give a smaller one for small models). Must fit the pairs' latents and embeddings.
         resume: continue from ``out_dir/checkpoint.safetensors`` (same settings except ``steps``);
             without it an existing checkpoint is an error.
         stop_after: stop once this step is done, without a checkpoint (like a kill): for tests.
         progress: ``progress(step, total, record)`` after each step; may raise to interrupt.
-        interrupt: checked before each step; True stops with a checkpoint (``result.stopped_early``).
+        interrupt: checked before each step; True stops with a checkpoint (``result.stopped_early`` and
+            ``result.interrupted``).
+        initial: fine-tune this net (trained in place: pass a copy to keep it) instead of starting from
+            :func:`init_npnet`; its shape is the default ``npnet_config``. A resume loads the checkpoint's weights.
     """
     config = config or NPNetTrainConfig()
     config.check()
     pairs = pairs if isinstance(pairs, PairStore) else PairStore(pairs)
-    npnet_config = npnet_config or npnet_config_for(pairs)
+    npnet_config = npnet_config or (initial.config if initial is not None else npnet_config_for(pairs))
     want = npnet_config_for(pairs)
     if (npnet_config.latent_channels, npnet_config.latent_size, npnet_config.tokens, npnet_config.text_width) != \
             (want.latent_channels, want.latent_size, want.tokens, want.text_width):
@@ -257,9 +265,16 @@ def train_npnet(
     if ckpt_path.is_file() and not resume:
         raise FileExistsError(f"{ckpt_path} exists: resume that run (resume=True / --resume) or choose another "
                               "output folder")
-    model = init_npnet(npnet_config, config.init_seed).to(device).train()
+    if initial is not None:
+        if initial.config != npnet_config:
+            raise ValueError("the NPNet to fine-tune has another shape than npnet_config: give its own config")
+        model = initial.to(device).float().train().requires_grad_(True)
+    else:
+        model = init_npnet(npnet_config, config.init_seed).to(device).train()
     method = NPNetMethod(model, pairs, config, npnet_config, device, metadata)
     res = run(method, _KeptPairs(pairs, config.margin), out_dir, config.loop(), resume=resume,
               accelerator=accelerator, device=device, progress=progress, interrupt=interrupt, stop_after=stop_after)
     model.eval()
-    return NPNetTrainResult(model, Path(out_dir) / NPNET_NAME, res.step, res.losses, res.wall_s, res.stopped_early)
+    return NPNetTrainResult(model=model, npnet_path=Path(out_dir) / NPNET_NAME, step=res.step, losses=res.losses,
+                            wall_s=res.wall_s, stopped_early=res.stopped_early, interrupted=res.interrupted,
+                            records=res.records)
