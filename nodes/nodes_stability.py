@@ -12,6 +12,11 @@ Choices where the issue was silent:
 * ``scores`` (an output list) holds the K scores of batch item 0 in seed order (seed, seed+1,
   ...); the node's UI data holds all of them, one list per batch item.
 * ``top_seeds`` lists the best seeds best-first, comma-separated, one line per batch item.
+* ``search`` (last input, default ``full``): ``halving`` runs :func:`noisecraft.stability.select`'s
+  successive halving with its default rungs (:func:`~noisecraft.stability.halving_rungs`, eta 2,
+  first rung 2 steps). The default stays ``full`` so that a workflow saved before the input existed
+  (which has no value for it) keeps its chosen seed; with halving, ``scores`` and the UI scores are
+  each candidate's score at the deepest rung it reached (the UI also lists the rungs).
 * ``best_stability`` of Optimize Noise is the mean over batch items (the value itself for one image).
 * Inputs ComfyUI does not check itself are checked here, naming the node and the input: NaN/inf
   in the FLOAT inputs (its range check lets NaN through), an empty LATENT, NaN/inf conditioning or
@@ -40,6 +45,7 @@ NOISE_CATEGORY = "noisecraft/noise"
 SELECT_NAME = "Inversion-Stability Select"
 OPTIMIZE_NAME = "Optimize Noise"
 METHODS = [m.value for m in stability.OptimizeMethod]
+SEARCHES = [m.value for m in stability.SelectSearch]
 
 
 # -- shared inputs -------------------------------------------------------------------------------
@@ -126,6 +132,13 @@ class InversionStabilitySelect(io.ComfyNode):
                     "top_k", default=3, min=0, max=4096,
                     tooltip="How many of the best seeds to list in top_seeds. 0 leaves top_seeds empty.",
                 ),
+                io.Combo.Input(  # optional: graphs saved before this input existed run as before (full)
+                    "search", options=SEARCHES, default=stability.SelectSearch.FULL.value, optional=True,
+                    tooltip="full (default, the paper): every candidate gets the score_steps round trip. halving: "
+                    "successive halving, short round trips for all, then longer ones for the better half, up to "
+                    "score_steps for the last few; picks about the same seed for a fraction of the cost at high "
+                    "score_steps (e.g. 10-20). full turns halving off.",
+                ),
             ],
             outputs=[
                 io.Noise.Output(display_name="noise", tooltip="The winning noise of every batch item."),
@@ -140,8 +153,9 @@ class InversionStabilitySelect(io.ComfyNode):
 
     @classmethod
     def execute(cls, model, positive, negative, latent, seed, candidates, score_steps, cfg, inversion_cfg,
-                scheduler, micro_batch, top_k) -> io.NodeOutput:
+                scheduler, micro_batch, top_k, search=stability.SelectSearch.FULL.value) -> io.NodeOutput:
         check_combo(SELECT_NAME, "scheduler", scheduler, bridge.scheduler_names())
+        check_combo(SELECT_NAME, "search", search, SEARCHES)
         check_int(SELECT_NAME, "candidates (K)", candidates, 1, hint="set it to 1 or more")
         check_int(SELECT_NAME, "micro_batch", micro_batch, 1, hint="set it to 1 or more")
         check_int(SELECT_NAME, "top_k", top_k, 0, hint="0 leaves top_seeds empty")
@@ -152,13 +166,19 @@ class InversionStabilitySelect(io.ComfyNode):
         cands = candidate_stack(seed, k, lat)  # [K, B, ...]
         stability.check_noise(cands, "candidate noise")
         sigmas = bridge.get_sigmas(model, scheduler, score_steps)
-        chunks = math.ceil(k / int(micro_batch))
-        progress = bridge.Progress(chunks * _calls_per_round_trip(sigmas), node_id=node_id(cls))
+        n = len(sigmas) - 1
+        rungs = stability.halving_rungs(k, n) if search == stability.SelectSearch.HALVING.value else [n]
+        mb, alive, calls = int(micro_batch), k, 0
+        for r, steps in enumerate(rungs):  # progress: model calls of every micro-batch of every rung
+            if r == 0 or steps != rungs[r - 1]:
+                calls += math.ceil(alive / mb) * 2 * steps
+            alive = math.ceil(alive / 2)
+        progress = bridge.Progress(calls, node_id=node_id(cls))
 
         def fn(ctx: bridge.BridgeContext):
             return stability.select(
-                ctx.denoiser, cands.to(ctx.device), ctx.sigmas, ctx.kind, micro_batch=int(micro_batch),
-                inverse_denoiser=ctx.inverse_denoiser, keep_x0=False,
+                ctx.denoiser, cands.to(ctx.device), ctx.sigmas, ctx.kind, micro_batch=mb,
+                inverse_denoiser=ctx.inverse_denoiser, keep_x0=False, search=search,
             )
 
         res = bridge.run_core(model, positive, negative, lat["samples"], fn, sigmas=sigmas, cfg=cfg,
@@ -176,12 +196,15 @@ class InversionStabilitySelect(io.ComfyNode):
             f"scores {', '.join(_fmt(s) for s in per_item[b])}"
             for b in range(len(per_item))
         )
-        log.info("%s: %s (kind %s, %d score steps)", SELECT_NAME, text.replace("\n", " | "), kind.value, len(sigmas) - 1)
+        log.info("%s: %s (kind %s, %d score steps, search %s, rungs %s)", SELECT_NAME, text.replace("\n", " | "),
+                 kind.value, n, search, res.rung_steps)
         ui = {
             "text": [text],
             "noisecraft_scores": per_item,
             "noisecraft_seeds": [[(base + j) & SEED_MASK for j in range(k)]],
             "noisecraft_best_seeds": best,
+            "noisecraft_rungs": res.rung.t().tolist(),  # per item: the deepest halving rung of each candidate
+            "noisecraft_rung_steps": res.rung_steps,
         }
         return io.NodeOutput(noise, best[0], [float(s) for s in scores[:, 0]], "\n".join(top_lines), ui=ui)
 

@@ -7,14 +7,19 @@ Optimization" (arXiv:2407.14041).
   over all latent elements of one sample.
 * :func:`select` (Alg. 1): score K candidate noises, keep the most stable one. Candidates go
   through in micro-batches, so memory is bounded by ``micro_batch`` whatever K is.
+  ``search="halving"`` (ours; successive halving, Jamieson & Talwalkar 2016, Karnin et al. 2013)
+  scores all K with a short round trip, keeps the better half, rescores it with a longer one, and
+  so on up to the full score steps.
 * :func:`optimize` (Alg. 2): gradient descent on ``J(e) = 1 - cos(e, e')`` with ``e'`` held
   constant at each step (so no gradient flows through the model), momentum ``beta`` and a
   cosine-annealed learning rate; plus our faster ``fixed_point`` method.
 
 Cost, in denoiser calls, for a schedule of N steps: one round trip = N sampling calls + N
 inversion calls. With CFG in the sampling denoiser and cfg 1 in the inversion denoiser (the
-usual choice) that is 2N + N = 3N model passes. Selection costs K round trips; every
-optimization step costs one round trip, plus one round trip to score the final noise.
+usual choice) that is 2N + N = 3N model passes. Full selection costs K round trips; halving
+costs ``sum_r n_r * 3 N_r`` (``SelectResult.passes``: K = 8, rungs 2/6/20 steps is 8*6 + 4*18 +
+2*60 = 240 passes against full's 480); every optimization step costs one round trip, plus one
+round trip to score the final noise.
 
 Our choices where the paper is silent (measured by ``benchmarks/bench_stability.py``):
 
@@ -45,8 +50,9 @@ Our choices where the paper is silent (measured by ``benchmarks/bench_stability.
 Inputs are checked once per call of :func:`round_trip`, :func:`select` and :func:`optimize`, never
 per step (:func:`check_noise`, :func:`noisecraft.ode.check_number`): the noise must be a non-empty
 floating-point batch of finite values (named in the message), ``sigmas`` the descending sampling
-schedule (an ascending one is refused saying so), ``method`` one of :class:`OptimizeMethod` (the
-message lists them), and every numeric knob a finite number in its range (NaN is refused).
+schedule (an ascending one is refused saying so), ``method`` one of :class:`OptimizeMethod` and
+``search`` one of :class:`SelectSearch` (the messages list them), ``rungs`` a non-decreasing list of
+step counts ending at the schedule's steps, and every numeric knob a finite number in its range (NaN is refused).
 """
 
 from __future__ import annotations
@@ -64,6 +70,7 @@ from .sigmas import ModelKind, noise_to_x, x_to_noise
 __all__ = [
     "REFERENCE_NUMEL",
     "OptimizeMethod",
+    "SelectSearch",
     "RoundTrip",
     "SelectResult",
     "OptimizeResult",
@@ -71,6 +78,8 @@ __all__ = [
     "round_trip",
     "round_trip_passes",
     "select",
+    "halving_rungs",
+    "rung_schedule",
     "optimize",
     "check_noise",
 ]
@@ -159,12 +168,20 @@ def round_trip_passes(steps: int, cfg_sampling: bool = True, cfg_inversion: bool
     return steps * (2 if cfg_sampling else 1) + steps * (2 if cfg_inversion else 1)
 
 
+class SelectSearch(str, Enum):
+    FULL = "full"  # the paper's Algorithm 1: every candidate gets the full round trip
+    HALVING = "halving"  # successive halving: short round trips first, the full one for the survivors
+
+
 @dataclass
 class SelectResult:
     best_index: torch.Tensor  # [B] the winning candidate per batch item
-    scores: torch.Tensor  # [K, B]
-    x0: Optional[torch.Tensor]  # [K, B, ...] on CPU, or None when keep_x0=False
-    order: torch.Tensor  # [K, B] candidate indices sorted by score, best first
+    scores: torch.Tensor  # [K, B] each candidate's score at the deepest rung it reached
+    x0: Optional[torch.Tensor]  # [K, B, ...] on CPU (from that same rung), or None when keep_x0=False
+    order: torch.Tensor  # [K, B] candidate indices best first: deepest rung first, then by score
+    rung: Optional[torch.Tensor] = None  # [K, B] the deepest rung each candidate reached (0 = first)
+    rung_steps: list[int] = field(default_factory=list)  # round-trip steps of each rung
+    trips: list[int] = field(default_factory=list)  # round trips per batch item run at each rung
 
     def best_noise(self, candidates: torch.Tensor) -> torch.Tensor:
         """The winning candidate of every batch item -> [B, ...]."""
@@ -174,6 +191,44 @@ class SelectResult:
     def top(self, k: int, item: int = 0) -> list[int]:
         """The ``k`` best candidate indices of batch item ``item``."""
         return [int(i) for i in self.order[:k, item]]
+
+    def passes(self, cfg_sampling: bool = True, cfg_inversion: bool = False) -> int:
+        """Model passes spent per batch item (see :func:`round_trip_passes`)."""
+        return sum(t * round_trip_passes(n, cfg_sampling, cfg_inversion) for n, t in zip(self.rung_steps, self.trips))
+
+
+def rung_schedule(sigmas, steps: int) -> torch.Tensor:
+    """The schedule of a halving rung: ``steps`` steps of the N-step schedule ``sigmas``: N+1 sigmas sampled at evenly spaced indices
+    (first and last kept; ``steps == N`` is ``s`` itself)."""
+    s = as_sigmas(sigmas)
+    n = len(s) - 1
+    steps = check_number(steps, "rung_schedule() steps", lo=1, hi=n, integer=True, fix=f"1..{n}, the schedule's steps")
+    if steps == n:
+        return s
+    idx = torch.round(torch.linspace(0, n, steps + 1, dtype=torch.float64)).long()
+    return s[idx]
+
+
+def halving_rungs(k: int, steps: int, *, eta: int = 2, min_steps: int = 2) -> list[int]:
+    """The default successive-halving schedule for ``k`` candidates and ``steps`` score steps:
+    ``max(1, ceil(log_eta k))`` rungs whose step counts grow geometrically from ``min_steps`` (at most
+    ``steps``) to ``steps``; rung r keeps ``ceil(n / eta)`` of its n candidates."""
+    r = max(1, math.ceil(math.log(k) / math.log(eta) - 1e-9)) if k > 1 else 1
+    lo = min(min_steps, steps)
+    if r == 1:
+        return [steps]
+    return [max(1, min(steps, round(lo * (steps / lo) ** (i / (r - 1))))) for i in range(r)]
+
+
+def _check_rungs(rungs, steps: int) -> list[int]:
+    fix = (f"a non-decreasing list of round-trip step counts, each 1..{steps} (the schedule's steps), the last "
+           f"= {steps}; None for the default")
+    if isinstance(rungs, (str, bytes)) or not hasattr(rungs, "__iter__"):
+        raise ValueError(f"select() rungs: expected {fix}, got {rungs!r}")
+    out = [check_number(v, "select() rungs entry", lo=1, hi=steps, integer=True, fix=fix) for v in rungs]
+    if not out or out[-1] != steps or any(b < a for a, b in zip(out, out[1:])):
+        raise ValueError(f"select() rungs: expected {fix}, got {list(rungs)!r}")
+    return out
 
 
 def select(
@@ -186,6 +241,10 @@ def select(
     inverse_denoiser: Optional[Denoiser] = None,
     keep_x0: bool = True,
     callback: Optional[Callable[[int, int], None]] = None,
+    search: SelectSearch | str = SelectSearch.FULL,
+    rungs=None,
+    eta: int = 2,
+    min_steps: int = 2,
 ) -> SelectResult:
     """Score K candidate unit noises per batch item and pick the most stable of each item.
 
@@ -194,9 +253,22 @@ def select(
     ``j * B + b`` is candidate j of item b), so a condition of batch B tiled m times lines up
     (ComfyUI and :class:`~noisecraft.hosts.diffusers.DiffusersDenoiser` both tile).
 
+    ``search="full"`` (the paper's Algorithm 1) gives every candidate the round trip over ``sigmas``
+    (N steps): K round trips per item. ``search="halving"`` is successive halving (Jamieson &
+    Talwalkar, AISTATS 2016; Karnin, Koren & Somekh, ICML 2013): rung r scores its candidates with
+    a round trip of ``rungs[r]`` steps (the N-step schedule sampled at evenly spaced indices) and
+    keeps the best ``ceil(n / eta)`` of each item's n; the last rung is the full N steps and its best
+    candidate wins. ``rungs=None`` takes :func:`halving_rungs` (from ``min_steps`` up to N). A rung
+    with the steps of the rung before reuses its scores. Rungs that all equal N give ``full``'s
+    winner. ``scores`` holds every candidate's score at the deepest rung it reached (``rung``).
+    (We measured a *partial* round trip, the first M of the N steps down and back up, as a cheaper
+    score: it ranks worse than a full round trip of M steps at the same cost, so it is not offered;
+    ``benchmarks/bench_selection.py``.)
+
     ``micro_batch`` is how many candidates run at once (``micro_batch * B`` samples), so memory is
-    bounded whatever K is; round-trip x0s move to the CPU as they come. ``callback(done, K)``
-    runs after each micro-batch (raise from it to interrupt). Cost: K round trips per item.
+    bounded whatever K is; round-trip x0s move to the CPU as they come. ``callback(done, total)``
+    runs after each micro-batch (``total``: round trips per item over all rungs; raise from it to
+    interrupt).
     """
     if not isinstance(candidates, torch.Tensor) or candidates.dim() < 3:
         raise ValueError(
@@ -210,25 +282,72 @@ def select(
     k, b = candidates.shape[0], candidates.shape[1]
     micro_batch = check_number(micro_batch, "select() micro_batch", lo=1, integer=True,
                                fix="the number of candidates scored at once, 1 or more")
+    try:
+        search = SelectSearch(search.lower() if isinstance(search, str) else search)
+    except ValueError:
+        raise ValueError(f"select() search: expected one of {[m.value for m in SelectSearch]} ('full' = every "
+                         f"candidate gets the full round trip, 'halving' = successive halving), got {search!r}") from None
     s = _schedule(sigmas, "select()")
+    n = len(s) - 1
+    if search is SelectSearch.FULL:
+        if rungs is not None:
+            raise ValueError(f"select() rungs={rungs!r} only applies to search='halving'; pass search='halving' "
+                             f"or leave rungs None")
+        plan = [n]
+    else:
+        eta = check_number(eta, "select() eta", lo=2, integer=True, fix="keep 1/eta of the candidates per rung; 2 halves")
+        min_steps = check_number(min_steps, "select() min_steps", lo=1, integer=True,
+                                 fix="the round-trip steps of the first rung, 1 or more")
+        plan = halving_rungs(k, n, eta=eta, min_steps=min_steps) if rungs is None else _check_rungs(rungs, n)
+    shape = candidates.shape[2:]
     scores = torch.empty(k, b, dtype=torch.float32)
-    x0s = [] if keep_x0 else None
-    for start in range(0, k, micro_batch):
-        chunk = candidates[start : start + micro_batch]
-        m = chunk.shape[0]
-        rt = _round_trip(denoiser, chunk.reshape(m * b, *chunk.shape[2:]), s, kind, inverse_denoiser)
-        scores[start : start + m] = rt.score.detach().cpu().reshape(m, b)
-        if keep_x0:
-            x0s.append(rt.x0.detach().cpu().reshape(m, b, *chunk.shape[2:]))
-        if callback is not None:
-            callback(start + m, k)
-    order = torch.argsort(scores, dim=0, descending=True, stable=True)
+    rung_of = torch.zeros(k, b, dtype=torch.long)
+    x0s = torch.empty(k, b, *shape, dtype=candidates.dtype) if keep_x0 else None
+    alive = torch.arange(k)[:, None].expand(k, b).clone()  # [n, B] surviving candidate indices per item
+    plan, trips = _plan(k, eta, plan)
+    done, total = 0, sum(trips)
+    items = torch.arange(b)
+    for r, steps in enumerate(plan):
+        m_alive = alive.shape[0]
+        if trips[r]:
+            sub = rung_schedule(s, steps)
+            for start in range(0, m_alive, micro_batch):
+                idx = alive[start : start + micro_batch]  # [m, B]
+                m = idx.shape[0]
+                chunk = candidates[idx.to(candidates.device), items.to(candidates.device)]  # [m, B, ...]
+                rt = _round_trip(denoiser, chunk.reshape(m * b, *shape), sub, kind, inverse_denoiser)
+                scores[idx, items] = rt.score.detach().cpu().reshape(m, b)
+                if keep_x0:
+                    x0s[idx, items] = rt.x0.detach().cpu().reshape(m, b, *shape).to(x0s.dtype)
+                done += m
+                if callback is not None:
+                    callback(done, total)
+        rung_of[alive, items] = r
+        if r < len(plan) - 1:
+            ranked = torch.argsort(scores[alive, items], dim=0, descending=True, stable=True)
+            alive = torch.sort(torch.gather(alive, 0, ranked[: math.ceil(m_alive / eta)]), dim=0).values
+    # best first: deepest rung, then score, then candidate index
+    key = rung_of.double() * 4.0 + scores.double()  # scores are cosines in [-1, 1]
+    order = torch.argsort(key, dim=0, descending=True, stable=True)
     return SelectResult(
-        best_index=order[0].clone(),
-        scores=scores,
-        x0=torch.cat(x0s) if keep_x0 else None,
-        order=order,
+        best_index=order[0].clone(), scores=scores, x0=x0s, order=order, rung=rung_of,
+        rung_steps=list(plan), trips=trips,
     )
+
+
+def _plan(k: int, eta: int, rungs: list[int]) -> tuple[list[int], list[int]]:
+    """The rungs that run (halving stops once one candidate is left) and the round trips per item
+    of each (0 where a rung has the steps of the one before: its scores are reused)."""
+    plan, trips, n = [], [], k
+    for r, steps in enumerate(rungs):
+        plan.append(steps)
+        trips.append(0 if r and steps == rungs[r - 1] else n)
+        if r == len(rungs) - 1 or n == 1:
+            break
+        n = math.ceil(n / eta)
+        if n == 1:  # the one survivor has won
+            break
+    return plan, trips
 
 
 @dataclass

@@ -192,3 +192,113 @@ def test_optimize_callback_interrupts():
     with pytest.raises(Stop):
         st.optimize(D, _noise(1), _sched(), "eps", steps=10, callback=cb)
     assert calls == [1, 2]
+
+
+# -- successive halving --------------------------------------------------------------------------
+
+def _halving_setup(k=8, b=1, seed=4):
+    return _mixture(), _noise(k * b, seed=seed).reshape(k, b, *SHAPE), _sched(n=6)
+
+
+def test_halving_with_every_rung_at_full_steps_equals_full():
+    D, cands, s = _halving_setup(k=10)
+    full = st.select(D, cands, s, "eps", micro_batch=3)
+    halv = st.select(D, cands, s, "eps", micro_batch=3, search="halving", rungs=[6, 6, 6])
+    assert torch.equal(halv.best_index, full.best_index)
+    assert torch.equal(halv.scores, full.scores)  # the same 6-step round trips, reused, not rerun
+    assert halv.trips == [10, 0, 0] and halv.passes() == full.passes() == 10 * st.round_trip_passes(6)
+    assert torch.equal(halv.best_noise(cands), full.best_noise(cands))
+
+
+@pytest.mark.parametrize("search", ["full", "halving"])
+def test_one_candidate_is_returned_unchanged_by_both_searches(search):
+    D, cands, s = _halving_setup(k=1, b=2)
+    res = st.select(D, cands, s, "eps", search=search)
+    assert res.best_index.tolist() == [0, 0] and res.rung_steps == [6] and res.trips == [1]
+    assert torch.equal(res.best_noise(cands), cands[0])  # bit for bit the input noise
+    direct = st.round_trip(D, cands[0], s, "eps").score
+    assert torch.allclose(res.scores[0], direct, atol=1e-6)
+
+
+def test_halving_keeps_the_better_half_per_rung_and_scores_at_the_deepest_rung():
+    D, cands, s = _halving_setup(k=8)
+    res = st.select(D, cands, s, "eps", search="halving", micro_batch=3, keep_x0=True)
+    assert res.rung_steps == st.halving_rungs(8, 6) == [2, 3, 6] and res.trips == [8, 4, 2]
+    assert res.passes() == 8 * st.round_trip_passes(2) + 4 * st.round_trip_passes(3) + 2 * st.round_trip_passes(6)
+    first = st.round_trip(D, cands[:, 0], st.rung_schedule(s, 2), "eps").score
+    top4 = set(torch.argsort(first, descending=True)[:4].tolist())
+    assert {i for i in range(8) if int(res.rung[i, 0]) >= 1} == top4
+    for i in range(8):  # every score is the round trip of the rung the candidate reached
+        steps = res.rung_steps[int(res.rung[i, 0])]
+        rt = st.round_trip(D, cands[i : i + 1, 0], st.rung_schedule(s, steps), "eps")
+        assert float(res.scores[i, 0]) == pytest.approx(float(rt.score[0]), abs=1e-6)
+        assert torch.allclose(res.x0[i, 0], rt.x0[0], atol=1e-6)
+    finalists = [i for i in range(8) if int(res.rung[i, 0]) == 2]
+    assert len(finalists) == 2 and int(res.best_index[0]) == max(finalists, key=lambda i: float(res.scores[i, 0]))
+    assert res.top(1) == [int(res.best_index[0])] and set(res.top(2)) == set(finalists)
+
+
+def test_halving_is_deterministic_micro_batch_invariant_and_per_item():
+    means = torch.randn((6, *SHAPE), generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    Ds = [GaussianMixture(means, 0.3).denoiser("eps"), GaussianMixture(means * 0.5, 0.6).denoiser("eps")]
+
+    def per_item(x, sigma):
+        out = torch.empty_like(x)
+        for i in range(x.shape[0]):
+            out[i : i + 1] = Ds[i % 2](x[i : i + 1], sigma[i : i + 1])
+        return out
+
+    cands, s = _noise(16, seed=6).reshape(8, 2, *SHAPE), _sched(n=6)
+    runs = [st.select(per_item, cands, s, "eps", search="halving", micro_batch=mb) for mb in (1, 3, 8, 8)]
+    for r in runs[1:]:
+        assert torch.equal(r.best_index, runs[0].best_index) and torch.equal(r.rung, runs[0].rung)
+        assert torch.allclose(r.scores, runs[0].scores, atol=1e-6)
+    assert torch.equal(runs[2].scores, runs[3].scores)  # deterministic: the same call twice, bit for bit
+    for item in range(2):
+        alone = st.select(Ds[item], cands[:, item : item + 1], s, "eps", search="halving")
+        assert int(alone.best_index[0]) == int(runs[0].best_index[item])
+        assert torch.equal(alone.rung[:, 0], runs[0].rung[:, item])
+
+
+def test_halving_rungs_and_rung_schedule():
+    assert st.halving_rungs(8, 20) == [2, 6, 20] and st.halving_rungs(2, 20) == [20]
+    assert st.halving_rungs(16, 10) == [2, 3, 6, 10] and st.halving_rungs(8, 1) == [1, 1, 1]
+    assert st.halving_rungs(27, 9, eta=3) == [2, 4, 9]
+    s = _sched(n=6)
+    assert torch.equal(st.rung_schedule(s, 6), s)
+    sub = st.rung_schedule(s, 2)
+    assert sub.tolist() == [s[0].item(), s[3].item(), s[6].item()]
+    # a rung list that leaves one survivor early stops there: that candidate has won
+    D, cands, _ = _halving_setup(k=4)
+    res = st.select(D, cands, s, "eps", search="halving", eta=4, rungs=[2, 4, 6])
+    assert res.rung_steps == [2] and res.trips == [4]
+    assert int(res.best_index[0]) == int(torch.argmax(res.scores[:, 0]))
+
+
+class _Bad:
+    def __init__(self, id, kw, match):
+        self.id, self.kw, self.match = id, kw, match
+
+
+BAD_SELECT = [
+    _Bad("search-unknown", {"search": "beam"}, r"search: expected one of \['full', 'halving'\].*got 'beam'"),
+    _Bad("search-none", {"search": None}, r"search: expected one of \['full', 'halving'\]"),
+    _Bad("rungs-with-full", {"rungs": [2, 6]}, r"rungs=\[2, 6\] only applies to search='halving'"),
+    _Bad("rungs-last-not-full", {"search": "halving", "rungs": [2, 4]}, r"rungs: expected .* the last = 6.*\[2, 4\]"),
+    _Bad("rungs-decreasing", {"search": "halving", "rungs": [4, 2, 6]}, r"rungs: expected a non-decreasing"),
+    _Bad("rungs-too-many-steps", {"search": "halving", "rungs": [2, 7]}, r"rungs entry: expected an integer in \[1, 6\]"),
+    _Bad("rungs-zero", {"search": "halving", "rungs": [0, 6]}, r"rungs entry: expected an integer in \[1, 6\]"),
+    _Bad("rungs-nan", {"search": "halving", "rungs": [float("nan"), 6]}, r"rungs entry: expected a finite integer"),
+    _Bad("rungs-empty", {"search": "halving", "rungs": []}, r"rungs: expected a non-decreasing .*got \[\]"),
+    _Bad("rungs-not-a-list", {"search": "halving", "rungs": 6}, r"rungs: expected a non-decreasing .*got 6"),
+    _Bad("eta-one", {"search": "halving", "eta": 1}, r"eta: expected an integer in \[2, inf\)"),
+    _Bad("eta-fraction", {"search": "halving", "eta": 2.5}, r"eta: expected an integer"),
+    _Bad("min-steps-zero", {"search": "halving", "min_steps": 0}, r"min_steps: expected an integer in \[1, inf\)"),
+]
+
+
+@pytest.mark.parametrize("case", BAD_SELECT, ids=[c.id for c in BAD_SELECT])
+def test_select_refuses_bad_search_settings(case):
+    D, cands, s = _halving_setup(k=4)
+    with pytest.raises(ValueError, match=case.match):
+        st.select(D, cands, s, "eps", **case.kw)

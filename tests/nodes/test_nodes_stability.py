@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 import torch
@@ -15,11 +16,13 @@ from comfy_extras.nodes_custom_sampler import Noise_RandomNoise
 FAMILIES = ("sd15", "sd2v", "sdxl", "sd3")
 
 
-def select(nc, family, *, seed=5, k=3, steps=2, batch=1, latent=None, model=None, micro_batch=2, top_k=2):
+def select(nc, family, *, seed=5, k=3, steps=2, batch=1, latent=None, model=None, micro_batch=2, top_k=2,
+           search=None):
     pos, neg = nc.conds(family)
     lat = latent if latent is not None else nc.latent(family, batch=batch)
+    extra = {} if search is None else {"search": search}  # None: an old workflow without the input
     return nc.nodes.InversionStabilitySelect.execute(
-        model or nc.model(family), pos, neg, lat, seed, k, steps, 5.0, 1.0, "normal", micro_batch, top_k
+        model or nc.model(family), pos, neg, lat, seed, k, steps, 5.0, 1.0, "normal", micro_batch, top_k, **extra
     )
 
 
@@ -41,6 +44,59 @@ def test_select_with_one_candidate_is_random_noise(nc, batch, batch_index):
     assert best_seed == 77 and noise.seed == 77 and top == "\n".join(["77"] * batch)
     assert len(scores) == 1
     assert torch.equal(noise.generate_noise(lat), Noise_RandomNoise(77).generate_noise(lat))
+
+
+@pytest.mark.parametrize("search", ["full", "halving"])
+@pytest.mark.parametrize("batch", [1, 2])
+def test_one_candidate_is_random_noise_for_both_searches(nc, search, batch):
+    lat = nc.latent("sd15", batch=batch)
+    noise, best_seed, scores, _ = select(nc, "sd15", seed=41, k=1, steps=3, latent=lat, search=search).args
+    assert best_seed == 41 and len(scores) == 1
+    assert torch.equal(noise.generate_noise(lat), Noise_RandomNoise(41).generate_noise(lat))
+
+
+def test_halving_runs_and_keeps_the_better_half(nc):
+    out = select(nc, "sd15", seed=9, k=4, steps=4, batch=2, search="halving", top_k=4)
+    noise, best_seed, scores, top = out.args
+    ui = out.ui
+    assert ui["noisecraft_rung_steps"] == [2, 4]
+    for b in range(2):
+        rungs, sc = ui["noisecraft_rungs"][b], ui["noisecraft_scores"][b]
+        assert sorted(rungs) == [0, 0, 1, 1] and all(map(math.isfinite, sc))
+        finalists = [j for j in range(4) if rungs[j] == 1]
+        assert ui["noisecraft_best_seeds"][b] == 9 + max(finalists, key=lambda j: sc[j])
+        assert [int(x) - 9 for x in top.split("\n")[b].split(", ")][:2] == sorted(finalists, key=lambda j: -sc[j])
+    assert best_seed == ui["noisecraft_best_seeds"][0]
+    json.dumps(ui)
+    lat = nc.latent("sd15", batch=2)
+    e = noise.generate_noise(lat)
+    for b in range(2):
+        assert torch.equal(e[b], Noise_RandomNoise(ui["noisecraft_best_seeds"][b]).generate_noise(lat)[b])
+
+
+def test_halving_that_scores_everyone_at_full_steps_equals_full_and_old_graphs_keep_full(nc):
+    # K = 2 is one rung: every candidate gets the score_steps round trip, as with full
+    full = select(nc, "sd15", k=2, steps=3, batch=2, search="full")
+    halv = select(nc, "sd15", k=2, steps=3, batch=2, search="halving")
+    old = select(nc, "sd15", k=2, steps=3, batch=2)  # a workflow saved before the input existed
+    assert halv.ui["noisecraft_rung_steps"] == [3] == full.ui["noisecraft_rung_steps"]
+    for other in (halv, old):
+        assert other.ui["noisecraft_best_seeds"] == full.ui["noisecraft_best_seeds"]
+        assert other.ui["noisecraft_scores"] == full.ui["noisecraft_scores"]
+    # score_steps 1: the rungs are [1, 1] (every rung at the full steps): full's winner and scores
+    full1 = select(nc, "sd15", k=4, steps=1, search="full")
+    halv1 = select(nc, "sd15", k=4, steps=1, search="halving")
+    assert halv1.ui["noisecraft_rung_steps"] == [1, 1]
+    assert halv1.ui["noisecraft_best_seeds"] == full1.ui["noisecraft_best_seeds"]
+    assert halv1.ui["noisecraft_scores"] == full1.ui["noisecraft_scores"]
+    schema = nc.nodes.InversionStabilitySelect.define_schema()
+    assert schema.inputs[-1].id == "search" and schema.inputs[-1].default == "full"
+
+
+def test_bad_search_value_is_refused(nc):
+    with pytest.raises(ValueError, match=r"Inversion-Stability Select: search: expected one of \['full', 'halving'\], "
+                       r"got 'beam'"):
+        select(nc, "sd15", search="beam")
 
 
 @pytest.mark.parametrize("family", FAMILIES)
