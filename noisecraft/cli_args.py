@@ -12,6 +12,10 @@ import math
 import sys
 import time
 
+class Refused(Exception):
+    """A bad input found by the command line itself: the message is printed as is (one line), rc 2."""
+
+
 # -- argument types --------------------------------------------------------------------------------
 
 

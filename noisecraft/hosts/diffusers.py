@@ -235,8 +235,10 @@ class DiffusersDenoiser:
     def reset_passes(self) -> None:
         self.passes = 0
 
-    # -- the network call -------------------------------------------------------------------
-    def _forward(self, xin: torch.Tensor, t: torch.Tensor, ehs: torch.Tensor, added: Optional[dict]) -> torch.Tensor:
+    # -- the network call (public: a guidance that adds passes, e.g. PAG, builds on these) ------------
+    def predict(self, xin: torch.Tensor, t: torch.Tensor, ehs: torch.Tensor, added: Optional[dict]) -> torch.Tensor:
+        """One forward of the network on prepared inputs (:meth:`inputs`): its raw prediction (eps, v or
+        velocity), checked to have the latent's shape."""
         kwargs: dict[str, Any] = {"encoder_hidden_states": ehs, "return_dict": False}
         if added is not None:
             kwargs["added_cond_kwargs"] = added
@@ -255,7 +257,10 @@ class DiffusersDenoiser:
             )
         return out
 
-    def __call__(self, x: torch.Tensor, sigma: torch.Tensor | float) -> torch.Tensor:
+    def inputs(self, x: torch.Tensor, sigma: torch.Tensor | float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``(xf, s, xin, t)`` for a call at ``(x, sigma)``: the latent in float32 on the network's device,
+        sigma broadcastable to it, the network's input (in its dtype) and timestep (ComfyUI's conventions,
+        module docstring)."""
         if not isinstance(x, torch.Tensor) or not x.is_floating_point():
             raise TypeError(f"DiffusersDenoiser x: expected a floating-point latent [B, C, H, W], got "
                             f"{getattr(x, 'dtype', type(x).__name__)}")
@@ -273,42 +278,50 @@ class DiffusersDenoiser:
         sig = sig.to(device)
         s = sig.view(b, *([1] * (x.ndim - 1)))
         xf = x.to(device=device, dtype=torch.float32)
-
         if self.kind.is_flow:
             xin = xf
             t = sig * self.table.multiplier
         else:
             xin = xf / torch.sqrt(s * s + 1.0)
             t = self.table.timestep(sig.detach().cpu()).to(device)
+        return xf, s, xin.to(dtype), t
 
-        cond = _to(_batch(self.cond, b, "cond"), device, dtype)
-        added = _batch_kwargs(self.added_cond_kwargs, b, "added_cond_kwargs")
-        added = None if added is None else {k: _to(v, device, dtype) for k, v in added.items()}
-        xin = xin.to(dtype)
+    def conditioning(self, b: int, *, uncond: bool = False) -> tuple[torch.Tensor, Optional[dict]]:
+        """``(encoder_hidden_states, added_cond_kwargs)`` for a latent batch of ``b`` (tiled as the class
+        docstring says), on the network's device and dtype; ``uncond=True``: the unconditional ones."""
+        device, dtype = _module_device_dtype(self.unet)
+        name = "uncond" if uncond else "cond"
+        ehs = _to(_batch(self.uncond if uncond else self.cond, b, name), device, dtype)
+        kw = self.uncond_added_cond_kwargs if uncond else self.added_cond_kwargs
+        added = _batch_kwargs(kw, b, f"{name + '_' if uncond else ''}added_cond_kwargs")
+        return ehs, None if added is None else {k: _to(v, device, dtype) for k, v in added.items()}
 
+    def __call__(self, x: torch.Tensor, sigma: torch.Tensor | float) -> torch.Tensor:
+        xf, s, xin, t = self.inputs(x, sigma)
+        b = xf.shape[0]
+        cond, added = self.conditioning(b)
         if self.guided:
-            uncond = _to(_batch(self.uncond, b, "uncond"), device, dtype)
-            uadded = _batch_kwargs(self.uncond_added_cond_kwargs, b, "uncond_added_cond_kwargs")
-            uadded = None if uadded is None else {k: _to(v, device, dtype) for k, v in uadded.items()}
+            uncond, uadded = self.conditioning(b, uncond=True)
             if cond.shape[1:] == uncond.shape[1:] and (added is None) == (uadded is None):
                 both = None
                 if added is not None:
                     both = {k: torch.cat([added[k], uadded[k]]) for k in added}
-                out = self._forward(torch.cat([xin, xin]), torch.cat([t, t]), torch.cat([cond, uncond]), both)
+                out = self.predict(torch.cat([xin, xin]), torch.cat([t, t]), torch.cat([cond, uncond]), both)
                 out_c, out_u = out.float().chunk(2)
             else:  # token counts differ: two passes of B instead of one of 2B (same cost per sample)
                 logger.debug("cond %s and uncond %s differ: running two forwards", tuple(cond.shape), tuple(uncond.shape))
-                out_c = self._forward(xin, t, cond, added).float()
-                out_u = self._forward(xin, t, uncond, uadded).float()
-            x0 = self._x0(xf, s, out_u)
-            x0 = x0 + self._cfg * (self._x0(xf, s, out_c) - x0)
+                out_c = self.predict(xin, t, cond, added).float()
+                out_u = self.predict(xin, t, uncond, uadded).float()
+            x0 = self.x0_from(xf, s, out_u)
+            x0 = x0 + self._cfg * (self.x0_from(xf, s, out_c) - x0)
             self.passes += 2
         else:
-            x0 = self._x0(xf, s, self._forward(xin, t, cond, added).float())
+            x0 = self.x0_from(xf, s, self.predict(xin, t, cond, added).float())
             self.passes += 1
         return x0.to(device=x.device, dtype=x.dtype)
 
-    def _x0(self, x: torch.Tensor, s: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    def x0_from(self, x: torch.Tensor, s: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        """x0 from the latent ``x`` (float32), sigma ``s`` and the network's prediction, by model kind."""
         kind = self.kind
         if kind is ModelKind.EPS or kind is ModelKind.FLOW:
             return x - s * out

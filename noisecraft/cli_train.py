@@ -1,0 +1,418 @@
+"""The training commands of the command line: ``train-refiner``, ``collect-pairs``, ``train-npnet``.
+
+Each builds its host (``--toy``, or ``--model DIR``: :mod:`noisecraft.hosts.diffusers`), checks every
+flag and the output folder before any work (:class:`~noisecraft.cli_args.Refused`, printed as one line
+by :mod:`noisecraft.__main__`), and runs the one training loop (:mod:`noisecraft.train.loop`) on
+accelerate's ``Accelerator``; under ``accelerate launch`` the processes split the teacher cache's shards
+and train data parallel. :func:`add_train_commands` declares their flags.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import time
+from pathlib import Path
+
+from .cli_args import (Refused, finite_float, margin_float, non_negative_float, non_negative_int, positive_float,
+                       positive_int, two_or_more_int)
+
+__all__ = ["add_train_commands", "check_out"]
+
+def check_out(path, flag: str = "--out") -> Path:
+    """An output folder that can be used (checked, not created); raises Refused naming the flag."""
+    from .io import ensure_dir
+
+    try:
+        return ensure_dir(path, flag, create=False)
+    except ValueError as exc:
+        raise Refused(str(exc)) from None
+
+
+def _check_scheduler(name: str) -> None:
+    from .sigmas import SCHEDULERS
+
+    if name not in SCHEDULERS:
+        raise Refused(f"--scheduler {name!r} is not a known sigma schedule: choose one of {', '.join(SCHEDULERS)}")
+
+
+def _check_resume(out: Path, args: argparse.Namespace, result_name: str) -> None:
+    """Before any work: an existing checkpoint needs --resume, must be readable, and must not be past --steps."""
+    import json
+
+    from .io import read_safetensors_metadata
+
+    ckpt = out / "checkpoint.safetensors"
+    if not ckpt.is_file():
+        return
+    if not args.resume:
+        raise Refused(f"{out} already holds a checkpoint: add --resume to continue it, or choose another --out")
+    meta = read_safetensors_metadata(ckpt, what="the training checkpoint to resume from (--resume)",
+                                     fix=f"delete it to start over in {out}, or choose another --out")
+    try:
+        step = int(json.loads(meta["state"])["step"])
+    except (KeyError, TypeError, ValueError):
+        raise Refused(f"{ckpt} is not a NoiseCraft training checkpoint (no step in its metadata): delete it to "
+                       f"start over, or choose another --out") from None
+    if step > args.steps:
+        raise Refused(f"--resume: {ckpt} is at step {step}, but --steps is {args.steps}: a resume cannot go back. "
+                       f"Give --steps {step} or more to continue training, or use {out / result_name} "
+                       "if that run finished")
+
+
+def _every_5s(log: logging.Logger, message: str):
+    """A ``progress(done, total)`` callback that logs ``message % (done, total)`` at most every 5 s and at the end."""
+    last = [0.0]
+
+    def progress(done, total):
+        if time.perf_counter() - last[0] > 5 or done == total:
+            last[0] = time.perf_counter()
+            log.info(message, done, total)
+
+    return progress
+
+
+def _every_10_steps(log: logging.Logger, message: str, key: str):
+    """A trainer's ``progress(step, total, rec)`` callback: every 10th and the last step, logs ``message`` with
+    the step, total, ``rec["loss"]``, ``rec[key]`` and ``rec["wall_s"]``."""
+
+    def progress(step, total, rec):
+        if step % 10 == 0 or step == total:
+            log.info(message, step, total, rec["loss"], rec[key], rec["wall_s"])
+
+    return progress
+
+
+def _interrupted_resume(command: str, out: Path) -> int:
+    sys.stderr.write(f"noisecraft {command}: interrupted; run the same command with --resume to continue "
+                     f"from the last checkpoint in {out}\n")
+    return 130
+
+
+def _read_prompts(path) -> list[str]:
+    """The non-empty lines of --prompts FILE; a missing or unreadable file is refused naming the flag."""
+    p = Path(path)
+    if not p.is_file():
+        raise Refused(f"--prompts {p}: " + ("is a folder" if p.is_dir() else "no such file")
+                       + ": expected a text file with one prompt per line")
+    try:
+        prompts = [ln.strip() for ln in p.read_text(encoding="utf-8").splitlines() if ln.strip()]
+    except UnicodeDecodeError:
+        raise Refused(f"--prompts {p}: not UTF-8 text: expected a text file with one prompt per line") from None
+    if not prompts:
+        raise Refused(f"--prompts {p}: the file has no prompts: put one prompt per line")
+    return prompts
+
+
+def _check_channels(shape, host) -> None:
+    want = getattr(getattr(host.unet, "config", None), "in_channels", None)
+    if want is not None and int(shape[0]) != int(want):
+        raise Refused(f"--latent-shape {' '.join(str(v) for v in shape)}: the model takes {want}-channel latents, "
+                       f"got C = {shape[0]}: give --latent-shape {want} H W (or leave it out for the model's own size)")
+
+
+# -- train-refiner --------------------------------------------------------------------------------
+
+
+def _train_refiner(args: argparse.Namespace) -> int:
+    import torch
+
+    from .train.loop import make_accelerator
+
+    log = logging.getLogger("noisecraft.train-refiner")
+    if args.toy == bool(args.model):
+        sys.stderr.write("noisecraft train-refiner: give either --toy or --model DIR (a local diffusers folder)\n")
+        return 2
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    # several processes (accelerate launch): the Accelerator joins the launcher's group (gloo for the toy
+    # model, which trains on CPU; nccl for a --model on CUDA, each process on cuda:LOCAL_RANK)
+    on_cpu = bool(args.toy) or torch.device(device).type == "cpu"
+    try:
+        acc = make_accelerator(cpu=on_cpu)
+    except (RuntimeError, ValueError, KeyError) as exc:
+        sys.stderr.write(f"noisecraft train-refiner: could not join the launcher's processes ({exc}): start several "
+                         "processes with `accelerate launch`, or unset WORLD_SIZE for a single process\n")
+        return 2
+    if acc.num_processes > 1 and not on_cpu and torch.device(device).index is None:
+        device = str(acc.device)
+    try:
+        return _train_refiner_run(args, device, acc, log)
+    finally:
+        if acc.num_processes > 1:
+            acc.end_training()  # leaves the process group
+
+
+def _train_refiner_run(args: argparse.Namespace, device: str, acc, log: logging.Logger) -> int:
+    from .sigmas import get_sigmas
+    from .hosts.diffusers import diffusers_host
+    from .hosts.toy import toy_host
+    from .train import RefinerTrainConfig, TeacherCache, build_teacher_cache, train_refiner
+
+    if args.batch % acc.num_processes:
+        sys.stderr.write(f"noisecraft train-refiner: --batch {args.batch} is the global batch and must divide evenly "
+                         f"over the {acc.num_processes} processes\n")
+        return 2
+    if not acc.is_main_process:
+        log.setLevel(logging.WARNING)  # one process reports
+    _check_scheduler(args.scheduler)
+    out = check_out(args.out)
+    cache_dir = check_out(args.cache, "--cache") if args.cache else out / "teacher_cache"
+    _check_resume(out, args, "refiner.safetensors")
+    try:
+        if args.toy:
+            host = toy_host()
+            cfg_scale = 3.0 if args.cfg is None else args.cfg
+        else:
+            if not args.prompts:
+                sys.stderr.write("noisecraft train-refiner: --model needs --prompts FILE (one prompt per line)\n")
+                return 2
+            prompts = _read_prompts(args.prompts)
+            host = diffusers_host(args.model, prompts, prompt_embeds=args.prompt_embeds,
+                                  negative_prompt=args.negative, device=device)
+            cfg_scale = 7.0 if args.cfg is None else args.cfg
+    except (ImportError, FileNotFoundError, ValueError, OSError) as exc:
+        sys.stderr.write(f"noisecraft train-refiner: {exc}\n")
+        return 2
+    shape = tuple(int(v) for v in (args.latent_shape or ()))
+    if not shape:
+        c = int(host.unet.config.in_channels)
+        size = int(host.unet.config.sample_size)
+        shape = (c, size, size)
+    _check_channels(shape, host)
+    t0 = time.perf_counter()
+    cache_progress = _every_5s(log, "teacher cache: %d / %d samples")
+
+    try:
+        def build(shards=None):
+            return build_teacher_cache(
+                cache_dir, lambda c: host.denoiser(c, cfg=cfg_scale), shape=shape,
+                conds=host.cond_labels or list(range(host.conds.shape[0])), total=args.samples,
+                sigmas=get_sigmas(host.table, args.scheduler, args.teacher_steps), kind=host.table.kind.value,
+                base_seed=args.seed_base, meta={"model": host.base_model, "cfg": cfg_scale,
+                                                "scheduler": args.scheduler, "guidance": "cfg"},
+                shard_size=args.shard_size, batch_size=args.batch, progress=cache_progress, shards=shards)
+
+        if acc.num_processes > 1:
+            # the main process defines the cache, every process samples its share of the shards, the main
+            # process indexes them
+            if acc.is_main_process:
+                cache = build(shards=[])
+                TeacherCache.clean_temps(cache_dir)  # stale temps of a killed run (the others wait)
+            acc.wait_for_everyone()
+            num_shards = TeacherCache(cache_dir).num_shards
+            build(shards=list(range(acc.process_index, num_shards, acc.num_processes)))
+            acc.wait_for_everyone()
+            if acc.is_main_process:
+                TeacherCache(cache_dir).reindex()
+            acc.wait_for_everyone()
+            cache = TeacherCache(cache_dir)
+        else:
+            cache = build()
+        log.info("teacher cache ready: %s (%d samples, %.0f s)", cache.root, cache.total, time.perf_counter() - t0)
+        config = RefinerTrainConfig(
+            steps=args.steps, rank=args.rank, alpha=args.alpha, lr=args.lr, batch_size=args.batch,
+            grad_accum=args.grad_accum, student_steps=args.student_steps, scheduler=args.scheduler,
+            precision=args.precision, seed=args.seed, checkpoint_every=args.checkpoint_every,
+            warmup=args.warmup, lr_schedule=args.lr_schedule)
+        progress = _every_10_steps(log, "step %d/%d  loss %.5f  residual rms %.4f  %.0f s", "residual_rms")
+        result = train_refiner(host, cache, out, config, resume=args.resume, progress=progress, accelerator=acc)
+    except KeyboardInterrupt:
+        return _interrupted_resume("train-refiner", out)
+    result.lora.remove()
+    if not acc.is_main_process:
+        return 0
+    sys.stdout.write(f"{result.refiner_path}\n")
+    sys.stdout.write(f"({result.step} steps, final loss {result.losses[-1]:.5f}; loss log {out / 'loss.jsonl'}, "
+                     f"plot {out / 'loss.png'}, {time.perf_counter() - t0:.0f} s in all)\n")
+    return 0
+
+
+def _host_from_args(args: argparse.Namespace, name: str):
+    """(host, shape) for --toy or --model; raises ValueError / FileNotFoundError / ImportError."""
+    import torch
+
+    from .hosts.diffusers import diffusers_host
+    from .hosts.toy import toy_host
+
+    if args.toy == bool(args.model):
+        raise ValueError("give either --toy or --model DIR (a local diffusers folder)")
+    if args.toy:
+        host = toy_host()
+    else:
+        if not args.prompts:
+            raise ValueError("--model needs --prompts FILE (one prompt per line)")
+        prompts = _read_prompts(args.prompts)
+        device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+        host = diffusers_host(args.model, prompts, prompt_embeds=args.prompt_embeds, negative_prompt=args.negative,
+                              device=device)
+    shape = tuple(int(v) for v in (args.latent_shape or ()))
+    if not shape:
+        size = int(host.unet.config.sample_size)
+        shape = (int(host.unet.config.in_channels), size, size)
+    _check_channels(shape, host)
+    return host, shape
+
+
+def _collect_pairs(args: argparse.Namespace) -> int:
+    from .hosts.toy import toy_confidence_scorer
+    from .train import collect_pairs
+
+    log = logging.getLogger("noisecraft.collect-pairs")
+    _check_scheduler(args.scheduler)
+    check_out(args.out)
+    try:
+        host, shape = _host_from_args(args, "collect-pairs")
+        if args.filter == "toy-classifier" and not args.toy:
+            raise ValueError("--filter toy-classifier scores toy digits: use it with --toy (or --filter none)")
+        scorer = toy_confidence_scorer() if args.filter == "toy-classifier" else None
+        w_l = args.w_l if args.w_l is not None else (3.0 if args.toy else 5.5)
+        t0 = time.perf_counter()
+        progress = _every_5s(log, "pairs: %d / %d")
+
+        store = collect_pairs(args.out, host, total=args.pairs, w_l=w_l, w_w=args.w_w, steps=args.steps,
+                              scheduler=args.scheduler, base_seed=args.seed_base, scorer=scorer, margin=args.margin,
+                              shard_size=args.shard_size, batch_size=args.batch, progress=progress, shape=shape)
+    except KeyboardInterrupt:
+        sys.stderr.write(f"noisecraft collect-pairs: interrupted; run the same command again to finish {args.out}\n")
+        return 130
+    kept = int(store.column("kept").sum())
+    sys.stdout.write(f"{store.root}\n({store.total} pairs, {kept} kept, w_l {w_l:g}, w_w {args.w_w:g}, "
+                     f"{time.perf_counter() - t0:.0f} s)\n")
+    return 0
+
+
+def _train_npnet(args: argparse.Namespace) -> int:
+    from .train import NPNetTrainConfig, PairStore, npnet_config_for, train_npnet
+    from .train.loop import make_accelerator
+    from .train.npnet import SMALL_NPNET
+
+    log = logging.getLogger("noisecraft.train-npnet")
+    out = check_out(args.out)
+    _check_resume(out, args, "npnet.safetensors")
+    device = args.device or "cpu"
+    # under accelerate launch: data parallel (gloo on CPU); the SVD branch's unused BatchNorm needs DDP's search
+    acc = make_accelerator(cpu=device == "cpu", find_unused_parameters=True)
+    if not acc.is_main_process:
+        log.setLevel(logging.WARNING)  # one process reports
+    if acc.num_processes > 1 and device.startswith("cuda") and ":" not in device:
+        device = str(acc.device)
+    try:
+        pairs = PairStore(args.pairs)
+        arch = args.arch or ("small" if pairs.shape[-1] <= 32 else "official")
+        npnet_config = npnet_config_for(pairs, **(SMALL_NPNET if arch == "small" else {}))
+        config = NPNetTrainConfig(steps=args.steps, lr=args.lr, batch_size=args.batch, lr_schedule=args.lr_schedule,
+                                  warmup=args.warmup, weight_decay=args.weight_decay, margin=args.margin,
+                                  seed=args.seed, init_seed=args.init_seed, checkpoint_every=args.checkpoint_every)
+        t0 = time.perf_counter()
+        progress = _every_10_steps(log, "step %d/%d  loss %.5f  (identity %.5f)  %.0f s", "identity_mse")
+        result = train_npnet(pairs, out, config, npnet_config, resume=args.resume, progress=progress,
+                             device=device, metadata={"arch": arch}, accelerator=acc)
+    except KeyboardInterrupt:
+        return _interrupted_resume("train-npnet", out)
+    if not acc.is_main_process:
+        return 0
+    sys.stdout.write(f"{result.npnet_path}\n({result.step} steps, {arch} NPNet, final loss {result.losses[-1]:.5f}; "
+                     f"loss log {out / 'loss.jsonl'}, plot {out / 'loss.png'}, {time.perf_counter() - t0:.0f} s)\n")
+    return 0
+
+
+def _add_model_args(parser: argparse.ArgumentParser, model_help: str, embeds_help: str, negative_help: str) -> None:
+    """The "model" option group of train-refiner and collect-pairs (--toy or --model and its prompts)."""
+    src = parser.add_argument_group("model")
+    src.add_argument("--toy", action="store_true", help="the shipped toy digits model (the 10 class labels are the prompts)")
+    src.add_argument("--model", help=model_help)
+    src.add_argument("--prompts", help="text file, one prompt per line (with --model)")
+    src.add_argument("--prompt-embeds", help=embeds_help)
+    src.add_argument("--negative", default="", help=negative_help)
+    src.add_argument("--latent-shape", type=positive_int, nargs=3, metavar=("C", "H", "W"),
+                     help="latent size (default: the UNet's in_channels x sample_size^2)")
+    src.add_argument("--device", help="cpu or cuda (default: cuda when available)")
+
+
+
+def add_train_commands(sub) -> None:
+    """Add train-refiner, collect-pairs and train-npnet to the ``sub`` parsers of the command line."""
+    tr = sub.add_parser(
+        "train-refiner", help="train a NoiseRefine refiner LoRA (MSD) on the toy model or a local diffusers model",
+        description="Build a teacher cache (guided sampling, paid once; a killed build resumes) and train a refiner "
+                    "LoRA with multistep score distillation. Writes refiner.safetensors (a kohya LoRA that ComfyUI's "
+                    "LoRA loader reads), checkpoint.safetensors, loss.jsonl and loss.png into --out.")
+    _add_model_args(tr, "a local diffusers folder (unet/, scheduler/, and tokenizer/ + text_encoder/ unless "
+                        "--prompt-embeds is given)",
+                    "safetensors with 'cond' [P, L, D] and 'uncond' [1, L, D] (no text encoder or transformers needed)",
+                    "the unconditional prompt for the teacher's CFG (default empty)")
+    tr.add_argument("--out", default="refiner_out", help="output folder (default refiner_out)")
+    tr.add_argument("--cache", help="teacher cache folder (default <out>/teacher_cache); may be shared between runs")
+    tr.add_argument("--resume", action="store_true", help="continue from <out>/checkpoint.safetensors")
+    tr.add_argument("--steps", type=positive_int, default=300, help="optimizer steps (default 300)")
+    tr.add_argument("--rank", type=positive_int, default=4, help="LoRA rank (default 4; the paper uses 128 on SD2.1)")
+    tr.add_argument("--alpha", type=positive_float, help="LoRA alpha (default = rank)")
+    tr.add_argument("--lr", type=positive_float, default=1e-3, help="AdamW learning rate (default 1e-3)")
+    tr.add_argument("--lr-schedule", choices=["constant", "cosine"], default="cosine")
+    tr.add_argument("--warmup", type=non_negative_int, default=10)
+    tr.add_argument("--batch", type=positive_int, default=32,
+                    help="samples per micro-batch over all processes (default 32; under accelerate launch / "
+                         "torchrun each of N processes takes batch/N)")
+    tr.add_argument("--grad-accum", type=positive_int, default=1, help="micro-batches per optimizer step (default 1)")
+    tr.add_argument("--student-steps", type=positive_int, default=10, help="N, unguided student steps (default 10)")
+    tr.add_argument("--teacher-steps", type=positive_int, default=20, help="N', guided teacher steps (default 20)")
+    tr.add_argument("--cfg", type=finite_float, help="teacher CFG scale (default 3 for --toy, 7 otherwise)")
+    tr.add_argument("--scheduler", default="normal",
+                    help="sigma schedule: normal, karras, exponential, sgm_uniform, simple or ddim_uniform (default normal)")
+    tr.add_argument("--samples", type=positive_int, default=1024, help="teacher-cache size (default 1024)")
+    tr.add_argument("--shard-size", type=positive_int, default=256)
+    tr.add_argument("--seed-base", type=non_negative_int, default=10_000, help="sample i starts from seed seed_base + i")
+    tr.add_argument("--seed", type=non_negative_int, default=0, help="data-order seed")
+    tr.add_argument("--precision", choices=["auto", "fp32", "bf16", "fp16"], default="auto",
+                    help="autocast: auto = fp32 on CPU, bf16 (else fp16) on CUDA")
+    tr.add_argument("--checkpoint-every", type=positive_int, default=50)
+    tr.set_defaults(func=_train_refiner)
+    cp = sub.add_parser(
+        "collect-pairs", help="collect NPNet training pairs (re-denoise sampling) on the toy or a local diffusers model",
+        description="Re-denoise sampling (Zhou et al., arXiv:2411.09502, Alg. 1): for each seed and prompt, one "
+                    "denoising step at CFG w_l and one inversion step at CFG w_w give the target noise; optionally "
+                    "kept only when a scorer prefers the image from the target noise. Writes safetensors shards and "
+                    "index.json into --out; running the same command again finishes a killed collection.")
+    _add_model_args(cp, "a local diffusers folder (SD1.x/SD2.x-class UNet; SDXL's extra conditioning is not "
+                        "supported yet)",
+                    "safetensors with 'cond' [P, L, D] and 'uncond' [1, L, D]",
+                    "the unconditional prompt for CFG (default empty)")
+    cp.add_argument("--out", default="npnet_pairs", help="pair folder (default npnet_pairs)")
+    cp.add_argument("--pairs", type=positive_int, default=1024, help="number of pairs (default 1024)")
+    cp.add_argument("--w-l", type=finite_float, help="CFG of the denoising step (default 3 for --toy, 5.5 otherwise: the paper's SDXL value)")
+    cp.add_argument("--w-w", type=finite_float, default=1.0, help="CFG of the inversion step (default 1, the paper's)")
+    cp.add_argument("--steps", type=two_or_more_int, default=10, help="collection schedule steps (default 10, the paper's)")
+    cp.add_argument("--scheduler", default="normal",
+                    help="sigma schedule: normal, karras, exponential, sgm_uniform, simple or ddim_uniform (default normal)")
+    cp.add_argument("--filter", choices=["none", "toy-classifier"], default="none",
+                    help="keep-filter: none keeps every pair; toy-classifier (with --toy) keeps a pair when the digit "
+                         "classifier is more confident on the sample from the target noise")
+    cp.add_argument("--margin", type=margin_float, default=0.0, help="filter threshold m in [-1, 1): keep when score' > score + m (default 0)")
+    cp.add_argument("--seed-base", type=non_negative_int, default=20_000, help="pair i starts from seed seed_base + i")
+    cp.add_argument("--shard-size", type=positive_int, default=256)
+    cp.add_argument("--batch", type=positive_int, default=64, help="samples per model batch (default 64)")
+    cp.set_defaults(func=_collect_pairs)
+    tn = sub.add_parser(
+        "train-npnet", help="train an NPNet (golden noise) on a folder of collected pairs",
+        description="MSE between NPNet(x_T, prompt) and the target noise, AdamW, one prompt per pair. Writes "
+                    "npnet.safetensors (loads in the Load NPNet node), checkpoint.safetensors, loss.jsonl and "
+                    "loss.png into --out.")
+    tn.add_argument("--pairs", required=True, help="the folder collect-pairs wrote")
+    tn.add_argument("--out", default="npnet_out", help="output folder (default npnet_out)")
+    tn.add_argument("--resume", action="store_true", help="continue from <out>/checkpoint.safetensors")
+    tn.add_argument("--arch", choices=["official", "small"],
+                    help="official: Swin-T at 224 and the official SVD widths (28M parameters); small: a 2-stage Swin "
+                         "at 32 (the toy NPNet's). Default: small for latents up to 32x32, else official")
+    tn.add_argument("--steps", type=positive_int, default=600, help="optimizer steps (default 600)")
+    tn.add_argument("--lr", type=positive_float, default=1e-3)
+    tn.add_argument("--lr-schedule", choices=["constant", "cosine"], default="cosine")
+    tn.add_argument("--warmup", type=non_negative_int, default=20)
+    tn.add_argument("--weight-decay", type=non_negative_float, default=0.01)
+    tn.add_argument("--batch", type=positive_int, default=64, help="pairs per step (default 64, the paper's)")
+    tn.add_argument("--margin", type=finite_float, help="re-filter the pairs by score margin (default: the stored kept flags)")
+    tn.add_argument("--seed", type=non_negative_int, default=0, help="data-order seed")
+    tn.add_argument("--init-seed", type=non_negative_int, default=0, help="weight-init seed")
+    tn.add_argument("--checkpoint-every", type=positive_int, default=100)
+    tn.add_argument("--device", help="cpu or cuda (default cpu)")
+    tn.set_defaults(func=_train_npnet)
