@@ -49,7 +49,7 @@ from typing import Callable
 
 import torch
 
-from .ode import Denoiser, NonFiniteError, check_latent
+from .ode import Denoiser, check_finite, check_latent
 from .sigmas import ModelKind, start_factor
 
 __all__ = [
@@ -178,12 +178,7 @@ def refine_noise(
     if s == 0.0:
         return e
     e_hat = refine_with(residual_from_denoisers(base_denoiser, lora_denoiser, kind, sigma_max), e, s)
-    if not bool(torch.isfinite(e_hat).all()):
-        bad = int((~torch.isfinite(e_hat)).sum())
-        raise NonFiniteError(
-            f"the refined noise contains {bad} NaN/inf value(s) although the input noise was finite: "
-            f"{refiner} (or the model in this precision) produced non-finite predictions at sigma_max "
-            f"{float(sigma_max):g}; check that {refiner} was trained for this model and is not damaged, "
-            f"or run the refiner pass in float32"
-        )
-    return e_hat
+    return check_finite(e_hat, "the refined noise",
+                        f"the input noise was finite, so {refiner} (or the model in this precision) produced "
+                        f"non-finite predictions at sigma_max {float(sigma_max):g}; check that {refiner} was trained "
+                        f"for this model and is not damaged, or run the refiner pass in float32")

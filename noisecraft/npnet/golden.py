@@ -33,7 +33,7 @@ from typing import Union
 import torch
 import torch.nn.functional as F
 
-from ..ode import NonFiniteError, check_latent, check_number
+from ..ode import check_finite, check_latent, check_number
 from .model import NPNet
 
 __all__ = ["RESOLUTION_POLICIES", "LONG_PROMPT_POLICIES", "golden_noise", "fit_prompt", "to_trained_size",
@@ -269,12 +269,9 @@ def golden_noise(model: NPNet, noise: torch.Tensor, prompt_embeds: torch.Tensor,
             x_s = to_trained_size(x, size)
             r = model(x_s, prompt, canonical_signs=canonical_signs).float() - x_s
             out = x + strength * from_trained_size(r, h, w)
-    if not bool(torch.isfinite(out).all()):
-        bad = int((~torch.isfinite(out)).sum())
-        raise NonFiniteError(
-            f"golden_noise: the NPNet (preset {model.preset or 'custom'}, dtype {model.alpha.dtype}) produced "
-            f"{bad} NaN/inf value(s) from finite noise and prompt_embeds: its weights were changed after loading "
-            f"or its precision overflows; reload the NPNet file in float32 (load_npnet)"
-        )
+    check_finite(out, f"golden_noise: what the NPNet (preset {model.preset or 'custom'}, dtype {model.alpha.dtype}) "
+                      f"produced from finite noise and prompt_embeds",
+                 "its weights were changed after loading or its precision overflows; reload the NPNet file in "
+                 "float32 (load_npnet)")
     return out.to(device=noise.device, dtype=noise.dtype)
 

@@ -285,16 +285,6 @@ CASES = [
     Case("patchified-wrong-channels", "channels", lambda f: check_latent_shape(_sd3(), (1, 16, 8, 8)), ValueError,
          ("16 channels", "in_channels = 4")),
     # -- 5. library exception types: one ValueError naming the path and what was expected -------------
-    Case("lora-empty-file", "files", lambda f: read_lora_file(f.empty), ValueError,
-         ("empty.safetensors", "is empty (0 bytes)", "expected a safetensors LoRA")),
-    Case("lora-text-file", "files", lambda f: read_lora_file(f.text), ValueError,
-         ("notes.safetensors", "a text file", "expected a safetensors LoRA")),
-    Case("lora-truncated", "files", lambda f: read_lora_file(f.lora_cut), ValueError,
-         ("toy_refiner_cut.safetensors", "truncated", "Download it again")),
-    Case("lora-directory", "files", lambda f: read_lora_file(f.lora_dir), ValueError,
-         ("refiner_folder.safetensors", "is a directory", "expected a safetensors LoRA")),
-    Case("load-lora-truncated", "files", lambda f: load_lora(toy().unet, f.lora_cut), ValueError,
-         ("toy_refiner_cut.safetensors", "truncated")),
     Case("safetensors-bad-header", "files", lambda f: read_safetensors(f.bad_header, "a test file"), ValueError,
          ("bad_header.safetensors", "damaged safetensors header", "expected a test file")),
     Case("lora-multi-element-alpha-file", "files", lambda f: load_lora(toy().unet, f.lora_alpha), ValueError,
@@ -302,14 +292,8 @@ CASES = [
     Case("lora-multi-element-alpha-state", "files",
          lambda f: load_lora(toy().unet, {**f.lora, f.alpha_key: torch.ones(3, 1)}), ValueError,
          ("the LoRA state dict", ".alpha has shape [3, 1]")),
-    Case("npnet-directory", "files", lambda f: load_npnet(f.npnet_dir), ValueError,
-         ("npnet_folder.safetensors", "is a directory", "NPNet file")),
-    Case("npnet-empty", "files", lambda f: load_npnet(f.empty), ValueError,
-         ("empty.safetensors", "empty (0 bytes)", "download it again")),
     Case("npnet-text", "files", lambda f: load_npnet(f.html), ValueError,
          ("npnet_page.pth", "a text file", "neither safetensors nor a PyTorch checkpoint")),
-    Case("npnet-truncated", "files", lambda f: load_npnet(f.npnet_cut), ValueError,
-         ("toy_npnet_cut.safetensors", "truncated", "download it again")),
     # -- 6. numeric and enum arguments: NaN refused explicitly, choices listed -------------------------
     Case("optimize-unknown-method", "numeric",
          lambda f: st.optimize(gauss(), noise(), sched(), "eps", method="adamw"), ValueError,
@@ -372,6 +356,19 @@ CASES = [
     Case("pth-floor-2.9.1", "torch-floor", lambda f: check_torch_for_pth("2.9.1+cu128"), ValueError,
          ("torch 2.9.1+cu128", "CVE-2026-24747", "fixed in torch 2.10.0")),
 ]
+
+
+# -- 5b. every unusable file through every weight reader: one ValueError naming the file, what is wrong with it and
+# what was expected
+BAD_FILES = {"empty": ("empty.safetensors", "empty (0 bytes)"), "text": ("notes.safetensors", "a text file"),
+             "lora_cut": ("toy_refiner_cut.safetensors", "truncated"),
+             "npnet_cut": ("toy_npnet_cut.safetensors", "truncated"), "lora_dir": ("refiner_folder.safetensors", "is a directory")}
+READERS = {"read-lora": (read_lora_file, "expected a safetensors LoRA"),
+           "load-lora": (lambda path: load_lora(toy().unet, path), "expected a safetensors LoRA"),
+           "load-npnet": (load_npnet, "NPNet")}
+CASES += [Case(f"{reader}-{bad}", "files", lambda f, read=read, bad=bad: read(getattr(f, bad)), ValueError,
+               (name, problem, expected))
+          for reader, (read, expected) in READERS.items() for bad, (name, problem) in BAD_FILES.items()]
 
 
 def _poisoned():

@@ -28,6 +28,7 @@ import re
 import socket
 import subprocess
 import sys
+import urllib.parse
 import zipfile
 from pathlib import Path
 
@@ -212,41 +213,14 @@ BAD_NAMES = [
 
 @pytest.mark.parametrize("case", BAD_NAMES, ids=[c.id for c in BAD_NAMES])
 def test_bad_file_names_are_refused(case):
-    import urllib.parse
-
     with pytest.raises(ValueError, match=re.escape(case.msg)) as info:
         check_file_name(urllib.parse.unquote(case.name), what="the last segment of the URL")
     assert "nothing was written" in str(info.value) and "Fix:" in str(info.value)
 
 
-@dataclasses.dataclass(frozen=True)
-class UrlCase:
-    id: str
-    tail: str  # the URL's last segment(s), as sent
-    msg: str
-
-
-URL_CASES = [
-    UrlCase("encoded-slash", "%2E%2E%2Fevil.safetensors", "path separator"),
-    UrlCase("encoded-absolute", "%2Ftmp%2Fevil.safetensors", "path separator"),
-    UrlCase("dotdot", "..", "'..'"),
-    UrlCase("hidden", ".evil.safetensors", "hidden name"),
-    UrlCase("encoded-backslash", "..%5Cevil.safetensors", "path separator"),
-    UrlCase("empty", "", "empty"),
-    UrlCase("nul", "evil%00.safetensors", "control character"),
-]
-
-
-@pytest.mark.parametrize("case", URL_CASES, ids=[c.id for c in URL_CASES])
-def test_traversal_names_from_url_write_nothing(srv, tmp_path, case):
-    base, st = srv
-    dest = tmp_path / "models" / "npnet"
-    dest.mkdir(parents=True)
-    before = _tree(tmp_path)
-    entry = _entry(filename=None)  # no file name in the manifest: the URL's is used, and checked
-    with pytest.raises(ValueError, match=re.escape(case.msg)):
-        download(entry, dest, url=f"{base}/x/{case.tail}", timeout=5, allow_http=True)
-    assert _tree(tmp_path) == before and st["requests"] == []
+# The same bad names as the last segment of a download URL, percent-encoded (every byte outside the unreserved
+# set, so "/" travels as %2F): the name the URL decodes to is checked before anything is requested or written.
+URL_CASES = [Name(c.id, urllib.parse.quote(urllib.parse.unquote(c.name), safe=""), c.msg) for c in BAD_NAMES]
 
 
 MANIFEST_CASES = [
@@ -256,21 +230,26 @@ MANIFEST_CASES = [
     Name("backslash", "sub\\evil.safetensors", "path separator"),
     Name("url-encoded", "", "path separator"),  # no filename; the url's last segment decodes to ../evil
 ]
+TRAVERSAL = [("url", c) for c in URL_CASES] + [("manifest", c) for c in MANIFEST_CASES]
 
 
-@pytest.mark.parametrize("case", MANIFEST_CASES, ids=[c.id for c in MANIFEST_CASES])
-def test_traversal_names_from_manifest_write_nothing(srv, tmp_path, case):
+@pytest.mark.parametrize("where, case", TRAVERSAL, ids=[f"{w}-{c.id}" for w, c in TRAVERSAL])
+def test_traversal_names_write_nothing(srv, tmp_path, where, case):
+    """A bad name from the URL's last segment (no file name in the manifest: the URL's is used, and checked)
+    or from the manifest is refused before any request, and nothing appears anywhere."""
     base, st = srv
     dest = tmp_path / "models" / "npnet"
     dest.mkdir(parents=True)
     before = _tree(tmp_path)
-    if case.name:
-        entry = _entry(filename=case.name, url=f"{base}/w.safetensors")
+    if where == "url":
+        entry, url = _entry(filename=None), f"{base}/x/{case.name}"
+    elif case.name:
+        entry, url = _entry(filename=case.name, url=f"{base}/w.safetensors"), None
     else:
-        entry = _entry(filename=None, url=f"{base}/x/..%2Fevil.safetensors")
+        entry, url = _entry(filename=None, url=f"{base}/x/..%2Fevil.safetensors"), None
     with pytest.raises(ValueError, match=re.escape(case.msg)) as info:
-        download(entry, dest, timeout=5, allow_http=True)
-    assert "manifest" in str(info.value) or "URL" in str(info.value)
+        download(entry, dest, url=url, timeout=5, allow_http=True)
+    assert where == "url" or "manifest" in str(info.value) or "URL" in str(info.value)
     assert _tree(tmp_path) == before and st["requests"] == []
 
 

@@ -252,24 +252,10 @@ CASES = [
          rf"Load NPNet: npnet_name 'nan_npnet\.safetensors'.*nan_npnet\.safetensors.*{NONFINITE}", core=True),
     Case("load_npnet_inf_weights", "non-finite", lambda c: c.npn.LoadNPNet.execute("inf_npnet.safetensors", "auto"),
          rf"Load NPNet: npnet_name 'inf_npnet\.safetensors'.*inf_npnet\.safetensors.*{NONFINITE}", core=True),
-    Case("golden_nan_noise", "non-finite", lambda c: golden(c, noise=BrokenNoise(NAN)),
-         r"NPNet Golden Noise: the input NOISE produced NaN/inf values \(1 of 1024\)"),
-    Case("golden_inf_noise", "non-finite", lambda c: golden(c, noise=BrokenNoise(INF)),
-         r"NPNet Golden Noise: the input NOISE produced NaN/inf values"),
-    Case("golden_integer_noise", "non-finite", lambda c: golden(c, noise=BrokenNoise(dtype=torch.int64)),
-         r"NPNet Golden Noise: the input NOISE gave a torch\.int64 tensor; expected floating-point"),
     Case("golden_nan_positive", "non-finite", lambda c: golden(c, positive=nan_cond(c, "sdxl")),
          r"NPNet Golden Noise: positive: the CONDITIONING's text embedding \(entry 0\) contains 1 NaN/inf"),
-    Case("refine_nan_noise", "non-finite", lambda c: refine(c, noise=BrokenNoise(NAN)),
-         r"Refine Noise: the input NOISE produced NaN/inf values"),
     Case("refine_nan_positive", "non-finite", lambda c: refine(c, positive=nan_cond(c)),
          r"Refine Noise: positive: the CONDITIONING's text embedding \(entry 0\) contains 1 NaN/inf"),
-    Case("optimize_nan_noise", "non-finite", lambda c: optimize(c, noise=BrokenNoise(NAN)),
-         r"Optimize Noise: the input NOISE produced NaN/inf values"),
-    Case("optimize_integer_noise", "non-finite", lambda c: optimize(c, noise=BrokenNoise(dtype=torch.int32)),
-         r"Optimize Noise: the input NOISE gave a torch\.int32 tensor"),
-    Case("noise_to_latent_inf_noise", "non-finite", lambda c: noise_to_latent(c, noise=BrokenNoise(-INF)),
-         r"Noise to Latent: the input NOISE produced NaN/inf values"),
     Case("select_nan_negative", "non-finite", lambda c: select(c, neg=nan_cond(c)),
          r"Inversion-Stability Select: negative: the CONDITIONING's text embedding .* NaN/inf"),
     Case("select_inf_pooled_output", "non-finite",
@@ -283,71 +269,9 @@ CASES = [
     Case("load_refiner_inf_alpha", "non-finite", lambda c: c.rf.LoadRefiner.execute("inf_alpha.safetensors"),
          rf"Load Refiner: refiner_name 'inf_alpha\.safetensors': .*inf_alpha\.safetensors.*{NONFINITE}.*"
          rf"lora_unet_\S+\.alpha", core=True),
-    # -- empty shapes ---------------------------------------------------------------------------------
-    Case("select_batch_0", "empty", lambda c: select(c, lat=latent(batch=0)),
-         r"Inversion-Stability Select: latent: the LATENT is empty \(shape \[0, 4, 16, 16\]"),
-    Case("select_0x0", "empty", lambda c: select(c, lat=latent(size=0)),
-         r"Inversion-Stability Select: latent: the LATENT is empty \(shape \[1, 4, 0, 0\]"),
-    Case("optimize_batch_0", "empty", lambda c: optimize(c, lat=latent(batch=0)),
-         r"Optimize Noise: latent: the LATENT is empty"),
-    Case("optimize_height_0", "empty", lambda c: optimize(c, lat=latent(height=0)),
-         r"Optimize Noise: latent: the LATENT is empty \(shape \[1, 4, 0, 16\]"),
-    Case("noise_to_latent_0x0", "empty", lambda c: noise_to_latent(c, lat=latent(size=0)),
-         r"Noise to Latent: latent: the LATENT is empty"),
-    Case("golden_batch_0", "empty", lambda c: golden(c, lat=latent(batch=0)),
-         r"NPNet Golden Noise: the sampler asked for noise for an empty LATENT \(shape \[0, 4, 16, 16\]\)"),
-    Case("golden_0x0", "empty", lambda c: golden(c, lat=latent(size=0)),
-         r"NPNet Golden Noise: the sampler asked for noise for an empty LATENT"),
-    Case("refine_batch_0", "empty", lambda c: refine(c, lat=latent(batch=0)),
-         r"Refine Noise: the sampler asked for noise for an empty LATENT"),
-    Case("teacher_0x0", "empty", lambda c: teacher(c, lat=latent(size=0)),
-         r"Build Teacher Cache: latent: the LATENT is empty"),
-    Case("collect_batch_0", "empty", lambda c: collect(c, lat=latent(batch=0)),
-         r"Collect NPNet Pairs: latent: the LATENT is empty"),
-    # -- save names -------------------------------------------------------------------------------------
-    Case("save_refiner_300_chars", "save name", lambda c: save_refiner(c, LONG),
-         r"Save Refiner: filename is 300 characters long; expected at most 200"),
-    Case("save_refiner_parent_dir", "save name", lambda c: save_refiner(c, "../../escaped_refiner"),
-         r"Save Refiner: filename '\.\./\.\./escaped_refiner' contains a folder part"),
-    Case("save_refiner_dotdot", "save name", lambda c: save_refiner(c, ".."),
-         r"Save Refiner: filename '\.\.' contains a folder part"),
-    Case("save_refiner_absolute", "save name", lambda c: save_refiner(c, "/tmp/nc_escaped_refiner"),
-         r"Save Refiner: filename '/tmp/nc_escaped_refiner' contains a folder part"),
-    Case("save_refiner_backslash", "save name", lambda c: save_refiner(c, "sub\\refiner"),
-         r"Save Refiner: filename 'sub\\\\refiner' contains a folder part"),
-    Case("save_refiner_empty", "save name", lambda c: save_refiner(c, "   "),
-         r"Save Refiner: filename is empty; expected a plain file name"),
-    Case("save_npnet_300_chars", "save name", lambda c: save_npnet(c, LONG + ".safetensors"),
-         r"Save NPNet: filename is 300 characters long; expected at most 200"),
-    Case("save_npnet_parent_dir", "save name", lambda c: save_npnet(c, "../loras/escaped_npnet"),
-         r"Save NPNet: filename '\.\./loras/escaped_npnet' contains a folder part"),
-    Case("save_npnet_dotdot", "save name", lambda c: save_npnet(c, ".."),
-         r"Save NPNet: filename '\.\.' contains a folder part"),
-    Case("save_npnet_hidden", "save name", lambda c: save_npnet(c, ".hidden"),
-         r"Save NPNet: filename '\.hidden' is not a plain file name"),
-    Case("save_npnet_empty", "save name", lambda c: save_npnet(c, ""),
-         r"Save NPNet: filename is empty"),
     # -- unusable files -----------------------------------------------------------------------------------
-    Case("load_refiner_empty_file", "file", lambda c: c.rf.LoadRefiner.execute("refiner_empty.safetensors"),
-         r"Load Refiner: refiner_name 'refiner_empty\.safetensors': .*refiner_empty\.safetensors.*empty \(0 bytes\).*"
-         r"expected", core=True),
-    Case("load_refiner_text_file", "file", lambda c: c.rf.LoadRefiner.execute("refiner_text.safetensors"),
-         r"Load Refiner: refiner_name 'refiner_text\.safetensors': .*refiner_text\.safetensors.*text file.*"
-         r"expected", core=True),
-    Case("load_refiner_truncated", "file", lambda c: c.rf.LoadRefiner.execute("refiner_truncated.safetensors"),
-         r"Load Refiner: refiner_name 'refiner_truncated\.safetensors': .*refiner_truncated\.safetensors.*"
-         r"truncated.*expected", core=True),
     Case("load_refiner_multi_alpha", "file", lambda c: c.rf.LoadRefiner.execute("multi_alpha.safetensors"),
          r"Load Refiner: multi_alpha\.safetensors: lora_unet_\S+\.alpha has shape \[2\]; expected one number"),
-    Case("load_npnet_empty_file", "file", lambda c: c.npn.LoadNPNet.execute("npnet_empty.safetensors", "auto"),
-         r"Load NPNet: npnet_name 'npnet_empty\.safetensors': .*npnet_empty\.safetensors: .*empty \(0 bytes\).*"
-         r"expected", core=True),
-    Case("load_npnet_text_file", "file", lambda c: c.npn.LoadNPNet.execute("npnet_text.safetensors", "auto"),
-         r"Load NPNet: npnet_name 'npnet_text\.safetensors': .*npnet_text\.safetensors: .*text file.*expected",
-         core=True),
-    Case("load_npnet_truncated", "file", lambda c: c.npn.LoadNPNet.execute("npnet_truncated.safetensors", "auto"),
-         r"Load NPNet: npnet_name 'npnet_truncated\.safetensors': .*npnet_truncated\.safetensors: .*truncated"
-         r".*expected", core=True),
     # -- numeric inputs ComfyUI lets NaN through ----------------------------------------------------------------
     Case("golden_strength_nan", "numeric", lambda c: golden(c, strength=NAN),
          r"NPNet Golden Noise: strength must be in \[0, 1\].*got nan"),
@@ -396,6 +320,51 @@ CASES = [
                                                     "normal"),
          r"Optimize Noise: positive: the CONDITIONING is 2048 wide, but this MODEL \(SD3\) reads 4096-wide"),
 ]
+
+
+# -- a broken input NOISE (NaN, inf, an integer tensor) into every node that takes one -------------------------
+BROKEN_NOISES = {"nan": (dict(value=NAN), "produced NaN/inf values"), "inf": (dict(value=-INF), "produced NaN/inf values"),
+                 "integer": (dict(dtype=torch.int64), "gave a torch.int64 tensor; expected floating-point")}
+NOISE_TAKERS = {"golden": (golden, "NPNet Golden Noise"), "refine": (refine, "Refine Noise"),
+                "optimize": (optimize, "Optimize Noise"), "noise_to_latent": (noise_to_latent, "Noise to Latent")}
+CASES += [Case(f"{node}_{bad}_noise", "non-finite", lambda c, run=run, kw=kw: run(c, noise=BrokenNoise(**kw)),
+               re.escape(f"{name}: the input NOISE {msg}"))
+          for node, (run, name) in NOISE_TAKERS.items() for bad, (kw, msg) in BROKEN_NOISES.items()]
+
+# -- unusable files: both loaders name the input, the file, what is wrong with it and what was expected ---------
+BAD_FILES = {"empty_file": ("empty", r"empty \(0 bytes\)"), "text_file": ("text", "text file"),
+             "truncated": ("truncated", "truncated")}
+LOADERS = {"load_refiner": ("Load Refiner", "refiner_name", "refiner", lambda c, name: c.rf.LoadRefiner.execute(name)),
+           "load_npnet": ("Load NPNet", "npnet_name", "npnet", lambda c, name: c.npn.LoadNPNet.execute(name, "auto"))}
+CASES += [Case(f"{loader}_{bad}", "file", lambda c, load=load, f=f"{stem}_{suffix}.safetensors": load(c, f),
+               rf"{node}: {inp} '{stem}_{suffix}\.safetensors': .*{stem}_{suffix}\.safetensors.*{problem}.*expected",
+               core=True)
+          for loader, (node, inp, stem, load) in LOADERS.items() for bad, (suffix, problem) in BAD_FILES.items()]
+
+# -- empty shapes: every node that takes a LATENT (or makes noise for one), for each empty latent -----------
+EMPTY_LATENTS = {"batch_0": dict(batch=0), "0x0": dict(size=0), "height_0": dict(height=0)}
+LATENT_NODES = {"select": (select, "Inversion-Stability Select: latent: the LATENT is empty"),
+                "optimize": (optimize, "Optimize Noise: latent: the LATENT is empty"),
+                "noise_to_latent": (noise_to_latent, "Noise to Latent: latent: the LATENT is empty"),
+                "teacher": (teacher, "Build Teacher Cache: latent: the LATENT is empty"),
+                "collect": (collect, "Collect NPNet Pairs: latent: the LATENT is empty")}
+NOISE_NODES = {"golden": (golden, "NPNet Golden Noise: the sampler asked for noise for an empty LATENT"),
+               "refine": (refine, "Refine Noise: the sampler asked for noise for an empty LATENT")}
+CASES += [Case(f"{node}_{shape}", "empty", lambda c, run=run, lat=lat: run(c, lat=latent(**lat)),
+               re.escape(msg) + re.escape(f" (shape {list(latent(**lat)['samples'].shape)}"))
+          for node, (run, msg) in {**LATENT_NODES, **NOISE_NODES}.items() for shape, lat in EMPTY_LATENTS.items()]
+
+# -- save names: both savers refuse every bad name the same way (nothing is written) ------------------------
+BAD_SAVE_NAMES = {"300_chars": (LONG, "filename is 300 characters long; expected at most 200"),
+                  "parent_dir": ("../../escaped_refiner", "filename '../../escaped_refiner' contains a folder part"),
+                  "dotdot": ("..", "filename '..' contains a folder part"),
+                  "absolute": ("/tmp/nc_escaped_refiner", "filename '/tmp/nc_escaped_refiner' contains a folder part"),
+                  "backslash": ("sub\\refiner", "filename 'sub\\\\refiner' contains a folder part"),
+                  "hidden": (".hidden", "filename '.hidden' is not a plain file name"),
+                  "empty": ("   ", "filename is empty")}
+SAVERS = {"save_refiner": (save_refiner, "Save Refiner"), "save_npnet": (save_npnet, "Save NPNet")}
+CASES += [Case(f"{saver}_{bad}", "save name", lambda c, run=run, name=name: run(c, name), re.escape(f"{node}: {msg}"))
+          for saver, (run, node) in SAVERS.items() for bad, (name, msg) in BAD_SAVE_NAMES.items()]
 
 
 def _files(root: Path) -> set:
