@@ -62,36 +62,36 @@ _PAPER = "Golden Noise for Diffusion Models: A Learning Framework, arXiv:2411.09
 
 
 @dataclass
-class NPNetTrainConfig:
+class NPNetTrainConfig(LoopConfig):
+    """The loop's settings (:class:`~noisecraft.train.loop.LoopConfig`, with NPNet's defaults; no gradient
+    accumulation: ``grad_accum`` must stay 1 and is not recorded) and NPNet's own: the pair filter ``margin``,
+    ``canonical_signs`` of the SVD branch and the weight-init seed."""
+
     steps: int = 600
-    lr: float = 1e-3
     weight_decay: float = 0.01
-    betas: tuple[float, float] = (0.9, 0.999)
-    warmup: int = 0
-    lr_schedule: str = "constant"  # or "cosine" (to 10% of lr)
     batch_size: int = 64
-    max_grad_norm: Optional[float] = 1.0
     precision: str = "fp32"  # auto | fp32 | bf16 | fp16 (the loop's autocast)
+    checkpoint_every: int = 100
     margin: Optional[float] = None  # None: the stored kept flags; a number: re-filter by score margin
     canonical_signs: bool = True
-    seed: int = 0  # data order
     init_seed: int = 0  # weights
-    checkpoint_every: int = 100
-    log_every: int = 1
 
     def check(self) -> None:
         self.loop().check()
+        if self.grad_accum != 1:
+            raise ValueError(f"grad_accum is {self.grad_accum!r}, but NPNet training takes one micro-batch per step: "
+                             "leave grad_accum at 1 and raise batch_size instead")
         if self.margin is not None and not math.isfinite(float(self.margin)):
             raise ValueError(f"margin must be a finite number or None (the stored kept flags), got {self.margin}: "
                              "with NaN no pair would be kept")
 
     def loop(self) -> LoopConfig:
         """The loop's part of these settings (no accumulation)."""
-        return LoopConfig(**{k: getattr(self, k) for k in LoopConfig.__dataclass_fields__ if hasattr(self, k)},
-                          grad_accum=1)
+        return LoopConfig(**{k: getattr(self, k) for k in LoopConfig.__dataclass_fields__})
 
     def to_json(self) -> dict:
         d = asdict(self)
+        del d["grad_accum"]  # always 1 (see the class docstring); not part of NPNet's recorded settings
         d["betas"] = list(self.betas)
         return d
 
