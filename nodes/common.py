@@ -27,8 +27,6 @@ CONDITIONING, the loaded-file cache, the pack's model folders, save paths and sh
   ``resume_from`` (Train Refiner, Train NPNet), the name checked like a save name.
 * Shared inputs (:func:`seed_input`, :func:`scheduler_input`, :func:`sampling_inputs`): the
   schema lines several nodes repeat; the caller gives the tooltip, which stays the node's own.
-* :func:`node_schema`: every node's V3 schema, with the pack's conventions checked where the node is
-  declared (the ``NC_`` id prefix, a ``noisecraft/<area>`` category, a tooltip on every input).
 """
 
 from __future__ import annotations
@@ -54,7 +52,7 @@ log = logging.getLogger(__name__)
 __all__ = ["SEED_MASK", "MAX_NAME_CHARS", "REFINER_FOLDER", "NPNET_FOLDER", "node_id", "check_number", "check_int",
            "check_combo", "prompt_embedding", "FileCache", "npnet_folder_names", "register_folders",
            "check_save_name", "inside", "save_path", "file_list_changed", "seed_input", "scheduler_input",
-           "sampling_inputs", "node_schema"]
+           "sampling_inputs"]
 
 SEED_MASK = 0xFFFF_FFFF_FFFF_FFFF  # ComfyUI seeds are unsigned 64-bit
 
@@ -320,17 +318,3 @@ def sampling_inputs(*, model: str, positive: str, negative: str, latent: str) ->
         io.Conditioning.Input("negative", tooltip=negative),
         io.Latent.Input("latent", tooltip=latent),
     ]
-
-
-def node_schema(node_id: str, display_name: str, category: str, *, inputs: list, **extra: Any) -> io.Schema:
-    """The V3 ``io.Schema`` of one of the pack's nodes, refusing (at import, so a test or ComfyUI's start-up
-    shows it) a node id without the ``NC_`` prefix, a category outside ``noisecraft/``, or an input without a
-    tooltip (DESIGN.md "Engineering rules": every input says what it does and which value turns it off)."""
-    if not node_id.startswith("NC_") or not category.startswith("noisecraft/"):
-        raise ValueError(f"node {node_id!r} in category {category!r}: expected an id starting with NC_ and a "
-                         "category noisecraft/<area>")
-    untipped = [i.id for i in inputs if not getattr(i, "tooltip", None)]
-    if untipped:
-        raise ValueError(f"node {node_id}: inputs {untipped} have no tooltip: give each one what it does and which "
-                         "value turns it off")
-    return io.Schema(node_id=node_id, display_name=display_name, category=category, inputs=inputs, **extra)

@@ -48,7 +48,7 @@ import folder_paths
 
 from ..noisecraft.npnet import LONG_PROMPT_POLICIES, PRESETS, RESOLUTION_POLICIES, NPNet, golden_noise, load_npnet
 from . import bridge
-from .common import NPNET_FOLDER as FOLDER, FileCache, check_combo, node_schema, prompt_embedding, register_folders
+from .common import NPNET_FOLDER as FOLDER, FileCache, check_combo, prompt_embedding, register_folders
 from .noise import NoiseTransform
 
 log = logging.getLogger(__name__)
@@ -240,8 +240,10 @@ class LoadNPNet(io.ComfyNode):
 
     @classmethod
     def define_schema(cls) -> io.Schema:
-        return node_schema(
-            "NC_LoadNPNet", LOAD_NAME, CATEGORY,
+        return io.Schema(
+            node_id="NC_LoadNPNet",
+            display_name=LOAD_NAME,
+            category=CATEGORY,
             description="Loads an NPNet (Zhou et al., arXiv:2411.09502) from models/npnet (files in models/npnets "
             "are listed too): the official .pth or either safetensors repack. Loaded once and kept while the file "
             "is unchanged. Feed it to NPNet Golden Noise.",
@@ -281,8 +283,10 @@ class NPNetGoldenNoise(io.ComfyNode):
 
     @classmethod
     def define_schema(cls) -> io.Schema:
-        return node_schema(
-            "NC_NPNetGoldenNoise", GOLDEN_NAME, CATEGORY,
+        return io.Schema(
+            node_id="NC_NPNetGoldenNoise",
+            display_name=GOLDEN_NAME,
+            category=CATEGORY,
             description="Turns a noise into 'golden' noise for the prompt with NPNet (Zhou et al., "
             "arXiv:2411.09502), at any latent size. Connect RandomNoise (or another NOISE node) in, and the output "
             "to SamplerCustomAdvanced's noise (or to Refine Noise). Works when the sampler asks for noise.",

@@ -34,8 +34,8 @@ from comfy_api.latest import io
 from ..noisecraft import stability
 from ..noisecraft.sigmas import ModelKind, noise_to_x
 from . import bridge
-from .common import (SEED_MASK, check_combo, check_int, check_number, node_id, node_schema, sampling_inputs,
-                     scheduler_input, seed_input)
+from .common import (SEED_MASK, check_combo, check_int, check_number, node_id, sampling_inputs, scheduler_input,
+                     seed_input)
 from .noise import FixedNoise, SeededNoise, candidate_stack, check_input_noise
 
 log = logging.getLogger(__name__)
@@ -108,8 +108,10 @@ class InversionStabilitySelect(io.ComfyNode):
 
     @classmethod
     def define_schema(cls) -> io.Schema:
-        return node_schema(
-            "NC_InversionStabilitySelect", SELECT_NAME, CATEGORY,
+        return io.Schema(
+            node_id="NC_InversionStabilitySelect",
+            display_name=SELECT_NAME,
+            category=CATEGORY,
             description="Picks, per image, the seed whose noise survives a generate-then-invert round trip best "
             "(Qi et al., arXiv:2407.14041). Feed the NOISE to SamplerCustomAdvanced, or the seed to any sampler.",
             inputs=[
@@ -214,8 +216,10 @@ class OptimizeNoise(io.ComfyNode):
 
     @classmethod
     def define_schema(cls) -> io.Schema:
-        return node_schema(
-            "NC_OptimizeNoise", OPTIMIZE_NAME, CATEGORY,
+        return io.Schema(
+            node_id="NC_OptimizeNoise",
+            display_name=OPTIMIZE_NAME,
+            category=CATEGORY,
             description="Optimizes a noise for inversion stability (Qi et al., arXiv:2407.14041): 'momentum' is the "
             "paper's gradient descent, 'fixed_point' our faster step toward the inverted noise. Every step costs "
             "one scoring round trip.",
@@ -318,8 +322,10 @@ class NoiseToLatent(io.ComfyNode):
 
     @classmethod
     def define_schema(cls) -> io.Schema:
-        return node_schema(
-            "NC_NoiseToLatent", "Noise to Latent", NOISE_CATEGORY,
+        return io.Schema(
+            node_id="NC_NoiseToLatent",
+            display_name="Noise to Latent",
+            category=NOISE_CATEGORY,
             description="Turns a NOISE into the starting latent of a full denoise, for KSamplerAdvanced with "
             "add_noise 'disable' (start_at_step 0). eps and v-prediction models only; for flow models (SD3, Flux) "
             "connect the NOISE to SamplerCustomAdvanced instead.",

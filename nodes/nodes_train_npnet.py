@@ -81,7 +81,7 @@ from ..noisecraft.train.npnet import SMALL_NPNET, NPNetTrainConfig, npnet_config
 from ..noisecraft.train.npnet_pairs import PairStore, re_denoise
 from . import bridge
 from .common import (RUNS_FOLDER, SEED_MASK, check_combo, check_int, check_number, file_list_changed, node_id,
-                     node_schema, prompt_embedding, run_folder as common_run_folder, sampling_inputs, save_path,
+                     prompt_embedding, run_folder as common_run_folder, sampling_inputs, save_path,
                      scheduler_input, seed_input)
 from .nodes_npnet import FOLDER, LOAD_NAME, LoadedNPNet, NPNetType, width_note
 
@@ -194,8 +194,10 @@ class CollectNPNetPairs(io.ComfyNode):
 
     @classmethod
     def define_schema(cls) -> io.Schema:
-        return node_schema(
-            "NC_CollectNPNetPairs", COLLECT_NAME, CATEGORY,
+        return io.Schema(
+            node_id="NC_CollectNPNetPairs",
+            display_name=COLLECT_NAME,
+            category=CATEGORY,
             description="Makes NPNet training pairs (Zhou et al., arXiv:2411.09502, Alg. 1) for any model: each "
             "noise takes one denoising step at CFG w_l and one inversion step back at CFG w_w; the result is the "
             "'golden' target. Every pair is kept. Feed Train NPNet.",
@@ -371,8 +373,10 @@ class TrainNPNet(io.ComfyNode):
 
     @classmethod
     def define_schema(cls) -> io.Schema:
-        return node_schema(
-            "NC_TrainNPNet", TRAIN_NAME, CATEGORY,
+        return io.Schema(
+            node_id="NC_TrainNPNet",
+            display_name=TRAIN_NAME,
+            category=CATEGORY,
             description="Trains an NPNet (Zhou et al., arXiv:2411.09502, Alg. 2: MSE to the golden targets, AdamW, "
             "one prompt per pair) on pairs from Collect NPNet Pairs. Connect an NPNet to fine-tune it, or leave "
             "npnet empty for a new one sized from the pairs. Give resume_from a name to keep the run resumable. "
@@ -466,8 +470,10 @@ class SaveNPNet(io.ComfyNode):
 
     @classmethod
     def define_schema(cls) -> io.Schema:
-        return node_schema(
-            "NC_SaveNPNet", SAVE_NAME, CATEGORY,
+        return io.Schema(
+            node_id="NC_SaveNPNet",
+            display_name=SAVE_NAME,
+            category=CATEGORY,
             description="Saves an NPNet as safetensors in models/npnet, where Load NPNet finds it (refresh the "
             "node list). The training settings go into the file's metadata.",
             inputs=[
