@@ -30,6 +30,11 @@ Choices where the issue was silent:
 * Strength: 0 is off (the input NOISE itself is returned, no model call); the accepted range is
   ``noisecraft.refine``'s [0, 2]. The residual uses the model's ``sigma_max`` (the start of every
   full-denoise schedule), also for img2img latents: the refiner was trained on pure noise.
+* Guidance (guidance-scale control, :mod:`noisecraft.guidance_embed`): a refiner file with a
+  ``noisecraft_guidance.proj.weight`` tensor was trained with the CFG scale as an input; the optional
+  ``guidance`` input (default 0 = not given, so old graphs run exactly as before) is the CFG scale its
+  cfg-1 result should imitate. Such a refiner without a guidance is an error naming the input; a plain
+  refiner given one logs a warning and ignores it (its output is the same as without).
 """
 
 from __future__ import annotations
@@ -43,6 +48,7 @@ from comfy_api.latest import io
 
 import folder_paths
 
+from ..noisecraft.guidance_embed import GuidanceEmbedding, check_guidance
 from ..noisecraft.lora import read_lora_file
 from ..noisecraft.refine import STRENGTH_MAX, check_strength, refine_noise
 from ..noisecraft.sigmas import ModelKind
@@ -101,13 +107,15 @@ def resolve_file(name: str) -> Path:
 class Refiner:
     """What travels on a REFINER socket: the LoRA pairs of a refiner file and its metadata.
 
-    ``pairs`` maps each LoRA key prefix to ``(down, up, alpha)`` (CPU tensors, alpha a float).
+    ``pairs`` maps each LoRA key prefix to ``(down, up, alpha)`` (CPU tensors, alpha a float);
+    ``guidance`` the guidance-scale embedding of a guidance-conditioned refiner (else None).
     """
 
-    def __init__(self, pairs: dict, metadata: dict, name: str):
+    def __init__(self, pairs: dict, metadata: dict, name: str, guidance: Optional[GuidanceEmbedding] = None):
         self.pairs = pairs
         self.metadata = metadata
         self.name = name
+        self.guidance = guidance
 
     @property
     def model_kind(self) -> Optional[ModelKind]:
@@ -166,7 +174,7 @@ def parse_refiner(state: dict, metadata: dict, name: str) -> Refiner:
         pairs[p] = (down.to(torch.float32), up.to(torch.float32), alpha)
     if kind is None:
         log.warning("%s: %s has no noisecraft.kind metadata; using it as a refiner LoRA anyway", LOAD_NAME, name)
-    return Refiner(pairs, metadata, name)
+    return Refiner(pairs, metadata, name, GuidanceEmbedding.from_file(state, metadata, f"{LOAD_NAME}: {name}"))
 
 
 CACHE = FileCache(CACHE_SIZE)
@@ -228,8 +236,9 @@ class RefinedNoise(NoiseTransform):
     node_name = REFINE_NAME
 
     def __init__(self, noise, model, refiner: Refiner, targets: list[Target], positive, strength: float,
-                 kind: ModelKind):
+                 kind: ModelKind, guidance: Optional[float] = None):
         super().__init__(noise)
+        self.guidance = guidance  # the CFG scale of a guidance-conditioned refiner, else None
         self.model = model
         self.refiner = refiner
         self.targets = targets
@@ -242,7 +251,8 @@ class RefinedNoise(NoiseTransform):
         latent = bridge.prepare_latent(self.model, {"samples": base}, REFINE_NAME)
         smax = bridge.sigma_max(self.model)
         sigmas = torch.tensor([smax, 0.0], dtype=torch.float32)
-        switch = RefinerSwitch(self.targets)
+        switch = RefinerSwitch(self.targets, self.refiner.guidance if self.guidance is not None else None,
+                               self.guidance)
         kind, strength = self.kind, self.strength
         label = f"{REFINE_NAME}: refiner {self.refiner.name!r}"
         progress = bridge.Progress(2)
@@ -332,13 +342,19 @@ class RefineNoise(io.ComfyNode):
                     tooltip=f"How much of the refiner's change to apply: 1 = as trained, 0 turns it off (the input noise "
                     f"passes through unchanged), up to {STRENGTH_MAX:g} exaggerates it.",
                 ),
+                io.Float.Input(
+                    "guidance", default=0.0, min=0.0, max=100.0, step=0.1, optional=True,
+                    tooltip="For a refiner trained with guidance-scale control (train-refiner --guidance-range): the "
+                    "CFG scale whose look the cfg-1 result should have, e.g. 3 to 7. 0 = not given (plain refiners; "
+                    "they ignore any other value, with a warning).",
+                ),
             ],
             outputs=[io.Noise.Output(display_name="noise", tooltip="The refined noise; same seed as the input noise. "
                                      "Sample it with cfg 1.")],
         )
 
     @classmethod
-    def execute(cls, noise, model, refiner, positive, strength=1.0) -> io.NodeOutput:
+    def execute(cls, noise, model, refiner, positive, strength=1.0, guidance=0.0) -> io.NodeOutput:
         if not hasattr(noise, "generate_noise"):
             raise ValueError(f"{REFINE_NAME}: expected a NOISE (e.g. from RandomNoise), got {type(noise).__name__}")
         try:
@@ -353,7 +369,28 @@ class RefineNoise(io.ComfyNode):
         kind = bridge.model_kind(model)
         check_kind(refiner, kind, model)
         targets = map_refiner(refiner, model)
-        return io.NodeOutput(RefinedNoise(noise, model, refiner, targets, positive, strength, kind))
+        scale = _guidance_for(refiner, guidance)
+        return io.NodeOutput(RefinedNoise(noise, model, refiner, targets, positive, strength, kind, scale))
+
+
+def _guidance_for(refiner: Refiner, guidance) -> Optional[float]:
+    """The CFG scale for the refiner pass: a number for a guidance-conditioned refiner, None for a plain one."""
+    try:
+        g = check_guidance(0.0 if guidance is None else guidance, "guidance")
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"{REFINE_NAME}: {e}") from None
+    emb = refiner.guidance
+    if emb is None:
+        if g != 0:
+            log.warning("%s: guidance %g given, but the refiner %s has no guidance-scale input (a plain refiner): "
+                        "ignored; use strength to scale a plain refiner", REFINE_NAME, g, refiner.describe())
+        return None
+    if g == 0:
+        lo, hi = emb.train_range or (1.0, 7.0)
+        raise ValueError(f"{REFINE_NAME}: the refiner {refiner.describe()} was trained with guidance-scale control "
+                         f"(CFG {lo:g}..{hi:g}) and needs the CFG scale to imitate: set the guidance input to a scale "
+                         f"in that range (e.g. {(lo + hi) / 2:g}); 0 means not given")
+    return g
 
 
 register_folders()  # before ComfyUI lists the files (the schema's options)

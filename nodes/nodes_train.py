@@ -30,9 +30,14 @@ Choices where the issue was silent:
   prepares every prompt's conditioning once (the prompts are passed as one combined CONDITIONING;
   the denoiser of a batch runs each prompt's samples with that prompt's prepared entry, as
   ``TrainSampler`` selects its entries, cfg 1). The LoRA is :class:`nodes.comfy_lora.TrainableLoRA`
-  (ComfyUI's ``LoraDiff`` adapters as weight wrappers of a clone, initialised like the core's LoRA;
-  UNet models only, SD1.x/SD2.x/SDXL; DiT/MMDiT models get a clear error); the input MODEL is
-  never patched or changed and keeps no function of ours, also when training is interrupted.
+  (ComfyUI's ``LoraDiff`` adapters as weight wrappers of a clone, initialised like the core's LoRA)
+  on UNets (SD1.x/SD2.x/SDXL) and DiTs (SD3/SD3.5 MMDiT, Flux-class): the target layers and file
+  keys per family are :func:`nodes.comfy_lora.lora_keys`'s; any other model gets one error listing
+  the supported families, before anything runs. The input MODEL is never patched or changed and
+  keeps no function of ours, also when training is interrupted.
+* A teacher cache from another model is refused by Train Refiner (:func:`check_cache_fits`): a
+  flow model's cache with an eps/v model, or the reverse, gets its own message (the families
+  differ, not just the checkpoint); another kind, sigma_max or channel count the general one.
   Defaults are the node's behaviour before the engine: fp32, constant lr, no warmup, no clipping,
   no accumulation, weight decay 0; ``batch_size`` is capped at the cache size.
 * ComfyUI runs nodes under ``torch.inference_mode()``: the training runs in
@@ -75,14 +80,13 @@ import comfy.model_management
 import comfy.utils
 
 from ..noisecraft import lora as core_lora
-from ..noisecraft.lora import DEFAULT_TARGETS
 from ..noisecraft.msd import teacher_x0
 from ..noisecraft.sigmas import ModelKind
 from ..noisecraft.train.loop import CHECKPOINT_NAME, PRECISIONS, SCHEDULES, run
 from ..noisecraft.train.refiner import RefinerMethod, RefinerTrainConfig
 from ..noisecraft.train.teacher_cache import TeacherCache
 from . import bridge
-from .comfy_lora import TrainableLoRA, lora_keys  # noqa: F401 - lora_keys: public here (tests, tools)
+from .comfy_lora import TrainableLoRA, lora_keys, lora_targets  # noqa: F401 - lora_keys: public here (tests, tools)
 from .common import (check_combo, check_int, check_number, file_list_changed, node_id,
                      run_folder as common_run_folder, sampling_inputs, save_path, scheduler_input, seed_input)
 from .nodes_refine import FOLDER as REFINER_FOLDER, LORA_FOLDER, Refiner, RefinerType
@@ -171,6 +175,7 @@ class NodeTeacherCache:
 def build_teacher_cache(model, positive, negative, latent, *, samples_per_prompt: int, seed: int, cfg: float,
                         steps: int, scheduler: str, node_id=None) -> NodeTeacherCache:
     prompts = split_prompts(positive, CACHE_NAME)
+    lora_targets(model, CACHE_NAME)  # before the teacher runs: a model Train Refiner cannot train
     bridge.check_conditioning(positive, "positive", CACHE_NAME, model)
     bridge.check_conditioning(negative, "negative", CACHE_NAME, model)
     n = check_int(CACHE_NAME, "samples_per_prompt", samples_per_prompt, 1, hint="set it to 1 or more")
@@ -272,12 +277,39 @@ def run_folder(resume_from, node: str = TRAIN_NAME) -> Optional[Path]:
     return common_run_folder(resume_from, node, example="my_refiner_run")
 
 
-def _metadata(pairs: dict, model, kind, smax: float, training: dict) -> dict:
+def _metadata(pairs: dict, model, kind, smax: float, training: dict, targets: tuple) -> dict:
     """The refiner's metadata: the core's (:func:`noisecraft.lora.refiner_metadata`) with this model and run."""
     return core_lora.refiner_metadata(pairs, {"noisecraft.model_kind": kind.value,
                                               "noisecraft.base_model": bridge.model_name(model),
                                               "noisecraft.sigma_max": repr(smax), "noisecraft.training": training},
-                                      targets=DEFAULT_TARGETS)
+                                      targets=targets)
+
+
+def check_cache_fits(model, cache: NodeTeacherCache) -> None:
+    """Train Refiner's ``teacher_cache`` against its MODEL: same prediction family (eps/v vs flow), sigma_max
+    and latent channels, else one error naming both models and the fix."""
+    kind, smax = bridge.model_kind(model), bridge.sigma_max(model)
+    channels = int(model.get_model_object("latent_format").latent_channels)
+    name = bridge.model_name(model)
+    if kind.is_flow != cache.kind.is_flow:
+        def what(k):
+            return "a flow (velocity-prediction)" if k.is_flow else f"a diffusion ({k.value}-prediction)"
+
+        raise ValueError(
+            f"{TRAIN_NAME}: teacher_cache: the teacher cache was built with another model family: expected a cache "
+            f"from {what(kind)} model like this MODEL ({name}: {kind.value}, sigma_max {smax:g}), got one built with "
+            f"{what(cache.kind)} model ({cache.model_name}: {cache.kind.value}, sigma_max {cache.sigma_max:g}); its "
+            f"teacher samples follow the other family's path from noise to image, so the refiner would learn another "
+            f"model's map. Build the teacher cache with the MODEL you train (connect the same MODEL to Build Teacher "
+            f"Cache and Train Refiner)"
+        )
+    if kind != cache.kind or abs(smax - cache.sigma_max) > 1e-4 * max(1.0, smax) or channels != cache.channels:
+        raise ValueError(
+            f"{TRAIN_NAME}: the teacher cache was built with another model ({cache.model_name}: {cache.kind.value}, "
+            f"sigma_max {cache.sigma_max:g}, {cache.channels} latent channels) than this MODEL "
+            f"({name}: {kind.value}, sigma_max {smax:g}, {channels} channels); build the cache "
+            f"with the model you train"
+        )
 
 
 def train(model, cache: NodeTeacherCache, *, steps: int, student_steps: int, batch_size: int, learning_rate: float,
@@ -300,16 +332,10 @@ def train(model, cache: NodeTeacherCache, *, steps: int, student_steps: int, bat
     max_grad_norm = check_number(TRAIN_NAME, "max_grad_norm", max_grad_norm, 0.0, None, "0 turns clipping off")
     grad_accum = check_int(TRAIN_NAME, "grad_accum", grad_accum, 1, hint="1 turns accumulation off")
     out = run_folder(resume_from)
+    targets = lora_targets(model)  # a model the trainer cannot handle: the supported families
+    check_cache_fits(model, cache)
     kind = bridge.model_kind(model)
     smax = bridge.sigma_max(model)
-    channels = int(model.get_model_object("latent_format").latent_channels)
-    if kind != cache.kind or abs(smax - cache.sigma_max) > 1e-4 * max(1.0, smax) or channels != cache.channels:
-        raise ValueError(
-            f"{TRAIN_NAME}: the teacher cache was built with another model ({cache.model_name}: {cache.kind.value}, "
-            f"sigma_max {cache.sigma_max:g}, {cache.channels} latent channels) than this MODEL "
-            f"({bridge.model_name(model)}: {kind.value}, sigma_max {smax:g}, {channels} channels); build the cache "
-            f"with the model you train"
-        )
     scheduler = scheduler or cache.settings["scheduler"]
     sigmas = bridge.get_sigmas(model, scheduler, student_steps)
     data = cache.data
@@ -318,7 +344,7 @@ def train(model, cache: NodeTeacherCache, *, steps: int, student_steps: int, bat
         steps=steps, lr=lr, weight_decay=0.0, warmup=warmup, lr_schedule=lr_schedule, batch_size=batch,
         grad_accum=grad_accum, max_grad_norm=max_grad_norm or None, precision=precision,
         checkpoint_every=CHECKPOINT_EVERY, log_every=1, seed=int(seed), rank=rank, alpha=alpha,
-        targets=DEFAULT_TARGETS, student_steps=student_steps, scheduler=scheduler, lora_seed=int(seed))
+        targets=targets, student_steps=student_steps, scheduler=scheduler, lora_seed=int(seed))
     try:
         config.check()
     except ValueError as e:
@@ -336,7 +362,7 @@ def train(model, cache: NodeTeacherCache, *, steps: int, student_steps: int, bat
 
     with torch.inference_mode(False):
         lora = TrainableLoRA(model, rank, alpha, seed)
-        meta = _metadata(lora.pairs(), model, kind, smax, training)
+        meta = _metadata(lora.pairs(), model, kind, smax, training, targets)
         prompts = [clone_conditioning(p) for p in cache.prompts]
         positive = [entry for p in prompts for entry in p]
         patcher = model.clone()
@@ -378,7 +404,8 @@ def train(model, cache: NodeTeacherCache, *, steps: int, student_steps: int, bat
     losses = [float(v) for v in result.losses]
     training.update(final_loss=losses[-1], wall_s=round(result.wall_s, 3))
     pairs = lora.pairs()
-    refiner = Refiner(pairs, _metadata(pairs, model, kind, smax, training), f"trained refiner ({steps} steps)")
+    meta = _metadata(pairs, model, kind, smax, training, targets)
+    refiner = Refiner(pairs, meta, f"trained refiner ({steps} steps)")
     log.info("%s: %d steps in %.1f s, loss %.5g -> %.5g", TRAIN_NAME, steps, result.wall_s, losses[0], losses[-1])
     return refiner, losses
 

@@ -143,11 +143,113 @@ def _train_refiner(args: argparse.Namespace) -> int:
             acc.end_training()  # leaves the process group
 
 
+def _refiner_teacher(args: argparse.Namespace, host, cfg_scale: float):
+    """train-refiner's teacher: ``(guided_denoiser_for, cache meta)``: CFG, or with ``--pag-scale`` > 0 CFG + PAG
+    (:mod:`noisecraft.hosts.pag`) on ``--pag-layers``, checked against the model before any work."""
+    if not args.pag_scale:
+        if args.pag_layers:
+            raise Refused("--pag-layers chooses the layers PAG perturbs: give --pag-scale S (> 0, the paper's teacher "
+                          "uses 3) with it, or leave --pag-layers out for the CFG teacher")
+        return (lambda c: host.denoiser(c, cfg=cfg_scale)), {"guidance": "cfg"}
+    from .hosts.pag import PAGDenoiser, default_pag_layers, pag_modules
+
+    layers = list(args.pag_layers) if args.pag_layers else default_pag_layers(host.unet)
+    pag_modules(host.unet, layers)  # a layer that matches no self-attention is refused here, with the layers that exist
+    scale = float(args.pag_scale)
+    meta = {"guidance": "cfg+pag", "pag_scale": scale, "pag_layers": layers}
+    return (lambda c: PAGDenoiser(host.denoiser(c, cfg=cfg_scale), scale, layers)), meta
+
+
+def _keep_value(text: str):
+    """--keep: a whole number of samples (>= 1) or a fraction in (0, 1] (written with a point: 0.5, 1.0)."""
+    try:
+        value = int(text, 10)
+    except ValueError:
+        try:
+            value = float(text)
+        except ValueError:
+            value = None
+    ok = value is not None and (value >= 1 if isinstance(value, int) else 0.0 < value <= 1.0)
+    if not ok:
+        raise argparse.ArgumentTypeError(f"expected a whole number of samples >= 1 or a fraction in (0, 1], "
+                                         f"got {text!r}")
+    return value
+
+
+def _teacher_scorer(args: argparse.Namespace):
+    """train-refiner's teacher filter (--keep, --scorer), checked before any work: the scorer, or None."""
+    from .hosts.toy import toy_confidence_scorer
+    from .train.teacher_filter import register_scorer, resolve_scorer
+
+    register_scorer("toy-classifier", toy_confidence_scorer,
+                    "the toy digit classifier's probability of the target digit (toy model only)")
+    if args.keep is None:
+        if args.scorer:
+            raise Refused(f"--scorer {args.scorer} ranks the teacher samples for --keep: give --keep N (or a fraction) "
+                          "with it, or leave --scorer out to train on every sample")
+        return None
+    if isinstance(args.keep, int) and args.keep > args.samples:
+        raise Refused(f"--keep {args.keep} is more than the teacher cache's --samples {args.samples}: keep at most "
+                      f"{args.samples}, or raise --samples")
+    name = args.scorer or ("toy-classifier" if args.toy else None)
+    if name is None:
+        raise Refused("--keep needs --scorer with --model: sharpness, colorfulness (generic, not aesthetic) or "
+                      "your own package.module:function (e.g. an aesthetic predictor); see README")
+    if name == "toy-classifier" and not args.toy:
+        raise Refused("--scorer toy-classifier scores toy digits: use it with --toy, or choose another scorer")
+    return resolve_scorer(name)
+
+
+def _filter_teacher(args: argparse.Namespace, cache, scorer, device: str, acc, log: logging.Logger):
+    """The top --keep samples of ``cache`` by ``scorer`` (decoded by the --model folder's vae/ when it has one):
+    a view of the same folder. The main process scores and saves the scores; the others reuse them."""
+    from .train.teacher_filter import diffusers_vae_decoder, filter_teacher_cache
+
+    if scorer is None:
+        return cache
+    decode, decode_name = None, "none (latents)"
+    if args.model and not args.toy:
+        decode = diffusers_vae_decoder(args.model, device=device)
+        if decode is None:
+            log.info("teacher filter: %s has no vae/ folder: the scorer gets the latents", args.model)
+        else:
+            decode_name = f"vae ({Path(args.model).name}/vae)"
+    progress = _every_5s(log, "teacher filter: scored %d / %d samples")
+
+    def run():
+        return filter_teacher_cache(cache, scorer, args.keep, decode=decode, decode_name=decode_name,
+                                    batch_size=args.batch, progress=progress)
+
+    if acc.num_processes > 1:  # the main process writes the scores file; the others read it after the barrier
+        view = run() if acc.is_main_process else None
+        acc.wait_for_everyone()
+        view = view if view is not None else run()
+    else:
+        view = run()
+    return view
+
+
+def _guidance_teacher(args: argparse.Namespace, host):
+    """train-refiner --guidance-range LO HI: the teacher guides each sample with its own CFG scale
+    (:mod:`noisecraft.guidance_embed`; the refiner learns the scale as an input)."""
+    from .guidance_embed import check_guidance_range
+    from .train.teacher_cache import per_sample_teacher
+
+    if args.cfg is not None or args.pag_scale:
+        raise Refused("--guidance-range LO HI draws each teacher's CFG scale from LO..HI: leave out --cfg and "
+                      "--pag-scale with it (PAG teachers take one scale)")
+    try:
+        lo, hi = check_guidance_range(args.guidance_range, "--guidance-range")
+    except ValueError as exc:
+        raise Refused(str(exc)) from None
+    return per_sample_teacher(host), {"guidance": "cfg, one scale per sample", "cfg": [lo, hi]}
+
+
 def _train_refiner_run(args: argparse.Namespace, device: str, acc, log: logging.Logger) -> int:
     from .sigmas import get_sigmas
-    from .hosts.diffusers import diffusers_host
     from .hosts.toy import toy_host
     from .train import RefinerTrainConfig, TeacherCache, build_teacher_cache, train_refiner
+    from .train.teacher_filter import check_run_filter
 
     if args.batch % acc.num_processes:
         sys.stderr.write(f"noisecraft train-refiner: --batch {args.batch} is the global batch and must divide evenly "
@@ -160,6 +262,7 @@ def _train_refiner_run(args: argparse.Namespace, device: str, acc, log: logging.
     cache_dir = check_out(args.cache, "--cache") if args.cache else out / "teacher_cache"
     _check_resume(out, args, "refiner.safetensors")
     try:
+        scorer = _teacher_scorer(args)  # --keep / --scorer refused before the model loads
         if args.toy:
             host = toy_host()
             cfg_scale = 3.0 if args.cfg is None else args.cfg
@@ -168,30 +271,29 @@ def _train_refiner_run(args: argparse.Namespace, device: str, acc, log: logging.
                 sys.stderr.write("noisecraft train-refiner: --model needs --prompts FILE (one prompt per line)\n")
                 return 2
             prompts = _read_prompts(args.prompts)
-            host = diffusers_host(args.model, prompts, prompt_embeds=args.prompt_embeds,
-                                  negative_prompt=args.negative, device=device)
+            host = _model_host(args, prompts, device)
             cfg_scale = 7.0 if args.cfg is None else args.cfg
+        teacher, teacher_meta = _refiner_teacher(args, host, cfg_scale)
+        if args.guidance_range is not None:
+            teacher, teacher_meta = _guidance_teacher(args, host)
     except (ImportError, FileNotFoundError, ValueError, OSError) as exc:
         sys.stderr.write(f"noisecraft train-refiner: {exc}\n")
         return 2
-    shape = tuple(int(v) for v in (args.latent_shape or ()))
-    if not shape:
-        c = int(host.unet.config.in_channels)
-        size = int(host.unet.config.sample_size)
-        shape = (c, size, size)
-    _check_channels(shape, host)
+    shape = _latent_shape(args, host)
+    _check_cache_kind(cache_dir, host, args)
     t0 = time.perf_counter()
     cache_progress = _every_5s(log, "teacher cache: %d / %d samples")
 
     try:
         def build(shards=None):
             return build_teacher_cache(
-                cache_dir, lambda c: host.denoiser(c, cfg=cfg_scale), shape=shape,
+                cache_dir, teacher, shape=shape,
                 conds=host.cond_labels or list(range(host.conds.shape[0])), total=args.samples,
                 sigmas=get_sigmas(host.table, args.scheduler, args.teacher_steps), kind=host.table.kind.value,
                 base_seed=args.seed_base, meta={"model": host.base_model, "cfg": cfg_scale,
-                                                "scheduler": args.scheduler, "guidance": "cfg"},
-                shard_size=args.shard_size, batch_size=args.batch, progress=cache_progress, shards=shards)
+                                                "scheduler": args.scheduler, **teacher_meta},
+                shard_size=args.shard_size, batch_size=args.batch, progress=cache_progress, shards=shards,
+                guidance_range=args.guidance_range)
 
         if acc.num_processes > 1:
             # the main process defines the cache, every process samples its share of the shards, the main
@@ -210,11 +312,15 @@ def _train_refiner_run(args: argparse.Namespace, device: str, acc, log: logging.
         else:
             cache = build()
         log.info("teacher cache ready: %s (%d samples, %.0f s)", cache.root, cache.total, time.perf_counter() - t0)
+        cache = _filter_teacher(args, cache, scorer, device, acc, log)
+        check_run_filter(out, cache, resume=args.resume, write=acc.is_main_process)
         config = RefinerTrainConfig(
             steps=args.steps, rank=args.rank, alpha=args.alpha, lr=args.lr, batch_size=args.batch,
             grad_accum=args.grad_accum, student_steps=args.student_steps, scheduler=args.scheduler,
             precision=args.precision, seed=args.seed, checkpoint_every=args.checkpoint_every,
-            warmup=args.warmup, lr_schedule=args.lr_schedule)
+            warmup=args.warmup, lr_schedule=args.lr_schedule, targets=tuple(host.targets),
+            gradient_checkpointing=args.gradient_checkpointing,
+            guidance_range=tuple(args.guidance_range) if args.guidance_range is not None else None)
         progress = _every_10_steps(log, "step %d/%d  loss %.5f  residual rms %.4f  %.0f s", "residual_rms")
         result = train_refiner(host, cache, out, config, resume=args.resume, progress=progress, accelerator=acc)
     except KeyboardInterrupt:
@@ -228,11 +334,53 @@ def _train_refiner_run(args: argparse.Namespace, device: str, acc, log: logging.
     return 0
 
 
+def _model_host(args: argparse.Namespace, prompts: list[str], device: str):
+    """The --model host (a diffusers folder, or FILE with --config DIR; every family of
+    noisecraft.hosts.families), its SDXL time ids from --latent-shape when given."""
+    import torch
+
+    from .hosts.diffusers import diffusers_host
+
+    dtypes = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+    dtype = dtypes[getattr(args, "weights_dtype", "fp32")]  # train-refiner's --weights-dtype
+    return diffusers_host(args.model, prompts, prompt_embeds=args.prompt_embeds, negative_prompt=args.negative,
+                          device=device, dtype=dtype, config=args.config, latent_shape=args.latent_shape)
+
+
+def _latent_shape(args: argparse.Namespace, host) -> tuple:
+    """--latent-shape, else the network's in_channels x sample_size^2; checked against the network."""
+    shape = tuple(int(v) for v in (args.latent_shape or ()))
+    if not shape:
+        size = int(host.unet.config.sample_size)
+        shape = (int(host.unet.config.in_channels), size, size)
+    _check_channels(shape, host)
+    return shape
+
+
+_KIND_NAMES = {"eps": "eps-prediction", "v": "v-prediction", "flow": "flow-matching"}
+
+
+def _check_cache_kind(cache_dir: Path, host, args: argparse.Namespace) -> None:
+    """Before any work: an existing --cache must come from a model of this host's kind (eps, v, flow)."""
+    from .train import TeacherCache
+    from .train.shards import INDEX_NAME
+
+    if not (cache_dir / INDEX_NAME).is_file():
+        return
+    made = TeacherCache(cache_dir).meta.get("kind")
+    kind = host.table.kind.value
+    if made not in (None, kind):
+        raise Refused(f"--cache {cache_dir}: this teacher cache was made with a model of kind "
+                      f"{_KIND_NAMES.get(made, made)} ({made}), but {args.model or 'the toy model'} is of kind "
+                      f"{_KIND_NAMES.get(kind, kind)} ({kind}): "
+                      f"a refiner learns from its own model's teacher; give another --cache folder (or leave --cache "
+                      f"out to build one in {Path(args.out) / 'teacher_cache'})")
+
+
 def _host_from_args(args: argparse.Namespace, name: str):
     """(host, shape) for --toy or --model; raises ValueError / FileNotFoundError / ImportError."""
     import torch
 
-    from .hosts.diffusers import diffusers_host
     from .hosts.toy import toy_host
 
     if args.toy == bool(args.model):
@@ -244,14 +392,8 @@ def _host_from_args(args: argparse.Namespace, name: str):
             raise ValueError("--model needs --prompts FILE (one prompt per line)")
         prompts = _read_prompts(args.prompts)
         device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-        host = diffusers_host(args.model, prompts, prompt_embeds=args.prompt_embeds, negative_prompt=args.negative,
-                              device=device)
-    shape = tuple(int(v) for v in (args.latent_shape or ()))
-    if not shape:
-        size = int(host.unet.config.sample_size)
-        shape = (int(host.unet.config.in_channels), size, size)
-    _check_channels(shape, host)
-    return host, shape
+        host = _model_host(args, prompts, device)
+    return host, _latent_shape(args, host)
 
 
 def _collect_pairs(args: argparse.Namespace) -> int:
@@ -322,11 +464,14 @@ def _add_model_args(parser: argparse.ArgumentParser, model_help: str, embeds_hel
     src = parser.add_argument_group("model")
     src.add_argument("--toy", action="store_true", help="the shipped toy digits model (the 10 class labels are the prompts)")
     src.add_argument("--model", help=model_help)
+    src.add_argument("--config", help="with a single-file --model FILE.safetensors: the diffusers folder its configs "
+                                      "(unet/ or transformer/, scheduler/) and text encoders come from")
     src.add_argument("--prompts", help="text file, one prompt per line (with --model)")
     src.add_argument("--prompt-embeds", help=embeds_help)
     src.add_argument("--negative", default="", help=negative_help)
     src.add_argument("--latent-shape", type=positive_int, nargs=3, metavar=("C", "H", "W"),
-                     help="latent size (default: the UNet's in_channels x sample_size^2)")
+                     help="latent size (default: the network's in_channels x sample_size^2; SDXL's time ids are "
+                          "this size times the VAE scale factor)")
     src.add_argument("--device", help="cpu or cuda (default: cuda when available)")
 
 
@@ -338,15 +483,19 @@ def add_train_commands(sub) -> None:
         description="Build a teacher cache (guided sampling, paid once; a killed build resumes) and train a refiner "
                     "LoRA with multistep score distillation. Writes refiner.safetensors (a kohya LoRA that ComfyUI's "
                     "LoRA loader reads), checkpoint.safetensors, loss.jsonl and loss.png into --out.")
-    _add_model_args(tr, "a local diffusers folder (unet/, scheduler/, and tokenizer/ + text_encoder/ unless "
-                        "--prompt-embeds is given)",
-                    "safetensors with 'cond' [P, L, D] and 'uncond' [1, L, D] (no text encoder or transformers needed)",
+    _add_model_args(tr, "a local diffusers folder of SD1.x, SD2.x (eps or v), SDXL or an SD3-class transformer "
+                        "(unet/ or transformer/, scheduler/, and the tokenizers + text encoders unless "
+                        "--prompt-embeds is given), or a single-file checkpoint with --config DIR",
+                    "safetensors with 'cond' [P, L, D] and 'uncond' [1, L, D]; SDXL/SD3 also 'pooled' [P, W] and "
+                    "'uncond_pooled' [1, W], SDXL optionally 'time_ids' [1, 6] (no text encoder or transformers "
+                    "needed)",
                     "the unconditional prompt for the teacher's CFG (default empty)")
     tr.add_argument("--out", default="refiner_out", help="output folder (default refiner_out)")
     tr.add_argument("--cache", help="teacher cache folder (default <out>/teacher_cache); may be shared between runs")
     tr.add_argument("--resume", action="store_true", help="continue from <out>/checkpoint.safetensors")
     tr.add_argument("--steps", type=positive_int, default=300, help="optimizer steps (default 300)")
-    tr.add_argument("--rank", type=positive_int, default=4, help="LoRA rank (default 4; the paper uses 128 on SD2.1)")
+    tr.add_argument("--rank", type=positive_int, default=4,
+                    help="LoRA rank (default 4; the paper uses 128 on SD2.1, 256 on SDXL)")
     tr.add_argument("--alpha", type=positive_float, help="LoRA alpha (default = rank)")
     tr.add_argument("--lr", type=positive_float, default=1e-3, help="AdamW learning rate (default 1e-3)")
     tr.add_argument("--lr-schedule", choices=["constant", "cosine"], default="cosine")
@@ -358,6 +507,17 @@ def add_train_commands(sub) -> None:
     tr.add_argument("--student-steps", type=positive_int, default=10, help="N, unguided student steps (default 10)")
     tr.add_argument("--teacher-steps", type=positive_int, default=20, help="N', guided teacher steps (default 20)")
     tr.add_argument("--cfg", type=finite_float, help="teacher CFG scale (default 3 for --toy, 7 otherwise)")
+    tr.add_argument("--guidance-range", type=non_negative_float, nargs=2, metavar=("LO", "HI"),
+                    help="guidance-scale control: each teacher sample gets its own CFG scale in LO..HI and the refiner "
+                         "takes the scale as an input (Refine Noise's guidance); excludes --cfg (default: off, one "
+                         "scale)")
+    tr.add_argument("--pag-scale", type=non_negative_float, default=0.0,
+                    help="teacher perturbed-attention guidance (PAG) scale on top of CFG (default 0: CFG only; the "
+                         "paper's teacher is --cfg 7 --pag-scale 3)")
+    tr.add_argument("--pag-layers", nargs="+", metavar="LAYER",
+                    help="self-attention layers PAG perturbs, as diffusers' pag_applied_layers (regular expressions "
+                         "searched in the module names, e.g. mid, down_blocks.1, 'up_blocks.(0|1)'; default mid for "
+                         "a UNet, blocks.1 for an SD3 transformer)")
     tr.add_argument("--scheduler", default="normal",
                     help="sigma schedule: normal, karras, exponential, sgm_uniform, simple or ddim_uniform (default normal)")
     tr.add_argument("--samples", type=positive_int, default=1024, help="teacher-cache size (default 1024)")
@@ -366,7 +526,21 @@ def add_train_commands(sub) -> None:
     tr.add_argument("--seed", type=non_negative_int, default=0, help="data-order seed")
     tr.add_argument("--precision", choices=["auto", "fp32", "bf16", "fp16"], default="auto",
                     help="autocast: auto = fp32 on CPU, bf16 (else fp16) on CUDA")
+    tr.add_argument("--gradient-checkpointing", action="store_true",
+                    help="recompute the refiner pass's activations in backward (less memory, ~1 more forward per "
+                         "step; same gradients): for SDXL at rank 256")
+    tr.add_argument("--weights-dtype", choices=["fp32", "bf16", "fp16"], default="fp32",
+                    help="dtype the frozen --model network is loaded in (default fp32; bf16 halves its memory: with "
+                         "--precision bf16 for SDXL on 24 GB); the LoRA and AdamW state stay fp32")
     tr.add_argument("--checkpoint-every", type=positive_int, default=50)
+    tr.add_argument("--keep", type=_keep_value, metavar="N|FRACTION",
+                    help="teacher filter: train on the top N samples of the cache (or that fraction of --samples) by "
+                         "--scorer (the paper keeps the top N by an aesthetic score); default: every sample")
+    tr.add_argument("--scorer", metavar="NAME|MODULE:FUNCTION",
+                    help="teacher filter scorer: toy-classifier (--toy; the default there), sharpness or colorfulness "
+                         "(generic, no download, not aesthetic), or package.module:function, a function "
+                         "score(images [n,3,H,W] in [0,1], cond_ids [n]) -> [n] (higher is better); images are "
+                         "decoded with the --model folder's vae/ (without one, and for --toy, it gets the latents)")
     tr.set_defaults(func=_train_refiner)
     cp = sub.add_parser(
         "collect-pairs", help="collect NPNet training pairs (re-denoise sampling) on the toy or a local diffusers model",
@@ -374,9 +548,10 @@ def add_train_commands(sub) -> None:
                     "denoising step at CFG w_l and one inversion step at CFG w_w give the target noise; optionally "
                     "kept only when a scorer prefers the image from the target noise. Writes safetensors shards and "
                     "index.json into --out; running the same command again finishes a killed collection.")
-    _add_model_args(cp, "a local diffusers folder (SD1.x/SD2.x-class UNet; SDXL's extra conditioning is not "
-                        "supported yet)",
-                    "safetensors with 'cond' [P, L, D] and 'uncond' [1, L, D]",
+    _add_model_args(cp, "a local diffusers folder (SD1.x, SD2.x, SDXL or SD3-class, as for train-refiner), or a "
+                        "single-file checkpoint with --config DIR",
+                    "safetensors with 'cond' [P, L, D] and 'uncond' [1, L, D] (SDXL/SD3: also 'pooled', "
+                    "'uncond_pooled', as for train-refiner)",
                     "the unconditional prompt for CFG (default empty)")
     cp.add_argument("--out", default="npnet_pairs", help="pair folder (default npnet_pairs)")
     cp.add_argument("--pairs", type=positive_int, default=1024, help="number of pairs (default 1024)")

@@ -8,7 +8,7 @@ SDXL). LoRA: Hu et al., arXiv:2106.09685.
 The refiner file (the CLI trainer, the diffusers host and the ComfyUI nodes all read and write it here):
 
 * kohya keys, which ComfyUI's ``comfy/lora.py`` maps (``lora_unet_<diffusers name, "." -> "_">``,
-  :func:`flat_name`): ``.lora_down.weight`` [rank, in(, kh, kw)], ``.lora_up.weight``
+  :func:`flat_name`; ``lora_transformer_<...>`` on SD3-class transformers): ``.lora_down.weight`` [rank, in(, kh, kw)], ``.lora_up.weight``
   [out, rank(, 1, 1)] (kohya's conv shapes), ``.alpha`` (0-dim); the layer computes
   ``W x + (alpha / rank) * up(down(x))``. Metadata: ``noisecraft.kind = refiner``, the
   convention, rank, alpha, targets, layers, kohya's ``ss_network_*``, and what the writer adds
@@ -51,7 +51,8 @@ import torch
 
 from .io import SafetensorsHeaderError, require_file, safetensors_extent
 
-__all__ = ["DEFAULT_TARGETS", "CONVENTION", "ADAPTER", "PREFIX", "read_lora_file",
+__all__ = ["DEFAULT_TARGETS", "TRANSFORMER_TARGETS", "CONVENTION", "ADAPTER", "PREFIX", "TRANSFORMER_PREFIX",
+           "read_lora_file",
            "read_safetensors", "read_refiner_pairs", "save_refiner_pairs", "parse_refiner_state",
            "refiner_metadata", "pairs_state_dict", "flat_name"]
 
@@ -59,14 +60,24 @@ logger = logging.getLogger(__name__)
 
 DEFAULT_TARGETS: tuple[str, ...] = ("to_q", "to_k", "to_v", "to_out.0", "conv1", "conv2", "ff.net.0.proj", "ff.net.2")
 
+# SD3-class transformers (MMDiT): both streams' attention (to_q/k/v, to_out.0; add_q/k/v_proj, to_add_out) and
+# feed-forward layers (ff, ff_context): all in ComfyUI's mmdit_to_diffusers map, so its stock loader reads them.
+TRANSFORMER_TARGETS: tuple[str, ...] = ("to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj",
+                                        "to_add_out", "ff.net.0.proj", "ff.net.2", "ff_context.net.0.proj",
+                                        "ff_context.net.2")
+
 CONVENTION = "noisecraft-refine-v1: e_hat = e + s * (D_base(x_T) - D_lora(x_T)) / sigma_max, x_T = noise_to_x(e)"
 PREFIX = "lora_unet_"
+# kohya/OneTrainer prefix of diffusers transformer (SD3, Flux) LoRAs: ComfyUI's model_lora_keys_unet maps
+# ``lora_transformer_<diffusers name, "." -> "_">`` for them (``lora_unet_`` names ldm weights there)
+TRANSFORMER_PREFIX = "lora_transformer_"
 ADAPTER = "noisecraft_refiner"
 
 
-def flat_name(module_name: str) -> str:
-    """A diffusers module name as a kohya/ComfyUI LoRA key: ``lora_unet_`` + name with ``.`` -> ``_``."""
-    return PREFIX + module_name.replace(".", "_")
+def flat_name(module_name: str, prefix: str = PREFIX) -> str:
+    """A diffusers module name as a kohya/ComfyUI LoRA key: ``prefix`` (``lora_unet_``; ``lora_transformer_``
+    for SD3-class transformers) + name with ``.`` -> ``_``."""
+    return prefix + module_name.replace(".", "_")
 
 
 
@@ -304,12 +315,15 @@ def pairs_state_dict(pairs: Mapping[str, tuple], dtype: Optional[torch.dtype] = 
 
 def save_refiner_pairs(pairs: Mapping[str, tuple], path: str | os.PathLike,
                        metadata: Optional[Mapping[str, Any]] = None,
-                       dtype: Optional[torch.dtype] = torch.float32) -> Path:
+                       dtype: Optional[torch.dtype] = torch.float32,
+                       extra_tensors: Optional[Mapping[str, torch.Tensor]] = None) -> Path:
     """Write ``pairs`` (``{kohya prefix: (down, up, alpha)}``) as the refiner file, atomically and
     reproducibly (:func:`noisecraft.io.write_safetensors`), as ``dtype`` (float32; None keeps the
     weights' dtype). ``metadata`` goes on top of :func:`refiner_metadata`'s defaults. Refuses (``ValueError`` naming the layer and ``path``) an empty
     refiner, bad shapes and non-finite weights or alphas: a file is never written that the loader
-    would refuse."""
+    would refuse. ``extra_tensors`` (e.g. the guidance-scale embedding of :mod:`noisecraft.guidance_embed`,
+    ``noisecraft_guidance.*``) are stored next to the LoRA keys, float32; ComfyUI's stock LoRA loader logs
+    them as "lora key not loaded" and applies the LoRA part."""
     from .io import write_safetensors
 
     if not pairs:
@@ -324,7 +338,14 @@ def save_refiner_pairs(pairs: Mapping[str, tuple], path: str | os.PathLike,
             raise ValueError(f"refusing to write {path}: {key} has NaN/inf in {bad or ['alpha']}; the training "
                              f"diverged: retrain it (e.g. with a lower learning rate)")
     meta = refiner_metadata(pairs, metadata)
-    return write_safetensors(pairs_state_dict(pairs, dtype), path, meta)
+    state = pairs_state_dict(pairs, dtype)
+    for key, t in (extra_tensors or {}).items():
+        if key in state or key.endswith((".lora_down.weight", ".lora_up.weight", ".alpha")) \
+                or not bool(torch.isfinite(t).all()):
+            raise ValueError(f"refusing to write {path}: extra tensor {key!r} collides with a LoRA key or is not "
+                             f"finite; retrain it (e.g. with a lower learning rate)")
+        state[key] = t.detach().to("cpu", torch.float32).contiguous()
+    return write_safetensors(state, path, meta)
 
 
 def read_refiner_pairs(path: str | os.PathLike) -> tuple[dict[str, tuple[torch.Tensor, torch.Tensor, float]],

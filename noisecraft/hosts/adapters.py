@@ -19,7 +19,10 @@ also rewrites ``requires_grad`` of every adapter weight (a frozen refiner would 
 disabled layer returns the base output bit for bit; :meth:`LoRASet.remove` puts the model's own
 modules back. Default targets (``DEFAULT_TARGETS``): attention ``to_q/k/v``, ``to_out.0``; resnet
 ``conv1``, ``conv2``; feed-forward ``ff.net.0.proj``, ``ff.net.2``; all in ComfyUI's diffusers -> ldm
-UNet map, so ComfyUI's stock LoRA loader reads the export for SD1.x/SD2.x/SDXL-class UNets.
+UNet map, so ComfyUI's stock LoRA loader reads the export for SD1.x/SD2.x/SDXL-class UNets. On SD3-class
+transformers (``TRANSFORMER_TARGETS``: both streams' attention and feed-forward layers) the keys are
+``lora_transformer_<diffusers name>`` (:func:`kohya_prefix`), the form ComfyUI maps for diffusers
+transformers (``model_lora_keys_unet``); :func:`load_lora` accepts either prefix.
 
 peft is in the ``train`` and ``dev`` extras, imported on first use with an install hint.
 """
@@ -38,10 +41,10 @@ from typing import Any, Iterator, Mapping, Optional, Sequence
 import torch
 from torch import nn
 
-from ..lora import (ADAPTER, DEFAULT_TARGETS, flat_name, pairs_state_dict, parse_refiner_state, read_refiner_pairs,
-                    refiner_metadata, save_refiner_pairs)
+from ..lora import (ADAPTER, DEFAULT_TARGETS, PREFIX, TRANSFORMER_PREFIX, flat_name, pairs_state_dict,
+                    parse_refiner_state, read_lora_file, refiner_metadata, save_refiner_pairs)
 
-__all__ = ["LoRASet", "attach_lora", "load_lora"]
+__all__ = ["LoRASet", "attach_lora", "load_lora", "kohya_prefix"]
 
 logger = logging.getLogger(__name__)
 
@@ -94,6 +97,8 @@ class LoRASet(nn.Module):
     entries hold ``lora_down`` / ``lora_up`` (so ``state_dict`` keys are
     ``layers.<prefix>.lora_down.weight``); ``module_names`` maps each prefix to the diffusers module
     name. Made by :func:`attach_lora` (new, zero ``up``) or :func:`load_lora` (from a saved refiner).
+    ``guidance``: the guidance-scale embedding of a guidance-conditioned refiner (:meth:`add_guidance`,
+    :mod:`noisecraft.guidance_embed`; hooked on the model's timestep embedding, on while ``enabled``), else None.
     """
 
     def __init__(self):
@@ -104,6 +109,7 @@ class LoRASet(nn.Module):
         self._enabled = True
         self._model_ref: Optional[weakref.ref] = None  # a weakref: the model must not become a submodule
         self._attached = False
+        self.guidance = None  # a noisecraft.guidance_embed.GuidanceEmbedding (a submodule) for a conditioned refiner
 
     # -- toggling ---------------------------------------------------------------------------
     @property
@@ -125,9 +131,10 @@ class LoRASet(nn.Module):
         finally:
             self.enabled = prev
 
-    def base_and_lora(self, denoiser):
+    def base_and_lora(self, denoiser, guidance=None):
         """``(D_base, D_lora)`` for :func:`noisecraft.refine.refine_noise` from one denoiser over the
-        model: ``D_base`` runs with the LoRA disabled, ``D_lora`` with it enabled."""
+        model: ``D_base`` runs with the LoRA disabled, ``D_lora`` with it enabled. ``guidance``: the CFG
+        scale (a number or one per sample) for a guidance-conditioned refiner (:meth:`guidance_scale`)."""
 
         def base(x, sigma):
             with self.disabled():
@@ -136,11 +143,32 @@ class LoRASet(nn.Module):
         def lora(x, sigma):
             prev, self.enabled = self._enabled, True
             try:
-                return denoiser(x, sigma)
+                with self.guidance_scale(guidance):
+                    return denoiser(x, sigma)
             finally:
                 self.enabled = prev
 
+        if guidance is not None and self.guidance is None:
+            logger.warning("guidance=%s given, but this refiner has no guidance-scale input (a plain refiner): "
+                           "ignored; to scale a plain refiner use the strength instead", guidance)
         return base, lora
+
+    # -- guidance-scale control (noisecraft.guidance_embed) -----------------------------------------
+    def add_guidance(self, embedding) -> None:
+        """Make this a guidance-conditioned refiner: ``embedding`` (a ``GuidanceEmbedding``) is added to the
+        model's timestep embedding while the LoRA is enabled."""
+        model = self._model_ref() if self._model_ref is not None else None
+        if model is None or not self._attached:
+            raise ValueError("add_guidance needs a LoRASet attached to a model (attach_lora / load_lora)")
+        embedding.hook(model, lambda: self._enabled)
+        self.guidance = embedding
+
+    def guidance_scale(self, guidance):
+        """A context in which the refiner passes use CFG scale ``guidance`` (None: no scale; a plain refiner
+        ignores it)."""
+        if guidance is None or self.guidance is None:
+            return contextlib.nullcontext()
+        return self.guidance.at(guidance)
 
     # -- attaching ----------------------------------------------------------------------------
     @property
@@ -155,6 +183,8 @@ class LoRASet(nn.Module):
     def remove(self) -> None:
         """Take the adapter off: the model's own modules go back in place (the LoRA weights stay here)."""
         model = self._model_ref() if self._model_ref is not None else None
+        if self.guidance is not None:
+            self.guidance.unhook()
         if model is not None:
             _, LoraLayer = _peft()
             wrapped = [(n, m) for n, m in model.named_modules() if isinstance(m, LoraLayer) and ADAPTER in m.lora_A]
@@ -186,14 +216,19 @@ class LoRASet(nn.Module):
         return pairs_state_dict(self.pairs(), dtype)
 
     def metadata(self, extra: Optional[Mapping[str, Any]] = None) -> dict[str, str]:
-        return refiner_metadata(self.pairs(), extra, self.targets)
+        return refiner_metadata(self.pairs(), self._with_guidance(extra), self.targets)
+
+    def _with_guidance(self, extra: Optional[Mapping[str, Any]]) -> Optional[Mapping[str, Any]]:
+        return extra if self.guidance is None else {**dict(extra or {}), **self.guidance.file_metadata()}
 
     def save(self, path: str | os.PathLike, metadata: Optional[Mapping[str, Any]] = None,
              dtype: Optional[torch.dtype] = None) -> Path:
         """Write the refiner file (:func:`save_refiner_pairs`). ``metadata`` adds keys such as
         ``base_model``, ``model_kind``, ``sigma_max``, ``training``."""
         pairs = self.pairs()
-        return save_refiner_pairs(pairs, path, refiner_metadata(pairs, metadata, self.targets), dtype)
+        extra = None if self.guidance is None else self.guidance.file_tensors()
+        return save_refiner_pairs(pairs, path, refiner_metadata(pairs, self._with_guidance(metadata), self.targets),
+                                  dtype, extra_tensors=extra)
 
 
 def _check_free(model: nn.Module) -> None:
@@ -204,9 +239,22 @@ def _check_free(model: nn.Module) -> None:
                          "call .remove() on it first (two LoRAs would both be added)")
 
 
+def kohya_prefix(model: nn.Module) -> str:
+    """The kohya key prefix ComfyUI maps for ``model``'s diffusers names: ``lora_transformer_`` for a diffusers
+    transformer (SD3, Flux: a class named ``*Transformer*``), ``lora_unet_`` for UNets and anything else."""
+    return TRANSFORMER_PREFIX if "Transformer" in type(model).__name__ else PREFIX
+
+
+def _rekey(pairs: dict, prefix: str) -> dict:
+    """``pairs`` with the other known prefix swapped for ``prefix`` (a peft file parses as ``lora_unet_``)."""
+    other = TRANSFORMER_PREFIX if prefix == PREFIX else PREFIX
+    return {prefix + k[len(other):] if k.startswith(other) else k: v for k, v in pairs.items()}
+
+
 def _candidates(model: nn.Module) -> dict[str, tuple[str, nn.Module]]:
+    prefix = kohya_prefix(model)
     return {
-        flat_name(name): (name, m)
+        flat_name(name, prefix): (name, m)
         for name, m in model.named_modules()
         if name and isinstance(m, (nn.Linear, nn.Conv2d))
     }
@@ -255,7 +303,7 @@ def _inject(model: nn.Module, names: Sequence[str], ranks: Mapping[str, int], al
                 raise RuntimeError(f"peft did not wrap {name!r} (got {type(layer).__name__})")
             layer.lora_A[ADAPTER].to(dtype=dtype)
             layer.lora_B[ADAPTER].to(dtype=dtype)
-            key = flat_name(name)
+            key = flat_name(name, kohya_prefix(model))
             lora.layers[key] = _Pair(layer)
             lora.layers[key].alpha = alphas[name]
             lora.module_names[key] = name
@@ -333,16 +381,20 @@ def load_lora(
     a shape that does not fit, raises a ValueError naming the key, the layer and both shapes; nothing
     is attached then.
     """
+    from ..guidance_embed import GuidanceEmbedding
+
     _check_free(model)
     if isinstance(source, Mapping):
         from ..ode import check_tensors_finite
 
         label = "the LoRA state dict"
         check_tensors_finite(dict(source), label)
-        pairs = parse_refiner_state(source, {"noisecraft.kind": "refiner"}, label)
+        state, meta = source, {"noisecraft.kind": "refiner"}
     else:
         label = str(source)
-        pairs, _ = read_refiner_pairs(source)
+        state, meta = read_lora_file(source)
+    pairs = _rekey(parse_refiner_state(state, meta, label), kohya_prefix(model))
+    guidance = GuidanceEmbedding.from_file(state, meta, label)  # None for a plain refiner
     cands = _candidates(model)
     unknown = [p for p in pairs if p not in cands]
     if unknown:
@@ -365,8 +417,14 @@ def load_lora(
                    {n: by_name[n][2] for n in names}, dtype or torch.float32)
     with torch.no_grad():
         for name in names:
-            pair = lora.layers[flat_name(name)]
+            pair = lora.layers[flat_name(name, kohya_prefix(model))]
             pair.lora_down.weight.copy_(by_name[name][0])
             pair.lora_up.weight.copy_(by_name[name][1])
     lora.targets = tuple(names)
+    if guidance is not None:
+        try:
+            lora.add_guidance(guidance.to(next(iter(lora.layers.values())).lora_down.weight.device))
+        except BaseException:
+            lora.remove()
+            raise
     return lora

@@ -1,4 +1,4 @@
-"""``D(x, sigma) -> x0`` over a diffusers ``UNet2DConditionModel`` (CLI, tests, training).
+"""``D(x, sigma) -> x0`` over a diffusers ``UNet2DConditionModel`` or SD3-class transformer (CLI, tests, training).
 
 The adapter follows ComfyUI's conventions exactly (see :mod:`noisecraft.sigmas`), so an
 algorithm written against a denoiser behaves the same here and inside ComfyUI:
@@ -7,6 +7,11 @@ algorithm written against a denoiser behaves the same here and inside ComfyUI:
   nearest to ``sigma`` in log-sigma (``SigmaTable.timestep``, ComfyUI's ``model_sampling``);
   eps: ``x0 = x - sigma * eps``; v: ``x0 = x / (sigma**2 + 1) - v * sigma / sqrt(sigma**2 + 1)``.
 * flow models: the network sees ``x`` at timestep ``sigma * multiplier``; ``x0 = x - sigma * out``.
+* the network call dispatches on its type (:meth:`DiffusersDenoiser.predict`): a UNet gets
+  ``unet(sample, timestep, encoder_hidden_states, added_cond_kwargs=...)`` (SDXL: ``text_embeds`` and
+  ``time_ids``); an SD3-class transformer (a forward taking ``pooled_projections``) gets
+  ``(hidden_states, encoder_hidden_states, pooled_projections, timestep)``, ``pooled_projections`` taken
+  from the added conditioning. So guidance built on ``predict`` (PAG, ...) serves every family.
 * classifier-free guidance (``cfg != 1``): cond and uncond run in ONE batched forward of 2B and
   combine as ``uncond + cfg * (cond - uncond)`` on the x0 prediction (the same as on eps, the
   map being affine with equal coefficients for both halves).
@@ -24,10 +29,10 @@ connections' sizes). The message says what the model expects and that the CLI's
 For the trainers (:mod:`noisecraft.train`) a model is a :class:`RefinerHost`: the module that takes
 the refiner LoRA (a peft adapter, :func:`noisecraft.hosts.adapters.attach_lora`), its sigma table, and a bank of
 condition embeddings indexed by condition id.
-:func:`diffusers_host` builds one from a local diffusers folder (``unet/``, ``scheduler/``), encoding
-the prompts with the folder's ``tokenizer/`` + ``text_encoder/`` (CLIP, needs ``transformers``) or
-reading them precomputed from a safetensors file; :mod:`noisecraft.hosts.toy` builds one for the
-shipped toy model.
+:func:`diffusers_host` builds one from a local diffusers folder or a single-file checkpoint with a local
+config, for every family of :mod:`noisecraft.hosts.families` (SD1.x, SD2.x, SDXL, SD3-class), encoding the
+prompts as the family's pipeline does (needs ``transformers``) or reading them precomputed from a
+safetensors file; :mod:`noisecraft.hosts.toy` builds one for the shipped toy model.
 """
 
 from __future__ import annotations
@@ -43,8 +48,9 @@ from typing import Any, Mapping, Optional, Sequence
 import torch
 from torch import nn
 
-from ..io import load_safetensors
+from ..lora import DEFAULT_TARGETS, TRANSFORMER_TARGETS
 from ..sigmas import ModelKind, SigmaTable
+from .families import takes_pooled_projections
 
 __all__ = [
     "DiffusersDenoiser",
@@ -153,7 +159,8 @@ def _to(t: Optional[torch.Tensor], device, dtype) -> Optional[torch.Tensor]:
 
 class DiffusersDenoiser:
     """A sigma-space denoiser over a diffusers UNet (any callable ``unet(sample, timestep,
-    encoder_hidden_states=..., return_dict=False)`` returning the prediction first).
+    encoder_hidden_states=..., return_dict=False)`` returning the prediction first) or an SD3-class
+    transformer (a forward taking ``pooled_projections``: pass them as ``added_cond_kwargs``).
 
     Args:
         unet: the network (``UNet2DConditionModel`` or compatible, e.g. with a peft adapter).
@@ -165,7 +172,7 @@ class DiffusersDenoiser:
         uncond: the unconditional states, same shape rules; required when ``cfg != 1``.
         cfg: guidance scale; 1 means unguided (one pass per call, ``uncond`` unused).
         added_cond_kwargs / uncond_added_cond_kwargs: optional extra conditioning
-            (SDXL ``text_embeds`` / ``time_ids``), same batch rules as ``cond``, passed through.
+            (SDXL ``text_embeds`` / ``time_ids``, SD3 ``pooled_projections``), same batch rules as ``cond``.
 
     Calling ``D(x, sigma)`` with ``x`` [B, C, H, W] (any C, H, W) and ``sigma`` [B] (or a scalar)
     returns x0 in ``x``'s dtype. The network runs in the unet's own dtype and device.
@@ -207,6 +214,7 @@ class DiffusersDenoiser:
         self.cfg = cfg
         self.passes = 0
         self._checked_shape: Optional[tuple] = None
+        self._transformer = takes_pooled_projections(unet)
 
     @property
     def cfg(self) -> float:
@@ -239,10 +247,18 @@ class DiffusersDenoiser:
     def predict(self, xin: torch.Tensor, t: torch.Tensor, ehs: torch.Tensor, added: Optional[dict]) -> torch.Tensor:
         """One forward of the network on prepared inputs (:meth:`inputs`): its raw prediction (eps, v or
         velocity), checked to have the latent's shape."""
-        kwargs: dict[str, Any] = {"encoder_hidden_states": ehs, "return_dict": False}
-        if added is not None:
-            kwargs["added_cond_kwargs"] = added
-        out = self.unet(xin, t, **kwargs)
+        if self._transformer:  # SD3-class: forward(hidden_states, encoder_hidden_states, pooled_projections, timestep)
+            pooled = (added or {}).get("pooled_projections")
+            if pooled is None:
+                raise ValueError(f"{type(self.unet).__name__} needs pooled_projections: pass added_cond_kwargs="
+                                 "{'pooled_projections': [B, W]} (the CLIPs' pooled text embeddings)")
+            out = self.unet(hidden_states=xin, encoder_hidden_states=ehs, pooled_projections=pooled, timestep=t,
+                            return_dict=False)
+        else:
+            kwargs: dict[str, Any] = {"encoder_hidden_states": ehs, "return_dict": False}
+            if added is not None:
+                kwargs["added_cond_kwargs"] = added
+            out = self.unet(xin, t, **kwargs)
         if isinstance(out, (tuple, list)):
             out = out[0]
         elif hasattr(out, "sample"):
@@ -431,6 +447,10 @@ class RefinerHost:
     ``table``: its sigma table (model kind); ``conds``: condition embeddings [P, L, D], row ``i``
     for condition id ``i`` of the teacher cache; ``uncond``: [1, L, D] for guided teachers (may be
     None if the cache is already built); ``base_model``: a name written into the refiner's metadata.
+    ``added`` / ``uncond_added``: the family's extra network inputs per condition, ``{name: [P, ...]}`` and
+    ``{name: [1, ...]}`` (SDXL ``text_embeds`` + ``time_ids``, SD3 ``pooled_projections``; None for SD1/SD2);
+    ``targets``: the layer names the refiner LoRA goes on (:data:`noisecraft.lora.DEFAULT_TARGETS` for UNets,
+    :data:`~noisecraft.lora.TRANSFORMER_TARGETS` for SD3-class transformers); ``family``: for messages.
     """
 
     unet: nn.Module
@@ -439,13 +459,21 @@ class RefinerHost:
     uncond: Optional[torch.Tensor] = None
     base_model: str = "unknown"
     cond_labels: Optional[list] = None
+    added: Optional[dict] = None
+    uncond_added: Optional[dict] = None
+    targets: tuple = DEFAULT_TARGETS
+    family: str = "sd"
 
     def denoiser(self, cond_ids: torch.Tensor, cfg: float = 1.0) -> DiffusersDenoiser:
         ids = torch.as_tensor(cond_ids, dtype=torch.long).reshape(-1)
         if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= self.conds.shape[0]):
             raise ValueError(f"condition ids must lie in 0..{self.conds.shape[0] - 1}, got {ids.tolist()[:8]}")
         cond = self.conds[ids.to(self.conds.device)]
-        return DiffusersDenoiser(self.unet, self.table, cond, self.uncond if float(cfg) != 1.0 else None, cfg=cfg)
+        added = None if self.added is None else {k: v[ids.to(v.device)] for k, v in self.added.items()}
+        guided = float(cfg) != 1.0
+        return DiffusersDenoiser(self.unet, self.table, cond, self.uncond if guided else None, cfg=cfg,
+                                 added_cond_kwargs=added,
+                                 uncond_added_cond_kwargs=self.uncond_added if guided else None)
 
 
 def diffusers_host(
@@ -456,77 +484,62 @@ def diffusers_host(
     negative_prompt: str = "",
     device: str | torch.device = "cpu",
     dtype: torch.dtype = torch.float32,
+    config: Optional[str | os.PathLike] = None,
+    latent_shape: Optional[Sequence[int]] = None,
 ) -> RefinerHost:
-    """A local diffusers folder as a host: ``unet/`` (config + weights), ``scheduler/`` (config) and,
-    for encoding the prompts, ``tokenizer/`` + ``text_encoder/`` (needs ``transformers``).
+    """A local diffusers model as a host, any family of :mod:`noisecraft.hosts.families` (SD1.x, SD2.x eps/v,
+    SDXL, SD3-class flow transformers): ``model_dir`` is a diffusers folder (``unet/`` or ``transformer/``,
+    ``scheduler/``, the tokenizers and text encoders), or a single-file checkpoint of the network with
+    ``config`` the diffusers folder to read its config (and the rest) from.
 
-    ``prompt_embeds``: a safetensors file with ``cond`` [P, L, D] (one row per prompt, in order) and
-    ``uncond`` [1, L, D], made elsewhere; then no text encoder (and no ``transformers``) is needed.
-    Models with extra conditioning (SDXL's pooled text and time ids) are not supported here yet.
+    ``prompt_embeds``: a safetensors file of precomputed conditioning (``cond`` [P, L, D], ``uncond`` [1, L, D];
+    SDXL/SD3 also ``pooled`` / ``uncond_pooled``, SDXL optionally ``time_ids``); then no text encoder (and no
+    ``transformers``) is needed. ``latent_shape`` (C, H, W): the training latent, which sets SDXL's time ids
+    (default: the network's ``sample_size``).
     """
-    from diffusers import UNet2DConditionModel
+    from . import families
 
-    root = Path(model_dir)
-    if not (root / "unet" / "config.json").is_file():
-        raise FileNotFoundError(
-            f"{root} is not a diffusers model folder: expected {root / 'unet' / 'config.json'} (and the UNet's "
-            "weights next to it) and scheduler/scheduler_config.json; save one with pipe.save_pretrained(folder)"
-        )
+    path = Path(model_dir)
+    single = None
+    if path.is_file():
+        if config is None:
+            raise ValueError(f"--model {path} is a single-file checkpoint: give --config DIR, a diffusers folder with "
+                             "its configs (unet/config.json or transformer/config.json, scheduler/, and the "
+                             "tokenizers + text encoders unless --prompt-embeds is given)")
+        single, root = path, Path(config)
+    else:
+        if config is not None:
+            raise ValueError(f"--config {config} is for a single-file --model FILE; {path} is a folder: leave "
+                             f"--config out")
+        root = path
+    family = families.detect_family(root)
     sched_cfg = root / "scheduler" / "scheduler_config.json"
     if not sched_cfg.is_file():
-        raise FileNotFoundError(f"{sched_cfg} is missing: the trainer needs the scheduler config for the sigma schedule")
-    unet = UNet2DConditionModel.from_pretrained(str(root), subfolder="unet", torch_dtype=dtype)
-    if getattr(unet.config, "addition_embed_type", None):
-        raise ValueError(
-            f"{root}: this UNet needs extra conditioning ({unet.config.addition_embed_type!r}, e.g. SDXL's pooled "
-            "text embeddings and time ids), which train-refiner does not build yet; use an SD1.x/SD2.x-class model"
-        )
-    unet.to(device).eval().requires_grad_(False)
-    table = sigma_table_from_scheduler(json.loads(sched_cfg.read_text(encoding="utf-8")))
+        raise FileNotFoundError(f"{sched_cfg} is missing: the trainer needs the scheduler config for the sigma "
+                                "schedule")
     if not prompts:
         raise ValueError("no prompts: give a text file with one prompt per line (--prompts FILE)")
+    table = sigma_table_from_scheduler(json.loads(sched_cfg.read_text(encoding="utf-8")))
+    net = families.load_network(root, family, dtype, single)
+    net.to(device).eval().requires_grad_(False)
+    size = int(net.config.sample_size)
+    hw = tuple(latent_shape[-2:]) if latent_shape else (size, size)
     if prompt_embeds is not None:
-        data = load_safetensors(prompt_embeds, what="prompt embeddings (--prompt-embeds)",
-                                fix="give a safetensors with 'cond' [P, L, D] and 'uncond' [1, L, D]")
-        if "cond" not in data or "uncond" not in data:
-            raise ValueError(f"{prompt_embeds}: expected tensors 'cond' [P, L, D] and 'uncond' [1, L, D], got {sorted(data)}")
-        cond, uncond = data["cond"], data["uncond"]
-        if cond.ndim != 3 or cond.shape[0] != len(prompts):
-            raise ValueError(f"{prompt_embeds}: 'cond' has shape {tuple(cond.shape)}, expected [{len(prompts)}, tokens, width] (one per prompt)")
+        enc = families.read_prompt_embeds(prompt_embeds, family, net, len(prompts), hw,
+                                          families.vae_scale_factor(root))
     else:
-        cond, uncond = _encode_prompts(root, list(prompts), negative_prompt, device)
-    width = int(unet.config.cross_attention_dim)
-    if cond.shape[-1] != width or uncond.shape[-1] != width:
-        raise ValueError(
-            f"prompt embeddings have width {cond.shape[-1]} (uncond {uncond.shape[-1]}) but the UNet's "
-            f"cross_attention_dim is {width}: they were made with another text encoder"
-        )
-    return RefinerHost(unet, table, cond.to(device=device, dtype=dtype), uncond[:1].to(device=device, dtype=dtype),
-                       base_model=root.name, cond_labels=list(prompts))
+        enc = families.encode_prompts(root, family, net, list(prompts), negative_prompt, device, hw)
+    width = int(net.config.joint_attention_dim if family == "sd3" else net.config.cross_attention_dim)
+    if enc.cond.shape[-1] != width or enc.uncond.shape[-1] != width:
+        what = "joint_attention_dim" if family == "sd3" else "cross_attention_dim"
+        raise ValueError(f"prompt embeddings have width {enc.cond.shape[-1]} (uncond {enc.uncond.shape[-1]}) but the "
+                         f"network's {what} is {width}: they were made with another text encoder")
 
+    def put(d):
+        return None if d is None else {k: v.to(device=device, dtype=dtype) for k, v in d.items()}
 
-@torch.no_grad()
-def _encode_prompts(root: Path, prompts: list[str], negative: str, device) -> tuple[torch.Tensor, torch.Tensor]:
-    try:
-        from transformers import AutoTokenizer, CLIPTextModel
-    except ImportError:
-        raise ImportError(
-            "encoding prompts needs the 'transformers' package (pip install transformers), which is not "
-            "installed; or encode them elsewhere and pass --prompt-embeds FILE.safetensors with 'cond' [P, L, D] "
-            "and 'uncond' [1, L, D]"
-        ) from None
-    for sub in ("tokenizer", "text_encoder"):
-        if not (root / sub).is_dir():
-            raise FileNotFoundError(f"{root / sub} is missing: the prompts cannot be encoded (or pass --prompt-embeds)")
-    tok = AutoTokenizer.from_pretrained(str(root / "tokenizer"))
-    enc = CLIPTextModel.from_pretrained(str(root / "text_encoder")).to(device).eval()
-
-    def encode(texts: list[str]) -> torch.Tensor:
-        out = []
-        for a in range(0, len(texts), 16):
-            ids = tok(texts[a: a + 16], padding="max_length", max_length=tok.model_max_length,
-                      truncation=True, return_tensors="pt").input_ids.to(device)
-            out.append(enc(ids)[0].float().cpu())
-        return torch.cat(out)
-
-    return encode(prompts), encode([negative])
+    return RefinerHost(net, table, enc.cond.to(device=device, dtype=dtype),
+                       enc.uncond[:1].to(device=device, dtype=dtype),
+                       base_model=single.stem if single is not None else root.name, cond_labels=list(prompts),
+                       added=put(enc.added), uncond_added=put(enc.uncond_added),
+                       targets=TRANSFORMER_TARGETS if family == "sd3" else DEFAULT_TARGETS, family=family)

@@ -13,8 +13,10 @@ Weights are safetensors in ``noisecraft/assets/`` (reproduce them with ``scripts
 
 For the trainers the toy is a host like any other: :func:`toy_host` is its
 :class:`~noisecraft.hosts.diffusers.RefinerHost` (condition id = digit label) and
-:func:`toy_confidence_scorer` its classifier as an NPNet pair keep-filter. Only the demo, the
-CLI (``--toy``, ``--filter toy-classifier``), ``scripts/``, ``benchmarks/`` and the tests use this
+:func:`toy_confidence_scorer` its classifier as an NPNet pair keep-filter and as the teacher filter's
+``toy-classifier`` scorer (:mod:`noisecraft.train.teacher_filter`; the CLI registers it: the toy's
+"image" is its 8x8 x0 itself, no VAE). Only the demo, the CLI (``--toy``, ``--filter toy-classifier``,
+``--keep``), ``scripts/``, ``benchmarks/`` and the tests use this
 module; ``noisecraft.train`` and ``nodes/`` never import it.
 """
 
@@ -296,7 +298,8 @@ def toy_host(toy: ToyModel | None = None) -> RefinerHost:
 
 def toy_confidence_scorer() -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
     """The shipped toy digit classifier's probability of the target class, per sample (no download):
-    a scorer ``score(x0, cond_ids) -> [B]`` for :func:`noisecraft.train.collect_pairs`.
+    a scorer ``score(x0, cond_ids) -> [B]`` for :func:`noisecraft.train.collect_pairs` and for the teacher
+    filter (:func:`noisecraft.train.teacher_filter.filter_teacher_cache`, as ``toy-classifier``).
 
     Condition id = digit label (as :func:`toy_host` numbers them)."""
 

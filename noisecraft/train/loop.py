@@ -16,6 +16,11 @@ module and its loss on one micro-batch; the loop owns everything else, once:
   device in a process-wide singleton that cannot change after the first ``Accelerator`` ("AcceleratorState
   has already been initialized"), while one ComfyUI process trains many times, on other devices and
   precisions, and the CLI trains the toy model on CPU on a CUDA machine.
+* AdamW (:func:`make_adamw`): torch's fused kernel on CUDA (one launch for all LoRA tensors; ``foreach``
+  where fused is refused); elsewhere torch's default (single-tensor on CPU). torch's fused CPU kernel is
+  not used: it differs from the default by an ulp, and ``foreach`` (bit-identical on CPU) would change
+  the ``param_groups`` a checkpoint records. The choice is not a setting: a resume re-applies the
+  current device's choice over the checkpoint's (a CUDA run resumes on CPU and back).
 * Data: any source with ``batches(batch_size, *, seed, epoch, offset, rank, world_size)`` yielding
   ``(batch, next_position)`` (:class:`~noisecraft.train.TeacherCache`,
   :class:`~noisecraft.train.PairStore`). The data position ``(epoch, offset)`` is the whole RNG state
@@ -28,7 +33,7 @@ module and its loss on one micro-batch; the loop owns everything else, once:
   the loss log to the checkpoint's step, so a run killed at any moment and resumed equals the
   uninterrupted run (bit for bit on CPU: tested).
 * Log and plot: ``loss.jsonl`` (one record per step: loss and the method's statistics, lr, grad norm,
-  samples, wall time) and ``loss.png``.
+  samples, wall time) and ``loss.png`` (:mod:`noisecraft.train.losslog`).
 * Control: ``progress(step, total, record)`` after every step; ``interrupt()`` checked before every
   step: when it returns True the loop writes a checkpoint at the last finished step and returns
   (``result.interrupted``); the same call with ``resume=True`` continues. Exceptions raised by either
@@ -74,11 +79,12 @@ from typing import Any, Callable, Iterator, Mapping, Optional, Protocol, Sequenc
 import torch
 from torch import nn
 
-from ..io import atomic_write, atomic_write_text, clean_stale_temps, ensure_dir, read_safetensors, write_safetensors
+from ..io import atomic_write_text, clean_stale_temps, ensure_dir, read_safetensors, write_safetensors
+from .losslog import plot_losses, read_log
 
 __all__ = ["LoopConfig", "Method", "DataSource", "LoopResult", "TrainerResult", "run", "lr_at", "resolve_precision",
-           "make_accelerator", "plot_losses", "read_log", "fewer_steps_message", "CHECKPOINT_NAME", "LOG_NAME",
-           "PLOT_NAME", "LOOP_RESUME_KEYS"]
+           "make_accelerator", "make_adamw", "module_device", "plot_losses", "read_log", "fewer_steps_message",
+           "CHECKPOINT_NAME", "LOG_NAME", "PLOT_NAME", "LOOP_RESUME_KEYS"]
 
 logger = logging.getLogger(__name__)
 
@@ -321,10 +327,41 @@ def _launched_world_size() -> int:
         return 1
 
 
-def _module_device(m: nn.Module) -> torch.device:
+def module_device(m: nn.Module) -> torch.device:
     for p in m.parameters():
         return p.device
     return torch.device("cpu")
+
+
+def make_adamw(params: Sequence[torch.Tensor], config: LoopConfig,
+               device: torch.device | str) -> tuple[torch.optim.AdamW, dict]:
+    """AdamW over ``params`` with the loop's hyper-parameters and the implementation for ``device`` (module
+    docstring): ``(optimizer, flags)``, ``flags`` the ``fused`` / ``foreach`` values it runs with."""
+    device, params = torch.device(device), list(params)
+    kw = dict(lr=config.lr, betas=tuple(config.betas), weight_decay=config.weight_decay)
+    if device.type == "cuda" and params:
+        try:
+            opt = torch.optim.AdamW(params, fused=True, **kw)
+        except (RuntimeError, ValueError) as e:  # e.g. a dtype the fused kernel does not take
+            logger.info("fused AdamW refused (%s): using foreach", e)
+            opt = torch.optim.AdamW(params, foreach=True, **kw)
+    else:
+        opt = torch.optim.AdamW(params, **kw)
+    flags = {k: opt.param_groups[0].get(k) for k in ("fused", "foreach")} if params else {}
+    logger.info("AdamW on %s: %s", device, "fused" if flags.get("fused") else
+                "foreach" if flags.get("foreach") else "torch default")
+    return opt, flags
+
+
+def _use_impl(opt: torch.optim.Optimizer, flags: Mapping[str, Any]) -> None:
+    """Run ``opt`` with ``flags`` (from :func:`make_adamw`) after loading a state dict written elsewhere;
+    the step counts go where that implementation keeps them (fused: the parameter's device; else CPU)."""
+    for g in opt.param_groups:
+        g.update(flags)
+        for prm in g["params"]:
+            st = opt.state.get(prm, {})
+            if isinstance(st.get("step"), torch.Tensor):
+                st["step"] = st["step"].to(device=prm.device if flags.get("fused") else "cpu", dtype=torch.float32)
 
 
 # -- the loop -------------------------------------------------------------------------------------------
@@ -373,15 +410,16 @@ def run(
                               "output folder")
     if is_main:  # the one writer cleans up after a killed one (never another process's live write)
         clean_stale_temps(out)
-    device = torch.device(device) if device is not None else _module_device(method.module)
+    device = torch.device(device) if device is not None else module_device(method.module)
     amp_dtype = resolve_precision(config.precision, device)
     params = [p for p in method.module.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=config.lr, betas=tuple(config.betas), weight_decay=config.weight_decay)
+    opt, impl = make_adamw(params, config, device)
     scaler = torch.amp.GradScaler(device.type) if amp_dtype is torch.float16 else None
 
     step, epoch, offset, samples, wall_prev = 0, 0, 0, 0, 0.0
     if resume and ckpt_path.is_file():
         state = _load_checkpoint(ckpt_path, method, opt, scaler)
+        _use_impl(opt, impl)  # the checkpoint's param_groups carry the writing device's implementation
         saved, now = method.settings_from(state["config"]), method.settings()
         diff = [k for k in method.resume_keys if saved.get(k) != now.get(k)]
         if diff:
@@ -540,64 +578,3 @@ def fewer_steps_message(ckpt_path: Path, step: int, steps: int, output: Path) ->
     return (f"{ckpt_path} is at step {step}, but this run asks for steps = {steps} (--steps {steps}): a resume "
             f"cannot go back. Give --steps {step} or more to continue training, or use the result already in "
             f"{output} if that run finished")
-
-
-def read_log(path: Path, upto_step: Optional[int] = None) -> list[dict]:
-    """The records of a ``loss.jsonl`` (up to ``upto_step``); a line cut by a kill is skipped."""
-    if not path.is_file():
-        return []
-    out = []
-    for line in path.read_text(encoding="utf-8").splitlines():
-        line = line.strip()
-        if not line:
-            continue
-        try:
-            rec = json.loads(line)
-        except json.JSONDecodeError:
-            continue
-        if upto_step is None or int(rec.get("step", 0)) <= upto_step:
-            out.append(rec)
-    return out
-
-
-def plot_losses(steps: Sequence[int], losses: Sequence[float], path: str | os.PathLike, title: str = "loss") -> Path:
-    """A small PNG line plot (PIL only): the raw loss (grey) and its running mean (black), log-scale y."""
-    from PIL import Image, ImageDraw
-
-    path = Path(path)
-    w, h, left, right, top, bottom = 640, 360, 64, 16, 28, 36
-    img = Image.new("RGB", (w, h), "white")
-    draw = ImageDraw.Draw(img)
-    draw.text((left, 8), title, fill="black")
-    pts = [(int(s), float(v)) for s, v in zip(steps, losses) if math.isfinite(float(v)) and float(v) > 0]
-    if len(pts) >= 2:
-        xs, ys = [p[0] for p in pts], [math.log10(p[1]) for p in pts]
-        x0, x1 = min(xs), max(xs) if max(xs) > min(xs) else min(xs) + 1
-        y0, y1 = min(ys), max(ys) if max(ys) > min(ys) else min(ys) + 1e-3
-        pad = 0.05 * (y1 - y0)
-        y0, y1 = y0 - pad, y1 + pad
-
-        def xy(s, ly):
-            return (left + (s - x0) / (x1 - x0) * (w - left - right), top + (y1 - ly) / (y1 - y0) * (h - top - bottom))
-
-        draw.rectangle([left, top, w - right, h - bottom], outline="black")
-        for frac in (0.0, 0.5, 1.0):
-            ly = y0 + frac * (y1 - y0)
-            _, py = xy(x0, ly)
-            draw.line([(left - 4, py), (left, py)], fill="black")
-            draw.text((4, py - 6), f"{10 ** ly:.3g}", fill="black")
-        for frac in (0.0, 0.5, 1.0):
-            s = x0 + frac * (x1 - x0)
-            px, _ = xy(s, y0)
-            draw.line([(px, h - bottom), (px, h - bottom + 4)], fill="black")
-            draw.text((px - 10, h - bottom + 8), f"{s:.0f}", fill="black")
-        draw.text((w // 2 - 20, h - 14), "step", fill="black")
-        draw.line([xy(s, ly) for s, ly in zip(xs, ys)], fill=(180, 180, 180), width=1)
-        k = max(1, len(ys) // 25)
-        smooth = [sum(ys[max(0, i - k + 1): i + 1]) / len(ys[max(0, i - k + 1): i + 1]) for i in range(len(ys))]
-        draw.line([xy(s, ly) for s, ly in zip(xs, smooth)], fill="black", width=2)
-    else:
-        draw.text((left, h // 2), "not enough points to plot", fill="black")
-    with atomic_write(path, "wb") as f:
-        img.save(f, format="PNG")
-    return path

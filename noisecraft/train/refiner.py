@@ -32,6 +32,28 @@ Choices (the paper is silent on them; measured on the toy model, see README):
   module, the checkpoint holds its weights). ``batch_size`` is the global micro-batch over all
   processes; the logged loss and ``residual_rms`` are the global ones.
 
+Scale (SDXL, rank 256; the paper trains SD2.1 at rank 128 and SDXL at rank 256):
+
+* ``gradient_checkpointing``: only the LoRA pass keeps a graph (MSD runs the N student steps without
+  one), so only it is checkpointed (:func:`lora_residual`): on a diffusers model through its own
+  ``enable_gradient_checkpointing`` (every resnet and transformer block a non-reentrant
+  ``torch.utils.checkpoint`` segment, switched on for the LoRA pass only; each segment recomputes with
+  the LoRA state it ran with, and draws no random numbers), on any other module one segment around the
+  whole pass. Same loss and gradients (tested); the saved activations fall to the block inputs plus one
+  block's recompute (``benchmarks/bench_train_memory.py``). A memory setting, not a trajectory one: not a
+  resume key, and recorded in the files only when on (files of runs without it stay as they were).
+* Precision is the loop's (bf16 autocast; LoRA weights, gradients and AdamW state float32; the
+  student chain and the loss in float32, :func:`noisecraft.msd.msd_loss`); AdamW is fused on CUDA.
+* Any rank >= 1 is taken as asked on every target layer, also on a layer narrower than the rank (peft
+  caps nothing: ``down`` [rank, fan_in], ``up`` [fan_out, rank]; the update then has rank
+  <= min(fan_in, fan_out) and the extra columns cost only memory). SD1.5/SDXL have no target layer
+  narrower than 320.
+
+* Guidance-scale control (``guidance_range``, :mod:`noisecraft.guidance_embed`; the paper's App. A.4): the
+  cache's teachers each used their own CFG scale (``TeacherBatch.guidance``), and the refiner pass gets that
+  scale through a zero-initialised ``GuidanceEmbedding`` added to the timestep embedding (trained with the
+  LoRA, saved in the same file). Without it (None) settings, checkpoints and refiner files are as before.
+
 Outputs in ``out_dir``: ``refiner.safetensors`` (kohya LoRA + ``noisecraft.*`` metadata, byte-for-byte
 reproducible), ``checkpoint.safetensors``, ``loss.jsonl``, ``loss.png``.
 """
@@ -49,12 +71,13 @@ from typing import Any, Callable, Mapping, Optional
 import torch
 
 from ..hosts.diffusers import RefinerHost
+from ..guidance_embed import GuidanceEmbedding, check_guidance_range
 from ..hosts.adapters import LoRASet, attach_lora
 from ..lora import CONVENTION, DEFAULT_TARGETS
 from ..msd import msd_loss
 from ..refine import refine_with, residual_from_denoisers
 from ..sigmas import get_sigmas
-from .loop import CHECKPOINT_NAME, LOG_NAME, PLOT_NAME, LoopConfig, TrainerResult, _module_device, plot_losses, run
+from .loop import CHECKPOINT_NAME, LOG_NAME, PLOT_NAME, LoopConfig, TrainerResult, module_device, plot_losses, run
 from .teacher_cache import TeacherCache, write_safetensors
 
 __all__ = [
@@ -62,6 +85,8 @@ __all__ = [
     "TrainResult",
     "train_refiner",
     "RefinerMethod",
+    "msd_step_loss",
+    "lora_residual",
     "save_refiner",
     "write_safetensors",
     "plot_losses",
@@ -92,6 +117,10 @@ class RefinerTrainConfig(LoopConfig):
     student_steps: int = 10
     scheduler: str = "normal"
     lora_seed: int = 0  # LoRA down init
+    gradient_checkpointing: bool = False  # of the LoRA pass (module docstring, "Scale")
+    # guidance-scale control (noisecraft.guidance_embed): train on a cache built with this (lo, hi) teacher CFG
+    # range, the refiner taking each sample's scale; None = a plain refiner (settings JSON without the key)
+    guidance_range: Optional[tuple[float, float]] = None
 
     def check(self) -> None:
         self.loop().check()
@@ -101,6 +130,9 @@ class RefinerTrainConfig(LoopConfig):
                 raise ValueError(f"{name} must be a positive integer, got {v!r}")
         if self.alpha is not None and not (math.isfinite(float(self.alpha)) and float(self.alpha) > 0):
             raise ValueError(f"alpha must be a positive number (or None: alpha = rank), got {self.alpha}")
+        check_guidance_range(self.guidance_range)
+        if not isinstance(self.gradient_checkpointing, bool):
+            raise ValueError(f"gradient_checkpointing must be True or False, got {self.gradient_checkpointing!r}")
 
     def loop(self) -> LoopConfig:
         """The loop's part of these settings."""
@@ -110,6 +142,12 @@ class RefinerTrainConfig(LoopConfig):
         d = asdict(self)
         d["targets"] = list(self.targets)
         d["betas"] = list(self.betas)
+        if d.get("guidance_range") is None:  # a plain refiner's settings (and files) stay as they were
+            d.pop("guidance_range", None)
+        else:
+            d["guidance_range"] = [float(v) for v in self.guidance_range]
+        if not self.gradient_checkpointing:  # memory only: files of runs without it stay as they were
+            del d["gradient_checkpointing"]
         return d
 
     @classmethod
@@ -117,12 +155,15 @@ class RefinerTrainConfig(LoopConfig):
         d = dict(d)
         d["targets"] = tuple(d.get("targets", DEFAULT_TARGETS))
         d["betas"] = tuple(d.get("betas", (0.9, 0.999)))
+        if d.get("guidance_range") is not None:
+            d["guidance_range"] = tuple(float(v) for v in d["guidance_range"])
         return cls(**{k: v for k, v in d.items() if k in cls.__dataclass_fields__})
 
 
 # Settings that change the trajectory: a resume must use the same ones (steps may grow).
 _RESUME_KEYS = ("rank", "alpha", "targets", "lr", "weight_decay", "betas", "warmup", "lr_schedule", "batch_size",
-                "grad_accum", "max_grad_norm", "student_steps", "scheduler", "precision", "seed", "lora_seed")
+                "grad_accum", "max_grad_norm", "student_steps", "scheduler", "precision", "seed", "lora_seed",
+                "guidance_range")
 
 
 @dataclass(kw_only=True)
@@ -138,6 +179,67 @@ def save_refiner(lora: LoRASet, path: str | os.PathLike, metadata: Optional[Mapp
     """The refiner LoRA as the refiner file (:meth:`LoRASet.save`: kohya keys, ``noisecraft.*``
     metadata, written atomically and reproducibly by :func:`noisecraft.lora.save_refiner_pairs`)."""
     return lora.save(path, metadata)
+
+
+def lora_residual(lora: LoRASet, student, kind, sigma_max: float, *, guidance=None,
+                  gradient_checkpointing: bool = False, checkpoint: Optional[Callable] = None):
+    """Step 1 of the module docstring as a residual function ``e -> (D_base(x_T) - D_lora(x_T)) / sigma_max``
+    (:func:`noisecraft.refine.residual_from_denoisers`) over ``student``'s network with ``lora`` toggled;
+    ``guidance``: per-sample CFG scales for a guidance-conditioned refiner (:meth:`LoRASet.base_and_lora`).
+
+    ``gradient_checkpointing``: the LoRA pass runs checkpointed (module docstring, "Scale"); ``checkpoint``
+    replaces ``torch.utils.checkpoint.checkpoint(fn, *args, use_reentrant=False, preserve_rng_state=False)``
+    (same call form; the memory benchmark passes a measuring one)."""
+    d_base, d_lora = lora.base_and_lora(student) if guidance is None else lora.base_and_lora(student, guidance=guidance)
+    if gradient_checkpointing:
+        d_lora = _checkpointed(d_lora, lora, getattr(student, "unet", None), checkpoint or _checkpoint)
+    return residual_from_denoisers(d_base, d_lora, kind, sigma_max)
+
+
+def _checkpoint(fn, *args):
+    from torch.utils.checkpoint import checkpoint
+
+    return checkpoint(fn, *args, use_reentrant=False, preserve_rng_state=False)
+
+
+def _checkpointed(d_lora, lora: LoRASet, net, checkpoint: Callable):
+    def segment_func(module, *args):  # diffusers' gradient_checkpointing_func: one block
+        enabled = lora.enabled
+
+        def segment(*a):  # the recompute (in backward) runs with the LoRA state of the forward
+            prev = lora.enabled
+            if prev != enabled:
+                lora.enabled = enabled
+            try:
+                return module(*a)
+            finally:
+                if prev != enabled:
+                    lora.enabled = prev
+
+        return checkpoint(segment, *args)
+
+    def call(x, sigma):
+        if not getattr(net, "_supports_gradient_checkpointing", False):
+            return checkpoint(d_lora, x, sigma)  # one segment: the pass's activations are freed until backward
+        was_on = bool(getattr(net, "is_gradient_checkpointing", False))
+        net.enable_gradient_checkpointing(segment_func)
+        try:
+            return d_lora(x, sigma)
+        finally:
+            if not was_on:
+                net.disable_gradient_checkpointing()
+
+    return call
+
+
+def msd_step_loss(lora: LoRASet, student, e: torch.Tensor, x0: torch.Tensor, sigmas: torch.Tensor, kind, *,
+                  guidance=None, gradient_checkpointing: bool = False) -> tuple[torch.Tensor, dict]:
+    """Steps 1-3 of the module docstring on one micro-batch: refiner (:func:`lora_residual`), student
+    without the refiner, :func:`noisecraft.msd.msd_loss`; ``(loss, stats)`` as msd_loss returns them."""
+    residual = lora_residual(lora, student, kind, float(sigmas[0]), guidance=guidance,
+                             gradient_checkpointing=gradient_checkpointing)
+    with lora.disabled():  # the student samples without the refiner
+        return msd_loss(functools.partial(refine_with, residual), e, student, x0, sigmas, kind)
 
 
 class RefinerMethod:
@@ -156,17 +258,16 @@ class RefinerMethod:
         self.kind_of_model = host.table.kind
         self.sigmas = get_sigmas(host.table, config.scheduler, config.student_steps) if sigmas is None else sigmas
         self.sigma_max = float(self.sigmas[0])
-        self.device = _module_device(host.unet)
+        self.device = module_device(host.unet)
         self.extra = dict(metadata or {})
         self.plot_title = f"MSD loss ({host.base_model}, rank {config.rank}, N={config.student_steps})"
 
     def loss(self, batch):
-        student = self.host.denoiser(batch.cond)
-        d_base, d_lora = self.module.base_and_lora(student)
-        residual = residual_from_denoisers(d_base, d_lora, self.kind_of_model, self.sigma_max)
-        with self.module.disabled():  # the student samples without the refiner
-            loss, stats = msd_loss(functools.partial(refine_with, residual), batch.e.to(self.device), student,
-                                   batch.x0.to(self.device), self.sigmas, self.kind_of_model)
+        # guidance-scale control: each sample's teacher scale
+        guidance = batch.guidance if self.config.guidance_range is not None else None
+        loss, stats = msd_step_loss(self.module, self.host.denoiser(batch.cond), batch.e.to(self.device),
+                                    batch.x0.to(self.device), self.sigmas, self.kind_of_model, guidance=guidance,
+                                    gradient_checkpointing=self.config.gradient_checkpointing)
         return loss, {"loss": stats["loss"], "residual_rms": stats["residual_rms"]}
 
     def settings(self) -> dict:
@@ -191,6 +292,21 @@ class RefinerMethod:
         full = {"base_model": self.host.base_model, "model_kind": self.kind_of_model.value,
                 "sigma_max": repr(self.sigma_max), "convention": CONVENTION, "training": training, **self.extra}
         return save_refiner(self.module, Path(out_dir) / REFINER_NAME, full)
+
+
+def _check_guidance_cache(config: RefinerTrainConfig, cache: TeacherCache) -> None:
+    """Guidance-scale control needs a cache whose teachers used per-sample scales over the same range."""
+    want, have = check_guidance_range(config.guidance_range), cache.guidance_range
+    if want is None:
+        if have is not None:
+            logger.warning("the teacher cache mixes CFG scales %g..%g but the refiner has no guidance input (no "
+                           "guidance_range): it learns one average refiner", *have)
+        return
+    if have is None or any(abs(a - b) > 1e-9 for a, b in zip(want, have)):
+        raise ValueError(f"guidance_range {list(want)} needs a teacher cache built with the same range (per-sample "
+                         f"CFG scales), this one has {None if have is None else list(have)}: build the cache with "
+                         f"build_teacher_cache(..., guidance_range={tuple(want)}) / --guidance-range, or train "
+                         f"without guidance_range")
 
 
 def train_refiner(
@@ -246,7 +362,8 @@ def train_refiner(
         )
     kind = host.table.kind
     if cache.meta.get("kind") not in (None, kind.value):
-        raise ValueError(f"the teacher cache was made with a {cache.meta.get('kind')} model, this one is {kind.value}")
+        raise ValueError(f"the teacher cache was made with a {cache.meta.get('kind')} model, this one is a {kind.value} "
+                         f"model: build a teacher cache with this model (another cache folder) and train on that")
     sigma_max = float(get_sigmas(host.table, config.scheduler, config.student_steps)[0])
     cached_max = cache.meta.get("sigma_max")
     if cached_max is not None and abs(float(cached_max) - sigma_max) > 1e-4 * max(1.0, sigma_max):
@@ -254,8 +371,11 @@ def train_refiner(
             f"the teacher started at sigma_max {cached_max} but the student schedule starts at {sigma_max}: "
             "build the cache with the same model and a full-denoise schedule"
         )
+    _check_guidance_cache(config, cache)
     lora = attach_lora(host.unet, config.rank, config.alpha, config.targets, seed=config.lora_seed)
     try:
+        if config.guidance_range is not None:
+            lora.add_guidance(GuidanceEmbedding.for_model(host.unet, train_range=config.guidance_range))
         method = RefinerMethod(host, cache, config, lora, metadata)
         res = run(method, cache, out_dir, config.loop(), resume=resume, accelerator=accelerator,
                   device=method.device, progress=progress, interrupt=interrupt, stop_after=stop_after)

@@ -15,6 +15,12 @@ Layout of a cache folder::
                                "cond" [n] int64 (class label or prompt index), "seed" [n] int64
     shard_00001.safetensors    ...
 
+  A cache built with a ``guidance_range`` (guidance-scale control, :mod:`noisecraft.guidance_embed`) has
+  ``meta["guidance_range"] = [lo, hi]`` and a ``"guidance"`` [n] float32 tensor per shard: sample ``i``'s
+  teacher CFG scale, :func:`~noisecraft.guidance_embed.scale_draws` of ``(base_seed, i)`` (reproducible,
+  any shard by any job, resumable); the teacher guides each sample with its own scale and batches carry
+  it (``TeacherBatch.guidance``; None for a cache without a range, whose files are unchanged).
+
 * Sample ``i`` is fully defined by the cache's base seed and condition list: its noise is
   ``seeded_noise(base_seed + i, (1, C, H, W))`` (ComfyUI's ``RandomNoise(seed)`` for a batch of one)
   and its condition is ``conds[i % len(conds)]``. So shard ``k`` (samples ``k * shard_size ...``) can
@@ -29,6 +35,10 @@ Layout of a cache folder::
   training checkpoint stores). For several processes, each takes a contiguous slice of every
   global batch (``rank``, ``world_size``): the union over ranks is the single-process batch.
   Shards are read lazily (a small LRU of open shards), so caches larger than memory work.
+* Filtered (:meth:`TeacherCache.subset`, made by :func:`noisecraft.train.teacher_filter.filter_teacher_cache`):
+  a view of some stored samples as a cache of its own (sample ``i`` = stored sample ``keep[i]``; the
+  ``keep`` list and the filter record in its index); no shard is copied or rewritten, and batches,
+  positions and resume are the same code as for the whole cache.
 * In memory (:meth:`TeacherCache.in_memory`): the same store without a folder, for a teacher that
   lives in one process (the ComfyUI Build Teacher Cache node): the given noise, condition ids and
   x0 form one shard, so :meth:`TeacherCache.batches` (and a training checkpoint's data position)
@@ -37,6 +47,8 @@ Layout of a cache folder::
 
 from __future__ import annotations
 
+import copy
+import json
 import logging
 import os
 from dataclasses import dataclass
@@ -48,7 +60,8 @@ import torch
 from ..msd import check_schedule, teacher_x0
 from .shards import INDEX_NAME, ShardedStore, check_split, epoch_generator, positioned_batches, write_safetensors
 
-__all__ = ["TeacherCache", "TeacherBatch", "build_teacher_cache", "write_safetensors", "INDEX_NAME", "CACHE_VERSION"]
+__all__ = ["TeacherCache", "TeacherBatch", "build_teacher_cache", "per_sample_teacher", "write_safetensors", "INDEX_NAME",
+           "CACHE_VERSION"]
 
 logger = logging.getLogger(__name__)
 
@@ -70,9 +83,11 @@ class ShardBatch:
 
 @dataclass
 class TeacherBatch(ShardBatch):
-    """One batch: unit noise ``e``, condition ids ``cond``, the teacher's ``x0`` and the sample indices."""
+    """One batch: unit noise ``e``, condition ids ``cond``, the teacher's ``x0`` and the sample indices
+    (and the teacher's per-sample CFG scale ``guidance`` [n] for a guidance-range cache, else None)."""
 
     x0: torch.Tensor
+    guidance: Optional[torch.Tensor] = None
 
 
 class TeacherCache(ShardedStore):
@@ -82,6 +97,20 @@ class TeacherCache(ShardedStore):
     _HOLDS = "a teacher cache"
     _FOLDER = "cache"
     _SHARD_KEYS = ("noise", "x0", "cond")
+
+    @property
+    def guidance_range(self) -> Optional[tuple[float, float]]:
+        """``(lo, hi)`` of the teachers' CFG scales for a guidance-range cache, else None."""
+        r = self.meta.get("guidance_range")
+        return None if r is None else (float(r[0]), float(r[1]))
+
+    def sample_guidance(self, indices: Sequence[int]) -> torch.Tensor:
+        """The teacher CFG scale of samples ``indices`` (float32 [n]); needs a guidance-range cache."""
+        from ..guidance_embed import scale_draws
+
+        if self.guidance_range is None:
+            raise ValueError(f"teacher cache {self.root} has no guidance range: it was built with one CFG scale")
+        return scale_draws(indices, int(self._index["base_seed"]), self.guidance_range)
     _REBUILD_HINT = "delete that shard file and build again (the build resumes and remakes it)"
 
     def _no_index_message(self) -> str:
@@ -135,9 +164,10 @@ class TeacherCache(ShardedStore):
 
     @classmethod
     def in_memory(cls, noise: torch.Tensor, x0: torch.Tensor, cond: torch.Tensor, *, conds: Sequence[Any],
-                  meta: Optional[Mapping[str, Any]] = None) -> "TeacherCache":
+                  meta: Optional[Mapping[str, Any]] = None, guidance: Optional[torch.Tensor] = None) -> "TeacherCache":
         """A cache held in memory (no folder): sample ``i`` is ``(noise[i], cond[i], x0[i])``, ``cond[i]``
-        an index into ``conds``. Reading (:meth:`get`, :meth:`batches`) is the folder cache's code."""
+        an index into ``conds`` (``guidance[i]`` its teacher's CFG scale, with ``meta["guidance_range"]``).
+        Reading (:meth:`get`, :meth:`batches`) is the folder cache's code."""
         n = int(noise.shape[0]) if torch.is_tensor(noise) and noise.ndim >= 2 else 0
         if n < 1 or not torch.is_tensor(x0) or tuple(x0.shape) != tuple(noise.shape):
             raise ValueError(f"an in-memory teacher cache needs noise and x0 of one shape [n >= 1, C, H, W], got "
@@ -154,6 +184,13 @@ class TeacherCache(ShardedStore):
                                           base_seed=0, total=n, shard_size=n, meta=meta), "shards": []}
         data = {"noise": noise.detach().to("cpu", torch.float32), "x0": x0.detach().to("cpu", torch.float32),
                 "cond": cond}
+        if (guidance is None) != (self.guidance_range is None):
+            raise ValueError("an in-memory teacher cache with per-sample CFG scales needs both guidance [n] and "
+                             "meta['guidance_range'] (or neither)")
+        if guidance is not None:
+            data["guidance"] = torch.as_tensor(guidance, dtype=torch.float32).reshape(-1).cpu()
+            if data["guidance"].numel() != n:
+                raise ValueError(f"an in-memory teacher cache needs {n} guidance scales, got {data['guidance'].numel()}")
         self._load_shard = lambda k: data
         return self
 
@@ -163,14 +200,52 @@ class TeacherCache(ShardedStore):
         return self.root is None
 
     def missing_shards(self) -> list[int]:
+        if self._source is not None:  # a filtered view: its store's shards
+            return self._source.missing_shards()
         return [] if self.root is None else super().missing_shards()
+
+    # -- filtered views (noisecraft.train.teacher_filter) -------------------------------------------
+    _source: Optional["TeacherCache"] = None  # the store a filtered view reads
+    _keep: Optional[torch.Tensor] = None      # view sample i = stored sample _keep[i]
+
+    def subset(self, keep: Sequence[int] | torch.Tensor, record: Mapping[str, Any]) -> "TeacherCache":
+        """A view of the stored samples ``keep`` (distinct indices) as a cache of ``len(keep)`` samples:
+        sample ``i`` of the view is stored sample ``keep[i]``; nothing is copied. Its index holds ``keep``
+        and the filter ``record`` (also ``meta["filter"]``, so the trainer records it); :meth:`get`,
+        :meth:`batches` and a training checkpoint's data position work on it as on any cache."""
+        idx = self._indices(keep, "kept sample")
+        if idx.numel() < 1 or torch.unique(idx).numel() != idx.numel():
+            raise ValueError(f"a filtered teacher cache needs at least one kept sample and no repeats, got "
+                             f"{idx.numel()} indices ({torch.unique(idx).numel()} distinct)")
+        source, stored = (self, idx) if self._source is None else (self._source, self._keep[idx])
+        record = json.loads(json.dumps(dict(record), sort_keys=True))
+        view = copy.copy(self)
+        view._source, view._keep = source, stored
+        view._index = {**self._index, "total": int(idx.numel()), "keep": stored.tolist(), "filter": record,
+                       "meta": {**self.meta, "filter": record}}
+        return view
+
+    @property
+    def filter(self) -> Optional[dict]:
+        """The filter record of a filtered view (scorer, kept N of M, threshold, ...); None for a whole cache."""
+        return None if self._source is None else dict(self._index["filter"])
+
+    @property
+    def kept_from(self) -> torch.Tensor:
+        """The stored sample index of each sample of this cache (``arange(total)`` for a whole cache)."""
+        return torch.arange(self.total) if self._keep is None else self._keep.clone()
+
+    def reindex(self) -> None:
+        if self._source is not None:
+            raise ValueError("a filtered teacher cache is a view: reindex the cache it was filtered from")
+        super().reindex()
 
     # -- shards ----------------------------------------------------------------------------------
     def write_shard(self, k: int, x0: torch.Tensor, noise: Optional[torch.Tensor] = None) -> Path:
         """Store shard ``k`` (samples ``shard_range(k)``) with the teacher's x0 for them, atomically."""
-        if self.root is None:
-            raise ValueError("an in-memory teacher cache has no folder to write shards to: build a folder cache "
-                             "with TeacherCache.create(...) / build_teacher_cache(...)")
+        if self.root is None or self._source is not None:
+            raise ValueError("an in-memory or filtered teacher cache has no folder to write shards to: build a folder "
+                             "cache with TeacherCache.create(...) / build_teacher_cache(...)")
         idx = self._shard_indices(k)
         noise = self.sample_noise(idx) if noise is None else noise
         if tuple(x0.shape) != (len(idx), *self.shape) or tuple(noise.shape) != tuple(x0.shape):
@@ -181,13 +256,16 @@ class TeacherCache(ShardedStore):
         if not bool(torch.isfinite(x0).all()):
             raise FloatingPointError(f"the teacher produced non-finite x0 for shard {k}: not stored")
         path = self.shard_path(k)
+        tensors = {
+            "noise": noise.to(torch.float32),
+            "x0": x0.to(torch.float32),
+            "cond": self.sample_conds(idx),
+            "seed": self._sample_seeds(idx),
+        }
+        if self.guidance_range is not None:
+            tensors["guidance"] = self.sample_guidance(idx)
         write_safetensors(
-            {
-                "noise": noise.to(torch.float32),
-                "x0": x0.to(torch.float32),
-                "cond": self.sample_conds(idx),
-                "seed": self._sample_seeds(idx),
-            },
+            tensors,
             path,
             {"noisecraft.kind": "teacher_cache_shard", "start": str(idx[0]), "count": str(len(idx))},
         )
@@ -198,10 +276,15 @@ class TeacherCache(ShardedStore):
     def get(self, indices: Sequence[int] | torch.Tensor) -> TeacherBatch:
         """Samples ``indices`` (in that order)."""
         idx = self._indices(indices, "sample")
-        out = self._gather(idx, {k: torch.empty((idx.numel(), *self.shape) if k != "cond" else (idx.numel(),),
+        if self._source is not None:  # a filtered view: the stored samples, numbered as in the view
+            batch = self._source.get(self._keep[idx])
+            batch.index = idx
+            return batch
+        keys = ("noise", "x0", "cond") + (("guidance",) if self.guidance_range is not None else ())
+        out = self._gather(idx, {k: torch.empty((idx.numel(), *self.shape) if k in ("noise", "x0") else (idx.numel(),),
                                                 dtype=torch.long if k == "cond" else torch.float32)
-                                 for k in ("noise", "x0", "cond")})
-        return TeacherBatch(e=out["noise"], cond=out["cond"], x0=out["x0"], index=idx)
+                                 for k in keys})
+        return TeacherBatch(e=out["noise"], cond=out["cond"], x0=out["x0"], index=idx, guidance=out.get("guidance"))
 
     def epoch_order(self, seed: int, epoch: int) -> torch.Tensor:
         """The shuffled sample order of ``epoch``: a pure function of ``(seed, epoch)``."""
@@ -253,6 +336,7 @@ def build_teacher_cache(
     batch_size: int = 64,
     shards: Optional[Sequence[int]] = None,
     progress: Optional[Callable[[int, int], None]] = None,
+    guidance_range: Optional[Sequence[float]] = None,
 ) -> TeacherCache:
     """Produce the teacher cache: guided sampling (``teacher_x0``) of every missing shard.
 
@@ -263,9 +347,18 @@ def build_teacher_cache(
     kept; stale temp files of killed writes are removed, except by a parallel job with its own
     ``shards``). ``progress(done_samples, total_samples)`` is called after each micro-batch.
     Cost: 2N' model passes per sample with CFG.
+
+    ``guidance_range`` ``(lo, hi)`` (guidance-scale control): each sample gets its own teacher CFG scale
+    (:meth:`TeacherCache.sample_guidance`, stored per shard) and ``guided_denoiser_for(cond_ids, scales)``
+    is called with the scales [n] as well (:func:`per_sample_teacher` makes one for a host).
     """
+    from ..guidance_embed import check_guidance_range
+
     s = check_schedule(sigmas, "teacher")
     meta = {**dict(meta or {}), "teacher_steps": int(len(s) - 1), "sigma_max": float(s[0]), "kind": str(kind)}
+    guidance_range = check_guidance_range(guidance_range)
+    if guidance_range is not None:
+        meta["guidance_range"] = list(guidance_range)
     cache = TeacherCache.create(root, shape=shape, conds=conds, base_seed=base_seed, total=total,
                                 meta=meta, shard_size=shard_size)
     if shards is None:  # a parallel job (its own shard list) leaves this to the job that defines the cache
@@ -276,13 +369,28 @@ def build_teacher_cache(
         idx = list(cache.shard_range(k))
         noise = cache.sample_noise(idx)
         cond = cache.sample_conds(idx)
+        scales = cache.sample_guidance(idx) if guidance_range is not None else None
         outs = []
         for a in range(0, len(idx), int(batch_size)):
             e, c = noise[a: a + batch_size], cond[a: a + batch_size]
-            outs.append(teacher_x0(guided_denoiser_for(c), e, s, kind).detach().float().cpu())
+            guided = guided_denoiser_for(c) if scales is None else guided_denoiser_for(c, scales[a: a + batch_size])
+            outs.append(teacher_x0(guided, e, s, kind).detach().float().cpu())
             done += e.shape[0]
             if progress is not None:
                 progress(done, work)
         cache.write_shard(k, torch.cat(outs), noise)
         logger.debug("teacher cache %s: shard %d written", cache.root, k)
     return TeacherCache(cache.root)
+
+
+def per_sample_teacher(host) -> Callable[[torch.Tensor, torch.Tensor], Callable]:
+    """``guided_denoiser_for(cond_ids, scales)`` for :func:`build_teacher_cache` with a ``guidance_range``: CFG
+    with one scale per sample on a :class:`~noisecraft.hosts.diffusers.RefinerHost`
+    (:func:`noisecraft.guidance_embed.cfg_per_sample` over the host's guided denoiser, so the family's extra
+    inputs, e.g. SDXL's pooled text and time ids, come with it)."""
+    from ..guidance_embed import cfg_per_sample
+
+    if host.uncond is None:
+        raise ValueError("a guided teacher needs the host's unconditional embedding (host.uncond is None)")
+    # cfg 2: any scale != 1 makes the host's denoiser carry the uncond inputs; cfg_per_sample uses its own scales
+    return lambda cond_ids, scales: cfg_per_sample(host.denoiser(cond_ids, cfg=2.0), scales)

@@ -31,11 +31,11 @@ SUBSTITUTE = {
 OVERRIDES = {"EmptyLatentImage": {"width": 128, "height": 128}}
 NC_NODES = {"NC_InversionStabilitySelect", "NC_OptimizeNoise", "NC_NoiseToLatent", "NC_LoadNPNet",
             "NC_NPNetGoldenNoise", "NC_LoadRefiner", "NC_RefineNoise", "NC_BuildTeacherCache",
-            "NC_TrainRefiner", "NC_SaveRefiner"}
+            "NC_TrainRefiner", "NC_SaveRefiner", "NC_FilterTeacherCache"}
 REPORTING_NODES = {"NC_InversionStabilitySelect", "NC_OptimizeNoise"}  # the nodes that send UI data
 NPNET_FILES = {"sdxl.safetensors": "sdxl"}  # file name in the examples -> preset of the random stand-in
 REFINER_FILES = {"sd15_refiner.safetensors": "sd15"}  # file name in the examples -> tiny model family
-HEADLESS = {"train_refiner"}  # training workflows: they save a model file, not images (tested below)
+HEADLESS = {"train_refiner", "train_refiner_pag"}  # training workflows: they save a model file, not images (tested below)
 IMAGE_WORKFLOWS = [p for p in WORKFLOWS if p.stem not in HEADLESS]
 # Tiny step counts for the training example (its own values are for real use).
 TRAIN_OVERRIDES = {
@@ -231,6 +231,28 @@ def test_training_example_trains_saves_and_the_saved_refiner_runs_in_the_refined
     loader = next(n for n in prompt2.values() if n["class_type"] == "NC_LoadRefiner")
     loader["inputs"]["refiner_name"] = saved[0]
     _run_ok(server, prompt2, ui2)
+
+
+def test_pag_training_example_samples_the_teacher_through_pag_and_trains_the_plain_model(server, object_info):
+    """train_refiner_pag.json: the paper's teacher (CFG 7 + PAG 3, the stock Perturbed Attention Guidance node on
+    Build Teacher Cache's MODEL); Train Refiner gets the checkpoint's own MODEL (the student is unguided)."""
+    from safetensors import safe_open
+
+    ui = json.loads((REPO / "example_workflows" / "train_refiner_pag.json").read_text())
+    prompt = _prompt(ui, object_info, **TRAIN_OVERRIDES)
+    by_type = {n["class_type"]: (key, n) for key, n in prompt.items()}
+    pag_id, pag = by_type["PerturbedAttentionGuidance"]
+    ckpt_id, _ = by_type["NC_Test_TinyCheckpoint"]
+    assert pag["inputs"]["scale"] == 3.0 and pag["inputs"]["model"][0] == ckpt_id
+    assert by_type["NC_BuildTeacherCache"][1]["inputs"]["model"][0] == pag_id
+    assert by_type["NC_BuildTeacherCache"][1]["inputs"]["cfg"] == 7.0
+    assert by_type["NC_TrainRefiner"][1]["inputs"]["model"][0] == ckpt_id
+    entry = _run_ok(server, prompt, ui)
+    (saved,) = sum(_ui_values(entry, "noisecraft_saved"), [])
+    assert saved.startswith("sd15_refiner_pag_trained_")
+    assert all(np.isfinite(v).all() for v in _ui_values(entry, "noisecraft_losses"))
+    with safe_open(str(server.base / "models" / "loras" / saved), "pt") as f:
+        assert f.metadata()["noisecraft.kind"] == "refiner" and len(list(f.keys())) > 0
 
 
 # -- NPNet training example (collect_npnet_pairs.json) ----------------------------------------------------

@@ -181,7 +181,9 @@ try {
   const saved = await page.evaluate(() => JSON.parse(JSON.stringify(window.app.graph.serialize())));
   fs.writeFileSync(path.join(ART, "workflow_guidance_off.json"), JSON.stringify(saved, null, 1));
   const savedRefine = saved.nodes.find((n) => n.id === REFINE_ID);
-  check(savedRefine.properties.noisecraft_guidance_off === true && savedRefine.widgets_values.length === 1,
+  // widgets_values holds the server's widgets only (strength, guidance), never the toggle's boolean
+  check(savedRefine.properties.noisecraft_guidance_off === true && savedRefine.widgets_values.length === 2
+    && savedRefine.widgets_values.every((v) => typeof v === "number"),
     "the saved workflow keeps the state in properties, not in widgets_values",
     { properties: savedRefine.properties, widgets_values: savedRefine.widgets_values });
   await page.evaluate(async () => { await window.app.loadGraphData({ nodes: [], links: [], version: 0.4 }); });
