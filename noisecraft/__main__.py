@@ -27,8 +27,8 @@ import sys
 import time
 from pathlib import Path
 
-from .cli_args import ProgressLine, Refused, format_weights_table, non_negative_int, positive_float
-from .cli_train import add_train_commands, check_out
+from .cli_args import ProgressLine, Refused, check_out, format_weights_table, non_negative_int, positive_float
+from .cli_train import add_train_commands
 
 
 class _Parser(argparse.ArgumentParser):

@@ -1,4 +1,5 @@
-"""The command line's argument types, and the fetch command's weights table and progress line.
+"""The command line's argument types and shared pieces: output folders (checked, one writer each), progress
+callbacks, the interrupted-run line, and the fetch command's weights table and progress line.
 
 Numeric flags are checked before any work: each type is an argparse ``type=`` that raises
 ``argparse.ArgumentTypeError`` with what is allowed and what was got (argparse prints
@@ -8,9 +9,11 @@ Numeric flags are checked before any work: each type is an argparse ``type=`` th
 from __future__ import annotations
 
 import argparse
+import logging
 import math
 import sys
 import time
+from pathlib import Path
 
 class Refused(Exception):
     """A bad input found by the command line itself: the message is printed as is (one line), rc 2."""
@@ -114,3 +117,57 @@ class ProgressLine:
     def close(self) -> None:
         if self.enabled and self.last:
             sys.stderr.write("\n")
+
+
+# -- output folders and progress (the training commands) -------------------------------------------
+
+
+def check_out(path, flag: str = "--out") -> Path:
+    """An output folder that can be used (checked, not created); raises Refused naming the flag."""
+    from .io import ensure_dir
+
+    try:
+        return ensure_dir(path, flag, create=False)
+    except ValueError as exc:
+        raise Refused(str(exc)) from None
+
+
+def one_writer(folder: Path, flag: str, acc=None):
+    """The one-writer lock of an output folder for the whole command (the main process's, under accelerate
+    launch): a second run on it is refused at once, naming the run that holds it."""
+    import contextlib
+
+    from .locks import folder_lock
+
+    if acc is not None and not acc.is_main_process:
+        return contextlib.nullcontext()
+    return folder_lock(folder, what=flag, fix=f"wait for that run to finish or stop it, or choose another {flag}")
+
+
+def every_5s(log: logging.Logger, message: str):
+    """A ``progress(done, total)`` callback that logs ``message % (done, total)`` at most every 5 s and at the end."""
+    last = [0.0]
+
+    def progress(done, total):
+        if time.perf_counter() - last[0] > 5 or done == total:
+            last[0] = time.perf_counter()
+            log.info(message, done, total)
+
+    return progress
+
+
+def every_10_steps(log: logging.Logger, message: str, key: str):
+    """A trainer's ``progress(step, total, rec)`` callback: every 10th and the last step, logs ``message`` with
+    the step, total, ``rec["loss"]``, ``rec[key]`` and ``rec["wall_s"]``."""
+
+    def progress(step, total, rec):
+        if step % 10 == 0 or step == total:
+            log.info(message, step, total, rec["loss"], rec[key], rec["wall_s"])
+
+    return progress
+
+
+def interrupted_resume(command: str, out: Path) -> int:
+    sys.stderr.write(f"noisecraft {command}: interrupted; run the same command with --resume to continue "
+                     f"from the last checkpoint in {out}\n")
+    return 130

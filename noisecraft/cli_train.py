@@ -15,20 +15,10 @@ import sys
 import time
 from pathlib import Path
 
-from .cli_args import (Refused, finite_float, margin_float, non_negative_float, non_negative_int, positive_float,
-                       positive_int, two_or_more_int)
+from .cli_args import (Refused, check_out, every_5s, every_10_steps, finite_float, interrupted_resume, margin_float,
+                       non_negative_float, non_negative_int, one_writer, positive_float, positive_int, two_or_more_int)
 
-__all__ = ["add_train_commands", "check_out"]
-
-def check_out(path, flag: str = "--out") -> Path:
-    """An output folder that can be used (checked, not created); raises Refused naming the flag."""
-    from .io import ensure_dir
-
-    try:
-        return ensure_dir(path, flag, create=False)
-    except ValueError as exc:
-        raise Refused(str(exc)) from None
-
+__all__ = ["add_train_commands"]
 
 def _check_scheduler(name: str) -> None:
     from .sigmas import SCHEDULERS
@@ -41,15 +31,17 @@ def _check_resume(out: Path, args: argparse.Namespace, result_name: str) -> None
     """Before any work: an existing checkpoint needs --resume, must be readable, and must not be past --steps."""
     import json
 
-    from .io import read_safetensors_metadata
+    from .io import read_safetensors_metadata, verify_safetensors
 
     ckpt = out / "checkpoint.safetensors"
     if not ckpt.is_file():
         return
     if not args.resume:
         raise Refused(f"{out} already holds a checkpoint: add --resume to continue it, or choose another --out")
-    meta = read_safetensors_metadata(ckpt, what="the training checkpoint to resume from (--resume)",
-                                     fix=f"delete it to start over in {out}, or choose another --out")
+    what, fix = ("the training checkpoint to resume from (--resume)",
+                 f"delete it to start over in {out}, or choose another --out")
+    verify_safetensors(ckpt, what=what, fix=fix)  # a damaged checkpoint is refused before any work
+    meta = read_safetensors_metadata(ckpt, what=what, fix=fix)
     try:
         step = int(json.loads(meta["state"])["step"])
     except (KeyError, TypeError, ValueError):
@@ -59,35 +51,6 @@ def _check_resume(out: Path, args: argparse.Namespace, result_name: str) -> None
         raise Refused(f"--resume: {ckpt} is at step {step}, but --steps is {args.steps}: a resume cannot go back. "
                        f"Give --steps {step} or more to continue training, or use {out / result_name} "
                        "if that run finished")
-
-
-def _every_5s(log: logging.Logger, message: str):
-    """A ``progress(done, total)`` callback that logs ``message % (done, total)`` at most every 5 s and at the end."""
-    last = [0.0]
-
-    def progress(done, total):
-        if time.perf_counter() - last[0] > 5 or done == total:
-            last[0] = time.perf_counter()
-            log.info(message, done, total)
-
-    return progress
-
-
-def _every_10_steps(log: logging.Logger, message: str, key: str):
-    """A trainer's ``progress(step, total, rec)`` callback: every 10th and the last step, logs ``message`` with
-    the step, total, ``rec["loss"]``, ``rec[key]`` and ``rec["wall_s"]``."""
-
-    def progress(step, total, rec):
-        if step % 10 == 0 or step == total:
-            log.info(message, step, total, rec["loss"], rec[key], rec["wall_s"])
-
-    return progress
-
-
-def _interrupted_resume(command: str, out: Path) -> int:
-    sys.stderr.write(f"noisecraft {command}: interrupted; run the same command with --resume to continue "
-                     f"from the last checkpoint in {out}\n")
-    return 130
 
 
 def _read_prompts(path) -> list[str]:
@@ -137,7 +100,8 @@ def _train_refiner(args: argparse.Namespace) -> int:
     if acc.num_processes > 1 and not on_cpu and torch.device(device).index is None:
         device = str(acc.device)
     try:
-        return _train_refiner_run(args, device, acc, log)
+        with one_writer(check_out(args.out), "--out", acc):
+            return _train_refiner_run(args, device, acc, log)
     finally:
         if acc.num_processes > 1:
             acc.end_training()  # leaves the process group
@@ -214,7 +178,7 @@ def _filter_teacher(args: argparse.Namespace, cache, scorer, device: str, acc, l
             log.info("teacher filter: %s has no vae/ folder: the scorer gets the latents", args.model)
         else:
             decode_name = f"vae ({Path(args.model).name}/vae)"
-    progress = _every_5s(log, "teacher filter: scored %d / %d samples")
+    progress = every_5s(log, "teacher filter: scored %d / %d samples")
 
     def run():
         return filter_teacher_cache(cache, scorer, args.keep, decode=decode, decode_name=decode_name,
@@ -282,7 +246,7 @@ def _train_refiner_run(args: argparse.Namespace, device: str, acc, log: logging.
     shape = _latent_shape(args, host)
     _check_cache_kind(cache_dir, host, args)
     t0 = time.perf_counter()
-    cache_progress = _every_5s(log, "teacher cache: %d / %d samples")
+    cache_progress = every_5s(log, "teacher cache: %d / %d samples")
 
     try:
         def build(shards=None):
@@ -297,17 +261,18 @@ def _train_refiner_run(args: argparse.Namespace, device: str, acc, log: logging.
 
         if acc.num_processes > 1:
             # the main process defines the cache, every process samples its share of the shards, the main
-            # process indexes them
-            if acc.is_main_process:
-                cache = build(shards=[])
-                TeacherCache.clean_temps(cache_dir)  # stale temps of a killed run (the others wait)
-            acc.wait_for_everyone()
-            num_shards = TeacherCache(cache_dir).num_shards
-            build(shards=list(range(acc.process_index, num_shards, acc.num_processes)))
-            acc.wait_for_everyone()
-            if acc.is_main_process:
-                TeacherCache(cache_dir).reindex()
-            acc.wait_for_everyone()
+            # process indexes them; the main process holds the cache's one-writer lock throughout
+            with one_writer(cache_dir, "teacher cache", acc):
+                if acc.is_main_process:
+                    cache = build(shards=[])
+                    TeacherCache.clean_temps(cache_dir)  # stale temps of a killed run (the others wait)
+                acc.wait_for_everyone()
+                num_shards = TeacherCache(cache_dir).num_shards
+                build(shards=list(range(acc.process_index, num_shards, acc.num_processes)))
+                acc.wait_for_everyone()
+                if acc.is_main_process:
+                    TeacherCache(cache_dir).reindex()
+                acc.wait_for_everyone()
             cache = TeacherCache(cache_dir)
         else:
             cache = build()
@@ -321,10 +286,10 @@ def _train_refiner_run(args: argparse.Namespace, device: str, acc, log: logging.
             warmup=args.warmup, lr_schedule=args.lr_schedule, targets=tuple(host.targets),
             gradient_checkpointing=args.gradient_checkpointing,
             guidance_range=tuple(args.guidance_range) if args.guidance_range is not None else None)
-        progress = _every_10_steps(log, "step %d/%d  loss %.5f  residual rms %.4f  %.0f s", "residual_rms")
+        progress = every_10_steps(log, "step %d/%d  loss %.5f  residual rms %.4f  %.0f s", "residual_rms")
         result = train_refiner(host, cache, out, config, resume=args.resume, progress=progress, accelerator=acc)
     except KeyboardInterrupt:
-        return _interrupted_resume("train-refiner", out)
+        return interrupted_resume("train-refiner", out)
     result.lora.remove()
     if not acc.is_main_process:
         return 0
@@ -397,12 +362,16 @@ def _host_from_args(args: argparse.Namespace, name: str):
 
 
 def _collect_pairs(args: argparse.Namespace) -> int:
+    log = logging.getLogger("noisecraft.collect-pairs")
+    _check_scheduler(args.scheduler)
+    with one_writer(check_out(args.out), "--out"):
+        return _collect_pairs_run(args, log)
+
+
+def _collect_pairs_run(args: argparse.Namespace, log: logging.Logger) -> int:
     from .hosts.toy import toy_confidence_scorer
     from .train import collect_pairs
 
-    log = logging.getLogger("noisecraft.collect-pairs")
-    _check_scheduler(args.scheduler)
-    check_out(args.out)
     try:
         host, shape = _host_from_args(args, "collect-pairs")
         if args.filter == "toy-classifier" and not args.toy:
@@ -410,7 +379,7 @@ def _collect_pairs(args: argparse.Namespace) -> int:
         scorer = toy_confidence_scorer() if args.filter == "toy-classifier" else None
         w_l = args.w_l if args.w_l is not None else (3.0 if args.toy else 5.5)
         t0 = time.perf_counter()
-        progress = _every_5s(log, "pairs: %d / %d")
+        progress = every_5s(log, "pairs: %d / %d")
 
         store = collect_pairs(args.out, host, total=args.pairs, w_l=w_l, w_w=args.w_w, steps=args.steps,
                               scheduler=args.scheduler, base_seed=args.seed_base, scorer=scorer, margin=args.margin,
@@ -425,9 +394,7 @@ def _collect_pairs(args: argparse.Namespace) -> int:
 
 
 def _train_npnet(args: argparse.Namespace) -> int:
-    from .train import NPNetTrainConfig, PairStore, npnet_config_for, train_npnet
     from .train.loop import make_accelerator
-    from .train.npnet import SMALL_NPNET
 
     log = logging.getLogger("noisecraft.train-npnet")
     out = check_out(args.out)
@@ -439,6 +406,14 @@ def _train_npnet(args: argparse.Namespace) -> int:
         log.setLevel(logging.WARNING)  # one process reports
     if acc.num_processes > 1 and device.startswith("cuda") and ":" not in device:
         device = str(acc.device)
+    with one_writer(out, "--out", acc):
+        return _train_npnet_run(args, out, device, acc, log)
+
+
+def _train_npnet_run(args: argparse.Namespace, out: Path, device: str, acc, log: logging.Logger) -> int:
+    from .train import NPNetTrainConfig, PairStore, npnet_config_for, train_npnet
+    from .train.npnet import SMALL_NPNET
+
     try:
         pairs = PairStore(args.pairs)
         arch = args.arch or ("small" if pairs.shape[-1] <= 32 else "official")
@@ -447,11 +422,11 @@ def _train_npnet(args: argparse.Namespace) -> int:
                                   warmup=args.warmup, weight_decay=args.weight_decay, margin=args.margin,
                                   seed=args.seed, init_seed=args.init_seed, checkpoint_every=args.checkpoint_every)
         t0 = time.perf_counter()
-        progress = _every_10_steps(log, "step %d/%d  loss %.5f  (identity %.5f)  %.0f s", "identity_mse")
+        progress = every_10_steps(log, "step %d/%d  loss %.5f  (identity %.5f)  %.0f s", "identity_mse")
         result = train_npnet(pairs, out, config, npnet_config, resume=args.resume, progress=progress,
                              device=device, metadata={"arch": arch}, accelerator=acc)
     except KeyboardInterrupt:
-        return _interrupted_resume("train-npnet", out)
+        return interrupted_resume("train-npnet", out)
     if not acc.is_main_process:
         return 0
     sys.stdout.write(f"{result.npnet_path}\n({result.step} steps, {arch} NPNet, final loss {result.losses[-1]:.5f}; "

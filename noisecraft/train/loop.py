@@ -79,7 +79,9 @@ from typing import Any, Callable, Iterator, Mapping, Optional, Protocol, Sequenc
 import torch
 from torch import nn
 
-from ..io import atomic_write_text, clean_stale_temps, ensure_dir, read_safetensors, write_safetensors
+from ..io import (atomic_write_text, clean_stale_temps, ensure_dir, read_safetensors, verify_safetensors,
+                  write_safetensors)
+from ..locks import folder_lock
 from .losslog import plot_losses, read_log
 
 __all__ = ["LoopConfig", "Method", "DataSource", "LoopResult", "TrainerResult", "run", "lr_at", "resolve_precision",
@@ -395,21 +397,37 @@ def run(
 
     Returns a :class:`LoopResult`; the final artifact is written by ``method.finalize`` when the run
     reached ``config.steps``.
+
+    The main process holds the folder's one-writer lock (:func:`noisecraft.locks.folder_lock`) for the
+    whole run: a second run on the same folder is refused at once, naming this one. Before the first
+    step the data's checksums are checked (``data.verify()``, where the data has one).
     """
     config.check()
     acc = accelerator if accelerator is not None else make_accelerator(
         find_unused_parameters=bool(getattr(method, "find_unused_parameters", False)))
+    out = ensure_dir(out_dir, "output folder")
+    lock = (folder_lock(out, what="training output folder", fix="wait for that run to finish or stop it, or choose "
+                                                                "another output folder")
+            if acc.is_main_process else contextlib.nullcontext())
+    with lock:
+        return _run(method, data, out, config, resume=resume, acc=acc, device=device, progress=progress,
+                    interrupt=interrupt, stop_after=stop_after)
+
+
+def _run(method: Method, data: DataSource, out: Path, config: LoopConfig, *, resume: bool, acc, device,
+         progress, interrupt, stop_after) -> LoopResult:
     world, rank, is_main = int(acc.num_processes), int(acc.process_index), bool(acc.is_main_process)
     if config.batch_size % world:
         raise ValueError(f"the global batch ({config.batch_size}) must divide evenly over {world} processes "
                          f"(each takes batch / processes samples): choose a multiple of {world}")
-    out = ensure_dir(out_dir, "output folder")
     ckpt_path, log_path = out / CHECKPOINT_NAME, out / LOG_NAME
     if ckpt_path.is_file() and not resume:
         raise FileExistsError(f"{ckpt_path} exists: resume that run (resume=True / --resume) or choose another "
                               "output folder")
     if is_main:  # the one writer cleans up after a killed one (never another process's live write)
         clean_stale_temps(out)
+        if callable(getattr(data, "verify", None)):
+            data.verify()  # every shard against its checksum before any step (the others check as they read)
     device = torch.device(device) if device is not None else module_device(method.module)
     amp_dtype = resolve_precision(config.precision, device)
     params = [p for p in method.module.parameters() if p.requires_grad]
@@ -543,13 +561,14 @@ def _save_checkpoint(path: Path, method: Method, opt: torch.optim.Optimizer, sca
             "param_groups": json.dumps(opt_sd["param_groups"], sort_keys=True)}
     if scaler is not None:
         meta["scaler"] = json.dumps(scaler.state_dict(), sort_keys=True)
-    write_safetensors(tensors, path, meta)
+    write_safetensors(tensors, path, meta, digest=True)
 
 
 def _load_checkpoint(path: Path, method: Method, opt: torch.optim.Optimizer, scaler) -> dict:
-    tensors, meta = read_safetensors(
-        path, what="the training checkpoint to resume from",
-        fix="delete it (and resume from nothing) or choose another output folder")
+    what, fix = ("the training checkpoint to resume from",
+                 "delete it (and resume from nothing) or choose another output folder")
+    verify_safetensors(path, what=what, fix=fix)
+    tensors, meta = read_safetensors(path, what=what, fix=fix)
     if meta.get("noisecraft.kind") != f"{method.kind}_checkpoint":
         raise ValueError(f"{path} is not a NoiseCraft {method.kind} checkpoint: resume from a folder this "
                          f"trainer wrote, or choose another output folder")

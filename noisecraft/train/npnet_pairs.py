@@ -48,6 +48,7 @@ it through the same :meth:`PairStore.batches` as the CLI, so both train on one d
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import os
@@ -58,8 +59,9 @@ from typing import Any, Callable, Iterator, Mapping, Optional, Sequence
 import torch
 
 from .. import ode
+from ..io import ensure_dir, load_safetensors, verify_safetensors
+from ..locks import folder_lock
 from ..sigmas import get_sigmas, noise_to_x, x_to_noise
-from ..io import ensure_dir, load_safetensors
 from .teacher_cache import ShardBatch
 from .shards import INDEX_NAME, ShardedStore, check_split, epoch_generator, positioned_batches, write_safetensors
 
@@ -122,7 +124,7 @@ class PairStore(ShardedStore):
     _HOLDS = "NPNet pairs"
     _FOLDER = "pair folder"
     _SHARD_KEYS = ("noise", "target", "cond", "kept", "score_source", "score_target")
-    _REBUILD_HINT = "delete the shard and collect again"
+    _REBUILD_HINT = "run collect-pairs again with the same --out (or collect_pairs): it remakes just that shard"
 
     def __init__(self, root: str | os.PathLike, *, max_open_shards: int = 4):
         super().__init__(root, max_open_shards=max_open_shards)
@@ -171,7 +173,7 @@ class PairStore(ShardedStore):
                                  "another folder or delete that one")
             return store
         ensure_dir(root, None)
-        write_safetensors({"embeds": embeds}, root / CONDS_NAME, {"noisecraft.kind": "npnet_pair_conds"})
+        write_safetensors({"embeds": embeds}, root / CONDS_NAME, {"noisecraft.kind": "npnet_pair_conds"}, digest=True)
         return cls._new(root, definition)
 
     @classmethod
@@ -226,7 +228,9 @@ class PairStore(ShardedStore):
             path = self.root / CONDS_NAME
             if not path.is_file():
                 raise FileNotFoundError(f"{path} is missing: the pair folder is incomplete; collect the pairs again")
-            data = load_safetensors(path, what="the prompt embeddings of the pairs", fix=self._corrupt_fix(self.root))
+            what = "the prompt embeddings of the pairs"
+            verify_safetensors(path, what=what, fix=self._corrupt_fix(self.root))
+            data = load_safetensors(path, what=what, fix=self._corrupt_fix(self.root))
             if "embeds" not in data or data["embeds"].ndim != 3:
                 raise ValueError(f"{path}: expected a tensor 'embeds' [P, tokens, width], got {sorted(data)}: "
                                  f"{self._corrupt_fix(self.root)}")
@@ -259,7 +263,7 @@ class PairStore(ShardedStore):
                 self._memory[k] = {key: v.detach().cpu().clone() for key, v in tensors.items()}
         else:
             write_safetensors(tensors, path, {"noisecraft.kind": "npnet_pairs_shard", "start": str(idx[0]),
-                                              "count": str(len(idx))})
+                                              "count": str(len(idx))}, digest=True)
         self.reindex()
         return path
 
@@ -400,41 +404,47 @@ def collect_pairs(
         size = (size, size) if isinstance(size, int) else tuple(size)
         shape = (int(config.in_channels), *size)
     shape = tuple(int(v) for v in shape)
-    store = PairStore.create(root, shape=shape, conds=labels, embeds=host.conds, base_seed=base_seed, total=total,
-                             meta=definition, shard_size=shard_size)
-    if shards is None:  # a parallel job (its own shard list) leaves this to a job over the whole folder
-        PairStore.clean_temps(store.root)
-    todo = [k for k in (range(store.num_shards) if shards is None else shards) if not store.shard_path(k).is_file()]
-    work = sum(len(store.shard_range(k)) for k in todo)
-    done = 0
-    with torch.no_grad():
-        for k in todo:
-            idx = list(store.shard_range(k))
-            noise, cond = store.sample_noise(idx), store.sample_conds(idx)
-            parts: dict[str, list] = {"target": [], "kept": [], "s0": [], "s1": []}
-            for a in range(0, len(idx), int(batch_size)):
-                e, c = noise[a: a + batch_size], cond[a: a + batch_size]
-                d_l, d_w = host.denoiser(c, cfg=float(w_l)), host.denoiser(c, cfg=float(w_w))
-                target = re_denoise(d_l, d_w, e, sigmas, kind).float().cpu()
-                if scorer is None:
-                    s0 = s1 = torch.full((e.shape[0],), float("nan"))
-                    kept = torch.ones(e.shape[0], dtype=torch.bool)
-                else:
-                    smax = float(sigmas[0])
-                    x0 = ode.sample(d_l, noise_to_x(e, kind, smax), sigmas)
-                    x0t = ode.sample(d_l, noise_to_x(target, kind, smax), sigmas)
-                    s0 = torch.as_tensor(scorer(x0, c)).float().cpu().reshape(-1)
-                    s1 = torch.as_tensor(scorer(x0t, c)).float().cpu().reshape(-1)
-                    if s0.numel() != e.shape[0] or s1.numel() != e.shape[0]:
-                        raise ValueError(f"the scorer returned {s0.numel()} scores for {e.shape[0]} samples; "
-                                         "expected one float per sample")
-                    kept = s1 > s0 + float(margin)
-                for key, v in (("target", target), ("kept", kept), ("s0", s0), ("s1", s1)):
-                    parts[key].append(v)
-                done += e.shape[0]
-                if progress is not None:
-                    progress(done, work)
-            store.write_shard(k, noise, torch.cat(parts["target"]), torch.cat(parts["kept"]),
-                              torch.cat(parts["s0"]), torch.cat(parts["s1"]))
-            logger.debug("NPNet pairs %s: shard %d written", store.root, k)
-    return PairStore(store.root)
+    # one writer per pair folder; a parallel job (its own ``shards``) runs under its launcher's lock
+    lock = (folder_lock(root, what="NPNet pair folder", fix="wait for that collection to finish or stop it, or "
+                                                            "choose another folder")
+            if shards is None else contextlib.nullcontext())
+    with lock:
+        store = PairStore.create(root, shape=shape, conds=labels, embeds=host.conds, base_seed=base_seed, total=total,
+                                 meta=definition, shard_size=shard_size)
+        if shards is None:  # a parallel job (its own shard list) leaves this to a job over the whole folder
+            PairStore.clean_temps(store.root)
+        store.remove_damaged(shards)  # a shard whose checksum fails is remade (its pairs are a function of their seeds)
+        todo = [k for k in (range(store.num_shards) if shards is None else shards) if not store.shard_path(k).is_file()]
+        work = sum(len(store.shard_range(k)) for k in todo)
+        done = 0
+        with torch.no_grad():
+            for k in todo:
+                idx = list(store.shard_range(k))
+                noise, cond = store.sample_noise(idx), store.sample_conds(idx)
+                parts: dict[str, list] = {"target": [], "kept": [], "s0": [], "s1": []}
+                for a in range(0, len(idx), int(batch_size)):
+                    e, c = noise[a: a + batch_size], cond[a: a + batch_size]
+                    d_l, d_w = host.denoiser(c, cfg=float(w_l)), host.denoiser(c, cfg=float(w_w))
+                    target = re_denoise(d_l, d_w, e, sigmas, kind).float().cpu()
+                    if scorer is None:
+                        s0 = s1 = torch.full((e.shape[0],), float("nan"))
+                        kept = torch.ones(e.shape[0], dtype=torch.bool)
+                    else:
+                        smax = float(sigmas[0])
+                        x0 = ode.sample(d_l, noise_to_x(e, kind, smax), sigmas)
+                        x0t = ode.sample(d_l, noise_to_x(target, kind, smax), sigmas)
+                        s0 = torch.as_tensor(scorer(x0, c)).float().cpu().reshape(-1)
+                        s1 = torch.as_tensor(scorer(x0t, c)).float().cpu().reshape(-1)
+                        if s0.numel() != e.shape[0] or s1.numel() != e.shape[0]:
+                            raise ValueError(f"the scorer returned {s0.numel()} scores for {e.shape[0]} samples; "
+                                             "expected one float per sample")
+                        kept = s1 > s0 + float(margin)
+                    for key, v in (("target", target), ("kept", kept), ("s0", s0), ("s1", s1)):
+                        parts[key].append(v)
+                    done += e.shape[0]
+                    if progress is not None:
+                        progress(done, work)
+                store.write_shard(k, noise, torch.cat(parts["target"]), torch.cat(parts["kept"]),
+                                  torch.cat(parts["s0"]), torch.cat(parts["s1"]))
+                logger.debug("NPNet pairs %s: shard %d written", store.root, k)
+        return PairStore(store.root)

@@ -47,6 +47,7 @@ Layout of a cache folder::
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import logging
@@ -57,6 +58,7 @@ from typing import Any, Callable, Iterator, Mapping, Optional, Sequence
 
 import torch
 
+from ..locks import folder_lock
 from ..msd import check_schedule, teacher_x0
 from .shards import INDEX_NAME, ShardedStore, check_split, epoch_generator, positioned_batches, write_safetensors
 
@@ -111,7 +113,8 @@ class TeacherCache(ShardedStore):
         if self.guidance_range is None:
             raise ValueError(f"teacher cache {self.root} has no guidance range: it was built with one CFG scale")
         return scale_draws(indices, int(self._index["base_seed"]), self.guidance_range)
-    _REBUILD_HINT = "delete that shard file and build again (the build resumes and remakes it)"
+    _REBUILD_HINT = ("run the build again (train-refiner with the same cache folder, or build_teacher_cache): it "
+                     "remakes just that shard")
 
     def _no_index_message(self) -> str:
         return (
@@ -161,6 +164,15 @@ class TeacherCache(ShardedStore):
                                      total=total, shard_size=shard_size, meta=meta)
         cache = cls._reopen(root, definition)
         return cls._new(root, definition) if cache is None else cache
+
+    @classmethod
+    def ready(cls, root: str | os.PathLike, *, shape: Sequence[int], conds: Sequence[Any], base_seed: int, total: int,
+              meta: Optional[Mapping[str, Any]] = None, shard_size: int = 256) -> Optional["TeacherCache"]:
+        """The cache at ``root`` if it has this definition (else ``ValueError``, as :meth:`create`), is complete
+        and sound (every shard's checksum); None when a build has work to do there."""
+        definition = cls._definition({"version": CACHE_VERSION}, shape=shape, conds=conds, base_seed=base_seed,
+                                     total=total, shard_size=shard_size, meta=meta)
+        return cls._ready(Path(root), definition)
 
     @classmethod
     def in_memory(cls, noise: torch.Tensor, x0: torch.Tensor, cond: torch.Tensor, *, conds: Sequence[Any],
@@ -235,6 +247,11 @@ class TeacherCache(ShardedStore):
         """The stored sample index of each sample of this cache (``arange(total)`` for a whole cache)."""
         return torch.arange(self.total) if self._keep is None else self._keep.clone()
 
+    def verify(self) -> None:
+        if self._source is not None:  # a filtered view: the shards of the store it reads
+            return self._source.verify()
+        return super().verify()
+
     def reindex(self) -> None:
         if self._source is not None:
             raise ValueError("a filtered teacher cache is a view: reindex the cache it was filtered from")
@@ -268,6 +285,7 @@ class TeacherCache(ShardedStore):
             tensors,
             path,
             {"noisecraft.kind": "teacher_cache_shard", "start": str(idx[0]), "count": str(len(idx))},
+            digest=True,
         )
         self.reindex()
         return path
@@ -321,6 +339,10 @@ class TeacherCache(ShardedStore):
                                       epoch=epoch, offset=offset, rank=rank, world_size=world_size)
 
 
+_BUSY_FIX = ("wait for that build to finish (once complete, any number of runs can train from the cache at the "
+             "same time), or give another cache folder")
+
+
 def build_teacher_cache(
     root: str | os.PathLike,
     guided_denoiser_for: Callable[[torch.Tensor], Callable],
@@ -359,28 +381,37 @@ def build_teacher_cache(
     guidance_range = check_guidance_range(guidance_range)
     if guidance_range is not None:
         meta["guidance_range"] = list(guidance_range)
-    cache = TeacherCache.create(root, shape=shape, conds=conds, base_seed=base_seed, total=total,
-                                meta=meta, shard_size=shard_size)
-    if shards is None:  # a parallel job (its own shard list) leaves this to the job that defines the cache
-        TeacherCache.clean_temps(cache.root)
-    todo = [k for k in (range(cache.num_shards) if shards is None else shards) if not cache.shard_path(k).is_file()]
-    done, work = 0, sum(len(cache.shard_range(k)) for k in todo)
-    for k in todo:
-        idx = list(cache.shard_range(k))
-        noise = cache.sample_noise(idx)
-        cond = cache.sample_conds(idx)
-        scales = cache.sample_guidance(idx) if guidance_range is not None else None
-        outs = []
-        for a in range(0, len(idx), int(batch_size)):
-            e, c = noise[a: a + batch_size], cond[a: a + batch_size]
-            guided = guided_denoiser_for(c) if scales is None else guided_denoiser_for(c, scales[a: a + batch_size])
-            outs.append(teacher_x0(guided, e, s, kind).detach().float().cpu())
-            done += e.shape[0]
-            if progress is not None:
-                progress(done, work)
-        cache.write_shard(k, torch.cat(outs), noise)
-        logger.debug("teacher cache %s: shard %d written", cache.root, k)
-    return TeacherCache(cache.root)
+    if shards is None:  # a finished, sound cache is only read: no lock, so several runs can share it
+        ready = TeacherCache.ready(root, shape=shape, conds=conds, base_seed=base_seed, total=total, meta=meta,
+                                   shard_size=shard_size)
+        if ready is not None:
+            return ready
+    # one writer per cache folder; a parallel job (its own ``shards``) runs under its launcher's lock
+    lock = folder_lock(root, what="teacher cache", fix=_BUSY_FIX) if shards is None else contextlib.nullcontext()
+    with lock:
+        cache = TeacherCache.create(root, shape=shape, conds=conds, base_seed=base_seed, total=total,
+                                    meta=meta, shard_size=shard_size)
+        if shards is None:  # a parallel job (its own shard list) leaves this to the job that defines the cache
+            TeacherCache.clean_temps(cache.root)
+        cache.remove_damaged(shards)  # a shard whose checksum fails is remade (its samples are a function of their seeds)
+        todo = [k for k in (range(cache.num_shards) if shards is None else shards) if not cache.shard_path(k).is_file()]
+        done, work = 0, sum(len(cache.shard_range(k)) for k in todo)
+        for k in todo:
+            idx = list(cache.shard_range(k))
+            noise = cache.sample_noise(idx)
+            cond = cache.sample_conds(idx)
+            scales = cache.sample_guidance(idx) if guidance_range is not None else None
+            outs = []
+            for a in range(0, len(idx), int(batch_size)):
+                e, c = noise[a: a + batch_size], cond[a: a + batch_size]
+                guided = guided_denoiser_for(c) if scales is None else guided_denoiser_for(c, scales[a: a + batch_size])
+                outs.append(teacher_x0(guided, e, s, kind).detach().float().cpu())
+                done += e.shape[0]
+                if progress is not None:
+                    progress(done, work)
+            cache.write_shard(k, torch.cat(outs), noise)
+            logger.debug("teacher cache %s: shard %d written", cache.root, k)
+        return TeacherCache(cache.root)
 
 
 def per_sample_teacher(host) -> Callable[[torch.Tensor, torch.Tensor], Callable]:

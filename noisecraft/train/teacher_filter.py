@@ -99,7 +99,7 @@ from typing import Any, Callable, Optional, Union
 import torch
 import torch.nn.functional as F
 
-from ..io import atomic_write_json, ensure_dir, read_json, read_safetensors, write_safetensors
+from ..io import atomic_write_json, ensure_dir, read_json, read_safetensors, verify_safetensors, write_safetensors
 from .teacher_cache import TeacherCache
 
 __all__ = ["Scorer", "Decoder", "NamedScorer", "register_scorer", "scorer_names", "scorer_description",
@@ -339,8 +339,9 @@ def _saved_scores(path: Optional[Path], want: dict) -> Optional[torch.Tensor]:
     if path is None or not path.is_file():
         return None
     try:
+        verify_safetensors(path, what="saved teacher scores")
         tensors, meta = read_safetensors(path, what="saved teacher scores")
-    except ValueError as exc:
+    except ValueError as exc:  # damaged (checksum) or unreadable: score again
         logger.warning("%s; scoring again", exc)
         return None
     s = tensors.get("score")
@@ -380,7 +381,7 @@ def filter_teacher_cache(cache: TeacherCache, scorer, keep: Union[int, float], *
         if s is None:
             s = score_teacher_cache(cache, named, decode=decode, batch_size=batch_size, progress=progress)
             if path is not None:
-                write_safetensors({"score": s}, path, want)
+                write_safetensors({"score": s}, path, want, digest=True)
         else:
             logger.info("teacher filter: reusing the scores in %s", path)
     idx = top_n(s, n)
