@@ -204,7 +204,8 @@ with torch.inference_mode():
     neg = tiny.conditioning("sd15", 2, 1, empty=True)
     cache = tr.BuildTeacherCache.execute(model, pos, neg, {"samples": torch.zeros(1, 4, 8, 8)}, 2, 5, 7.0, 4,
                                          "normal").args[0]
-    tr.TrainRefiner.execute(model, cache, int(os.environ["NC_STEPS"]), 3, 4, 3e-3, 4, 0.0, 1, "killed")
+    tr.TrainRefiner.execute(model, cache, int(os.environ["NC_STEPS"]), 3, 4, 3e-3, 4, 0.0, 1,
+                            os.environ.get("NC_RUN", "killed"))
 """
 
 
@@ -234,6 +235,38 @@ def test_a_named_run_resumes_after_a_process_kill(tr, model, cache, runs, tmp_pa
     resumed, losses = train(tr, model, cache, steps=steps, resume_from="killed", **args).args
     full, full_losses = train(tr, model, cache, steps=steps, resume_from="whole", **args).args
     assert same_refiner(resumed, full) and losses == full_losses and len(losses) == steps
+
+
+def test_two_trainings_on_one_run_name_one_runs_and_the_other_is_refused(tr, model, cache, runs, tmp_path):
+    """Two ComfyUI processes sharing an output folder (two servers, or a server and a queued retry elsewhere)
+    resume the same run name: the second is refused at once naming the first; once the first is killed
+    (SIGKILL: the kernel drops its lock) the name trains again."""
+    script = tmp_path / "hold.py"
+    script.write_text(KILL_SCRIPT)
+    env = {**os.environ, "NC_TESTS": str(Path(__file__).parent), "NC_OUT": str(runs), "NC_STEPS": "100000",
+           "NC_RUN": "shared", "OMP_NUM_THREADS": "1"}
+    folder = runs / "noisecraft_runs" / "shared"
+    proc = subprocess.Popen([sys.executable, str(script)], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 300
+        while json.loads((folder / ".noisecraft.lock.json").read_text()).get("pid") != proc.pid \
+                if (folder / ".noisecraft.lock.json").is_file() else True:
+            assert proc.poll() is None, proc.stdout.read().decode()[-3000:]
+            assert time.monotonic() < deadline, "the first training did not lock its run folder within 300 s"
+            time.sleep(0.02)
+        with pytest.raises(ValueError) as err:
+            train(tr, model, cache, steps=3, resume_from="shared")
+        msg = str(err.value)
+        assert msg.startswith("Train Refiner: ") and f"pid {proc.pid}" in msg and str(folder) in msg, msg
+        assert "in use by" in msg and "wait for that run to finish" in msg and proc.poll() is None
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    # the killed holder blocks nothing: the name resumes from its last checkpoint (every 2 steps there)
+    ckpt = folder / "checkpoint.safetensors"
+    done = json.loads(safe_open(str(ckpt), "pt").metadata()["state"])["step"] if ckpt.is_file() else 0
+    refiner, losses = train(tr, model, cache, steps=done + 2, resume_from="shared").args
+    assert len(losses) == done + 2 and all(math.isfinite(v) for v in losses)
 
 
 def test_bf16_on_the_cpu_trains_with_finite_losses(tr, model, cache):
