@@ -79,7 +79,8 @@ class PromptSet:
         r = self.record
         column = f", column {r['column']!r}" if r.get("column") else ""
         val = f" + {len(self.validation)} held out for validation" if self.validation else ""
-        return f"{len(self.train)} training prompts{val} from {self.source} ({r.get('format')}{column})"
+        n = len(self.train)
+        return f"{n} training prompt{'' if n == 1 else 's'}{val} from {self.source} ({r.get('format')}{column})"
 
 
 def prompts_digest(prompts: Iterable[str]) -> str:
