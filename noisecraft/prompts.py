@@ -189,7 +189,10 @@ def _listed(found) -> str:
 
 
 def _txt(path, text: str, column, names, info) -> Iterator[tuple[str, Any]]:
-    for i, line in enumerate(_NEWLINES.split(text), 1):
+    lines = _NEWLINES.split(text)
+    if lines[-1] == "":
+        lines.pop()  # the last line's terminator, not an empty line
+    for i, line in enumerate(lines, 1):
         yield f"line {i}", line
 
 
@@ -270,7 +273,7 @@ def _json(path, text: str, column, names, info) -> Iterator[tuple[str, Any]]:
                                   f"object with the prompt key (name it with {names['column']})") from None
         value = doc[key]
         if isinstance(value, list):  # {"prompts": [...]}
-            info["layout"], where_of = f"list under {key!r}", (lambda i: f"{key} record {i}")
+            info["layout"], info["column"], where_of = f"list under {key!r}", key, (lambda i: f"{key} record {i}")
             yield from _records(path, value, where_of, None, names, info)
             return
         info["column"] = key  # a single record
