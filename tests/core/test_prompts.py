@@ -55,6 +55,14 @@ def _parquet(columns: dict) -> Callable[[Path], None]:
     return write
 
 
+def _with_pyarrow(data: bytes) -> Callable[[Path], None]:
+    def write(path: Path) -> None:
+        pytest.importorskip("pyarrow")
+        path.write_bytes(data)
+
+    return write
+
+
 @dataclass
 class Good:
     id: str
@@ -200,7 +208,7 @@ BAD = [
     Bad("parquet-null", "p.parquet", _parquet({"caption": ["a", None]}), ["the prompt is null, not text"], "row 2"),
     Bad("parquet-control-character", "p.parquet", _parquet({"caption": ["a\x00"]}), ["control character \\x00"],
         "row 1"),
-    Bad("parquet-not-parquet", "p.parquet", b"<html>not found</html>", ["not a Parquet file"]),
+    Bad("parquet-not-parquet", "p.parquet", _with_pyarrow(b"<html>not found</html>"), ["not a Parquet file"]),
 ]
 
 
