@@ -7,7 +7,7 @@ file and checks its inputs; a bad file is refused in one line (the node, the fil
 
 Choices where the issue was silent:
 
-* Files: the ``file`` combo lists the files with a prompt-file extension in ComfyUI's input folder and its
+* Files: the ``file`` combo (optional, so that ``path`` alone works with an empty input folder) lists the files with a prompt-file extension in ComfyUI's input folder and its
   subfolders (relative paths, hidden folders skipped); a combo value must stay inside the input folder.
   ``path``, when not empty, replaces the combo: an absolute path, or one relative to the input folder.
 * ``validation`` is a FLOAT: below 1 it is a fraction of the prompts, from 1 up a whole count.
@@ -17,7 +17,6 @@ Choices where the issue was silent:
 
 from __future__ import annotations
 
-import logging
 import math
 import os
 from pathlib import Path
@@ -28,8 +27,6 @@ import folder_paths
 
 from ..noisecraft.prompts import EXTENSIONS, FORMATS, PromptFileError, PromptSet, read_prompts
 from .common import FileCache, SEED_MASK, check_combo, check_int, check_number
-
-log = logging.getLogger(__name__)
 
 CATEGORY = "noisecraft/train"
 LOAD_NAME = "Load Prompts"
@@ -143,7 +140,7 @@ class LoadPrompts(io.ComfyNode):
             "the Golden-Noise data files read as they are. Optionally limits, shuffles (seeded), dedupes and holds "
             "out validation prompts. The same reader as the command line's --prompts.",
             inputs=[
-                io.Combo.Input("file", options=prompt_files(),
+                io.Combo.Input("file", options=prompt_files(), optional=True,  # optional: path may stand alone
                                tooltip="A prompt file in ComfyUI's input folder (subfolders too); refresh after "
                                "adding one. Ignored when path is set."),
                 io.String.Input("path", default="", optional=True,
@@ -179,7 +176,7 @@ class LoadPrompts(io.ComfyNode):
         )
 
     @classmethod
-    def fingerprint_inputs(cls, file, path="", column="", limit=0, shuffle_seed=-1, dedupe=False, validation=0.0,
+    def fingerprint_inputs(cls, file=None, path="", column="", limit=0, shuffle_seed=-1, dedupe=False, validation=0.0,
                            format="auto"):
         # re-run when the file changes on disk, not only when the inputs change
         try:
@@ -189,12 +186,10 @@ class LoadPrompts(io.ComfyNode):
             return float("nan")  # never equal: the node runs (and says what is wrong)
 
     @classmethod
-    def execute(cls, file, path="", column="", limit=0, shuffle_seed=-1, dedupe=False, validation=0.0,
+    def execute(cls, file=None, path="", column="", limit=0, shuffle_seed=-1, dedupe=False, validation=0.0,
                 format="auto") -> io.NodeOutput:
         prompts = load_prompts(file, path, column, limit, shuffle_seed, dedupe, validation, format)
-        text = prompts.prompt_set.describe()
-        log.info("%s: %s", LOAD_NAME, text)
-        return io.NodeOutput(prompts, len(prompts), ui={"text": [text]})
+        return io.NodeOutput(prompts, len(prompts), ui={"text": [prompts.prompt_set.describe()]})  # the core logs it
 
 
 NODES = [LoadPrompts]

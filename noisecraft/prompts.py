@@ -224,13 +224,14 @@ def _json_error(path, exc: json.JSONDecodeError) -> PromptFileError:
 
 
 def _records(path, items, where_of, column, names, info) -> Iterator[tuple[str, Any]]:
-    """Strings, or objects whose prompt key (``column`` or the first default key of the first object) holds one."""
+    """Strings, or objects whose prompt key (``column``, else the first default key of the first object, else its
+    only key) holds one."""
     key = None
     for i, item in enumerate(items, 1):
         where = where_of(i)
         if isinstance(item, dict):
             if key is None:
-                key = _pick_column(path, where, list(item), column, names, what="key", single=False)
+                key = _pick_column(path, where, list(item), column, names, what="key")
                 info["column"] = key
             if key not in item:
                 raise PromptFileError(path, where, f"no key {key!r} (keys: {_listed(list(item))})",

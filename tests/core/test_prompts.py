@@ -93,6 +93,7 @@ GOOD = [
     Good("tsv", "p.tsv", "caption\tscore\na, b\t1\nc\t2\n", ["a, b", "c"], "tsv", "caption"),
     Good("json-strings", "p.json", '["a", " b ", ""]', ["a", "b"], "json"),
     Good("json-objects", "p.json", '[{"text": "a", "n": 1}, {"text": "b"}]', ["a", "b"], "json", "text"),
+    Good("json-one-key-objects", "p.json", '[{"en": "a"}, {"en": "b"}]', ["a", "b"], "json", "en"),
     Good("json-objects-column", "p.json", '[{"en": "a", "de": "x"}, {"en": "b", "de": "y"}]', ["x", "y"], "json",
          "de", kw={"column": "de"}),
     Good("json-list-under-key", "p.json", '{"name": "set", "prompts": ["a", "b"]}', ["a", "b"], "json", "prompts"),
