@@ -7,9 +7,10 @@ file and checks its inputs; a bad file is refused in one line (the node, the fil
 
 Choices where the issue was silent:
 
-* Files: the ``file`` combo (optional, so that ``path`` alone works with an empty input folder) lists the files with a prompt-file extension in ComfyUI's input folder and its
+* Files: the ``file`` combo lists the files with a prompt-file extension in ComfyUI's input folder and its
   subfolders (relative paths, hidden folders skipped); a combo value must stay inside the input folder.
-  ``path``, when not empty, replaces the combo: an absolute path, or one relative to the input folder.
+  ``path``, when not empty, replaces the combo: an absolute path, or one relative to the input folder. The
+  combo is optional, so that ``path`` alone works when the input folder holds no prompt file.
 * ``validation`` is a FLOAT: below 1 it is a fraction of the prompts, from 1 up a whole count.
 * The node runs again when the file changes on disk (its fingerprint is the file's path, mtime and size with
   the options), not only when an input changes.
@@ -25,7 +26,7 @@ from comfy_api.latest import io
 
 import folder_paths
 
-from ..noisecraft.prompts import EXTENSIONS, FORMATS, PromptFileError, PromptSet, read_prompts
+from ..noisecraft.prompts import EXTENSIONS, FORMATS, PromptSet, read_prompts
 from .common import FileCache, SEED_MASK, check_combo, check_int, check_number
 
 CATEGORY = "noisecraft/train"
