@@ -1,5 +1,6 @@
 """The command line's argument types and shared pieces: output folders (checked, one writer each), progress
-callbacks, the interrupted-run line, and the fetch command's weights table and progress line.
+callbacks, the interrupted-run line, the prompt flags of train-refiner and collect-pairs, and the fetch
+command's weights table and progress line.
 
 Numeric flags are checked before any work: each type is an argparse ``type=`` that raises
 ``argparse.ArgumentTypeError`` with what is allowed and what was got (argparse prints
@@ -66,6 +67,47 @@ non_negative_float = float_in("a finite number >= 0", 0.0)
 # keep-filter margin on probability scores (the toy classifier's confidence): score' > score + m keeps
 # nothing for m >= 1 and everything for m <= -1
 margin_float = float_in("a number in [-1, 1) (the filter's scores are probabilities)", -1.0, 1.0, high_open=True)
+
+
+# -- the prompt flags (train-refiner, collect-pairs) ------------------------------------------------
+
+# how noisecraft.prompts names its options in messages: the flags that set them
+PROMPT_FLAGS = {"column": "--prompt-column", "format": "--prompts-format"}
+
+
+def add_prompt_args(group) -> None:
+    """--prompts FILE and the flags that say how to read it (:mod:`noisecraft.prompts`)."""
+    from .prompts import FORMATS
+
+    group.add_argument("--prompts", metavar="FILE",
+                       help="the prompts (with --model): .txt (one per line), .csv / .tsv (a column), .json / .jsonl "
+                            "(strings or objects), .parquet (needs pyarrow); MS-COCO captions_*.json, Pick-a-Pic "
+                            "exports and the Golden-Noise data files read as they are")
+    group.add_argument("--prompts-format", choices=["auto", *FORMATS], default="auto",
+                       help="read --prompts as this format (default auto: from the extension)")
+    group.add_argument("--prompt-column", metavar="NAME",
+                       help="the CSV / Parquet column or JSON key that holds the prompts (default: the first of "
+                            "prompt, prompts, caption, captions, text; a one-column CSV: that column)")
+    group.add_argument("--prompt-limit", type=non_negative_int, default=0, metavar="N",
+                       help="train on at most N prompts (after the shuffle; default 0: all)")
+    group.add_argument("--prompt-shuffle", type=non_negative_int, metavar="SEED",
+                       help="shuffle the prompts with this seed (a torch.Generator; default: the file's order)")
+    group.add_argument("--prompt-dedupe", action="store_true",
+                       help="drop repeated prompts (exact match after trimming spaces; the first is kept)")
+
+
+def read_prompt_flags(args: argparse.Namespace) -> list[str]:
+    """The training prompts of ``args.prompts`` read with the prompt flags; a bad file raises Refused (one line
+    naming --prompts, the file, the line or record, and the fix)."""
+    from .prompts import PromptFileError, read_prompts
+
+    try:
+        prompt_set = read_prompts(args.prompts, format=args.prompts_format, column=args.prompt_column,
+                                  limit=args.prompt_limit, shuffle_seed=args.prompt_shuffle,
+                                  dedupe=args.prompt_dedupe, option_names=PROMPT_FLAGS)
+    except PromptFileError as exc:
+        raise Refused(f"--prompts {exc}") from None
+    return prompt_set.train
 
 
 # -- fetch: the --list table and the progress line ----------------------------------------------

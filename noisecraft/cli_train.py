@@ -15,8 +15,9 @@ import sys
 import time
 from pathlib import Path
 
-from .cli_args import (Refused, check_out, every_5s, every_10_steps, finite_float, interrupted_resume, margin_float,
-                       non_negative_float, non_negative_int, one_writer, positive_float, positive_int, two_or_more_int)
+from .cli_args import (Refused, add_prompt_args, check_out, every_5s, every_10_steps, finite_float, interrupted_resume,
+                       margin_float, non_negative_float, non_negative_int, one_writer, positive_float, positive_int,
+                       read_prompt_flags, two_or_more_int)
 
 __all__ = ["add_train_commands"]
 
@@ -53,19 +54,16 @@ def _check_resume(out: Path, args: argparse.Namespace, result_name: str) -> None
                        "if that run finished")
 
 
-def _read_prompts(path) -> list[str]:
-    """The non-empty lines of --prompts FILE; a missing or unreadable file is refused naming the flag."""
-    p = Path(path)
-    if not p.is_file():
-        raise Refused(f"--prompts {p}: " + ("is a folder" if p.is_dir() else "no such file")
-                       + ": expected a text file with one prompt per line")
-    try:
-        prompts = [ln.strip() for ln in p.read_text(encoding="utf-8").splitlines() if ln.strip()]
-    except UnicodeDecodeError:
-        raise Refused(f"--prompts {p}: not UTF-8 text: expected a text file with one prompt per line") from None
-    if not prompts:
-        raise Refused(f"--prompts {p}: the file has no prompts: put one prompt per line")
-    return prompts
+def _read_prompts(args: argparse.Namespace) -> list[str]:
+    """The training prompts of --prompts FILE and its --prompts-format / --prompt-* flags (noisecraft.prompts)."""
+    return read_prompt_flags(args)
+
+
+def _check_toy_prompts(args: argparse.Namespace) -> None:
+    """--toy trains on its 10 class labels: a prompt file would be ignored, so it is refused."""
+    if args.toy and args.prompts:
+        raise Refused(f"--prompts {args.prompts}: the toy model's prompts are its 10 class labels: leave --prompts "
+                      "out with --toy, or give --model DIR to train on your prompts")
 
 
 def _check_channels(shape, host) -> None:
@@ -87,6 +85,7 @@ def _train_refiner(args: argparse.Namespace) -> int:
     if args.toy == bool(args.model):
         sys.stderr.write("noisecraft train-refiner: give either --toy or --model DIR (a local diffusers folder)\n")
         return 2
+    _check_toy_prompts(args)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     # several processes (accelerate launch): the Accelerator joins the launcher's group (gloo for the toy
     # model, which trains on CPU; nccl for a --model on CUDA, each process on cuda:LOCAL_RANK)
@@ -234,7 +233,7 @@ def _train_refiner_run(args: argparse.Namespace, device: str, acc, log: logging.
             if not args.prompts:
                 sys.stderr.write("noisecraft train-refiner: --model needs --prompts FILE (one prompt per line)\n")
                 return 2
-            prompts = _read_prompts(args.prompts)
+            prompts = _read_prompts(args)
             host = _model_host(args, prompts, device)
             cfg_scale = 7.0 if args.cfg is None else args.cfg
         teacher, teacher_meta = _refiner_teacher(args, host, cfg_scale)
@@ -350,12 +349,13 @@ def _host_from_args(args: argparse.Namespace, name: str):
 
     if args.toy == bool(args.model):
         raise ValueError("give either --toy or --model DIR (a local diffusers folder)")
+    _check_toy_prompts(args)
     if args.toy:
         host = toy_host()
     else:
         if not args.prompts:
             raise ValueError("--model needs --prompts FILE (one prompt per line)")
-        prompts = _read_prompts(args.prompts)
+        prompts = _read_prompts(args)
         device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
         host = _model_host(args, prompts, device)
     return host, _latent_shape(args, host)
@@ -441,7 +441,7 @@ def _add_model_args(parser: argparse.ArgumentParser, model_help: str, embeds_hel
     src.add_argument("--model", help=model_help)
     src.add_argument("--config", help="with a single-file --model FILE.safetensors: the diffusers folder its configs "
                                       "(unet/ or transformer/, scheduler/) and text encoders come from")
-    src.add_argument("--prompts", help="text file, one prompt per line (with --model)")
+    add_prompt_args(src)
     src.add_argument("--prompt-embeds", help=embeds_help)
     src.add_argument("--negative", default="", help=negative_help)
     src.add_argument("--latent-shape", type=positive_int, nargs=3, metavar=("C", "H", "W"),

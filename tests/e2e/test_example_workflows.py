@@ -31,7 +31,7 @@ SUBSTITUTE = {
 OVERRIDES = {"EmptyLatentImage": {"width": 128, "height": 128}}
 NC_NODES = {"NC_InversionStabilitySelect", "NC_OptimizeNoise", "NC_NoiseToLatent", "NC_LoadNPNet",
             "NC_NPNetGoldenNoise", "NC_LoadRefiner", "NC_RefineNoise", "NC_BuildTeacherCache",
-            "NC_TrainRefiner", "NC_SaveRefiner", "NC_FilterTeacherCache"}
+            "NC_TrainRefiner", "NC_SaveRefiner", "NC_FilterTeacherCache", "NC_LoadPrompts"}
 REPORTING_NODES = {"NC_InversionStabilitySelect", "NC_OptimizeNoise"}  # the nodes that send UI data
 NPNET_FILES = {"sdxl.safetensors": "sdxl"}  # file name in the examples -> preset of the random stand-in
 REFINER_FILES = {"sd15_refiner.safetensors": "sd15"}  # file name in the examples -> tiny model family
