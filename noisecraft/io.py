@@ -270,11 +270,14 @@ def verify_safetensors(path: str | os.PathLike, *, what: Optional[str] = None,
     size = path.stat().st_size
     with open(path, "rb") as f:
         try:
-            n, _ = safetensors_extent(f, size)
+            n, end = safetensors_extent(f, size)
             f.seek(8)
             header = json.loads(f.read(n).decode("utf-8"))
         except (SafetensorsHeaderError, UnicodeDecodeError, ValueError):
             raise ValueError(f"{path} is not a readable safetensors file ({size} bytes){_tail(what, fix)}") from None
+        if 8 + n + end != size:
+            raise ValueError(f"{path} is not a readable safetensors file ({size} bytes where its header describes "
+                             f"{8 + n + end}: cut short or padded){_tail(what, fix)}")
         recorded = (header.get("__metadata__") or {}).get(DIGEST_KEY)
         if recorded is None:
             return None

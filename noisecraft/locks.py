@@ -7,7 +7,8 @@ holds it and what to do). Readers take no lock: several runs may train from one 
 The lock is the field's library, ``filelock`` (it comes with torch and huggingface_hub): an OS lock on
 ``<folder>/.noisecraft.lock`` (``flock`` on Linux and macOS, ``LockFileEx`` on Windows) that the kernel
 drops when the process dies, so a killed run never blocks the next one and no stale lock needs
-breaking by hand. The lock file itself stays (filelock keeps it so that waiters share one inode);
+breaking by hand. The lock file itself stays (filelock keeps it so that waiters share one inode), except
+in a folder the lock created and nothing else wrote to (a run refused before any work leaves no folder);
 whoever holds the lock also writes ``.noisecraft.lock.json`` next to it (pid, host, start time, command:
 what the refusal prints) and removes it on release. A lock on a network file system is only as good as
 that file system's ``flock``.
@@ -87,6 +88,7 @@ def folder_lock(folder: str | os.PathLike, *, what: str = "folder", fix: str = "
 
     from .io import ensure_dir
 
+    created = not Path(folder).exists()
     folder = ensure_dir(folder, None)
     key = os.path.realpath(folder)
     me = threading.get_ident()
@@ -127,6 +129,9 @@ def folder_lock(folder: str | os.PathLike, *, what: str = "folder", fix: str = "
             _held.pop(key, None)
         try:
             holder_path.unlink()
+            if created and os.listdir(folder) == [LOCK_NAME]:  # a run refused before it wrote anything: no trace
+                (folder / LOCK_NAME).unlink()
+                folder.rmdir()
         except OSError:
             pass
         lock.release()
