@@ -399,8 +399,8 @@ def run(
     reached ``config.steps``.
 
     The main process holds the folder's one-writer lock (:func:`noisecraft.locks.folder_lock`) for the
-    whole run: a second run on the same folder is refused at once, naming this one. Before the first
-    step the data's checksums are checked (``data.verify()``, where the data has one).
+    whole run: a second run on the same folder is refused at once, naming this one. (A store's shards are
+    checked against their checksums as they are first read: :mod:`noisecraft.train.shards`.)
     """
     config.check()
     acc = accelerator if accelerator is not None else make_accelerator(
@@ -426,8 +426,6 @@ def _run(method: Method, data: DataSource, out: Path, config: LoopConfig, *, res
                               "output folder")
     if is_main:  # the one writer cleans up after a killed one (never another process's live write)
         clean_stale_temps(out)
-        if callable(getattr(data, "verify", None)):
-            data.verify()  # every shard against its checksum before any step (the others check as they read)
     device = torch.device(device) if device is not None else module_device(method.module)
     amp_dtype = resolve_precision(config.precision, device)
     params = [p for p in method.module.parameters() if p.requires_grad]

@@ -172,17 +172,11 @@ class ShardedStore:
 
     @classmethod
     def _ready(cls, root: Path, definition: Mapping[str, Any]):
-        """The store at ``root`` if it holds ``definition``, is complete and every shard matches its checksum,
-        else None: then a build takes the folder's one-writer lock to finish or repair it. So runs that only
-        read a finished store take no lock and may share it."""
+        """The store at ``root`` if it holds ``definition`` and is complete (its index checked, each shard is
+        checked as it is first read), else None: then a build takes the folder's one-writer lock to finish or
+        repair it. So runs that only read a finished store take no lock and may share it."""
         store = cls._reopen(Path(root), definition)
-        if store is None or not store.complete:
-            return None
-        try:
-            store.verify()
-        except ChecksumError:
-            return None
-        return store
+        return store if store is not None and store.complete else None
 
     @classmethod
     def _new(cls, root: Path, definition: Mapping[str, Any]):
@@ -293,18 +287,30 @@ class ShardedStore:
             _notice_once(self.root, "shards", f"{self.root}: {unverifiable} shard(s) written by an older NoiseCraft without "
                                     "checksums are not verified; shards written from now on carry one")
 
+    def damaged_path(self, k: int) -> Path:
+        """Where a reader sets shard ``k`` aside when its checksum fails (the build then remakes the shard)."""
+        return self.shard_path(k).with_name(self.shard_path(k).name + ".damaged")
+
     def remove_damaged(self, shards: Optional[Sequence[int]] = None) -> list[int]:
-        """Delete the shards present (of ``shards``, default all) whose content does not match their checksum,
-        each logged, so that the build remakes them; returns their numbers."""
+        """Before a build: delete the shards present (of ``shards``, default all) whose checksum fails, and the
+        ones a reader set aside as damaged, each logged, so that the build remakes them; returns their numbers."""
         bad = []
         for k in (range(self.num_shards) if shards is None else shards):
-            if not self._on_disk() or not self.shard_path(k).is_file():
+            if not self._on_disk():
+                break
+            aside = self.damaged_path(k)
+            if aside.is_file():
+                logger.warning("%s: %s was set aside as damaged by a reader: remaking it (its samples are a "
+                               "function of their seeds)", self.root, self.shard_path(k).name)
+                aside.unlink()
+                bad.append(k)
+            if not self.shard_path(k).is_file():
                 continue
             try:
                 self.verify_shard(k)
             except ChecksumError as exc:
-                logger.warning("%s: %s is damaged (its checksum does not match): rebuilding it (its samples are a "
-                               "function of their seeds)", exc.path.parent, exc.path.name)
+                logger.warning("%s: %s is damaged (its checksum does not match): remaking it (its samples are a "
+                               "function of their seeds)", self.root, exc.path.name)
                 exc.path.unlink()
                 bad.append(k)
         if bad:
@@ -315,7 +321,11 @@ class ShardedStore:
         path = self.shard_path(k)
         if not path.is_file():
             raise FileNotFoundError(self._missing_shard_message(k, path))
-        self.verify_shard(k)
+        try:  # the first read of each shard (file version) in this process checks its checksum
+            self.verify_shard(k)
+        except ChecksumError as exc:  # set aside, so that the next build (a rerun) remakes just this shard
+            os.replace(path, self.damaged_path(k))
+            raise ChecksumError(path, f"{exc} (set aside as {self.damaged_path(k).name})") from None
         data = load_safetensors(path, what=f"shard {k} of {self.root}", fix=self._REBUILD_HINT)
         n = len(self.shard_range(k))
         for key in self._SHARD_KEYS:

@@ -206,18 +206,45 @@ def test_a_changed_byte_in_a_teacher_shard_is_refused_and_a_rebuild_remakes_just
     mtimes = [p.stat().st_mtime_ns for p in shards]
     original = _flip(shards[1], _high_byte(shards[1], "x0", 100))
     assert torch.isfinite(ncio.load_safetensors(shards[1])["x0"]).all()  # large but finite: only the checksum sees it
-    fresh = TeacherCache(tmp_path / "c")
     with pytest.raises(ncio.ChecksumError, match=r"shard_00001\.safetensors is damaged.*remakes just that shard"):
-        fresh.verify()
-    with pytest.raises(ncio.ChecksumError, match=r"shard_00001\.safetensors"):
-        fresh.get([5])
-    assert fresh.get([0]).x0.shape == (1, 1, 8, 8)  # the sound shards still read
+        TeacherCache(tmp_path / "c").verify()
+    # a build with work to do (shard 2 missing) checks the shards present and remakes the damaged one, byte
+    # for byte (a finished cache is only read: its shards are checked as they are first read)
+    third = shards[2].read_bytes()
+    shards[2].unlink()
     with caplog.at_level(logging.WARNING):
-        rebuilt = _build(tmp_path / "c")
-    assert "shard_00001.safetensors is damaged" in caplog.text and "rebuilding it" in caplog.text
-    assert shards[1].read_bytes() == original  # the same bytes as the original
-    assert [p.stat().st_mtime_ns for p in shards][::2] == mtimes[::2]  # the others were not rewritten
-    rebuilt.verify()
+        _build(tmp_path / "c")
+    assert "shard_00001.safetensors is damaged" in caplog.text and "remaking it" in caplog.text
+    assert shards[1].read_bytes() == original and shards[2].read_bytes() == third
+    assert shards[0].stat().st_mtime_ns == mtimes[0]  # the sound one was not rewritten
+    # a reader finds it at its first read, sets it aside and says so; the next build remakes it
+    _flip(shards[1], _high_byte(shards[1], "x0", 7))
+    fresh = TeacherCache(tmp_path / "c")
+    assert fresh.get([0]).x0.shape == (1, 1, 8, 8)  # the sound shards read
+    with pytest.raises(ncio.ChecksumError, match=r"shard_00001\.safetensors is damaged.*set aside as "
+                                                 r"shard_00001\.safetensors\.damaged"):
+        fresh.get([5])
+    assert not shards[1].exists() and not fresh.complete
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        _build(tmp_path / "c").verify()
+    assert "set aside as damaged by a reader: remaking it" in caplog.text
+    assert shards[1].read_bytes() == original and not fresh.damaged_path(1).exists()
+
+
+def test_train_refiner_on_a_cache_with_a_changed_byte_stops_naming_the_shard_and_a_rerun_remakes_it(tmp_path):
+    """The issue's case: `train-refiner --cache` trained on a flipped shard with rc 0."""
+    args = [*TRAIN, "--cache", "cache", "--samples", "16", "--shard-size", "4", "--steps", "2"]
+    assert _cli([*args, "--out", "r1"], tmp_path).returncode == 0
+    shard = tmp_path / "cache" / "shard_00002.safetensors"
+    original = _flip(shard, _high_byte(shard, "x0", 3))
+    res = _cli([*args, "--out", "r2"], tmp_path)
+    assert res.returncode == 2 and "Traceback" not in res.stderr, res.stderr[-2000:]
+    last = res.stderr.strip().splitlines()[-1]
+    assert "shard_00002.safetensors is damaged" in last and "remakes just that shard" in last, last
+    res = _cli([*args, "--out", "r3"], tmp_path)
+    assert res.returncode == 0 and "set aside as damaged by a reader: remaking it" in res.stderr, res.stderr[-2000:]
+    assert shard.read_bytes() == original
 
 
 def test_every_kind_of_file_we_read_back_detects_a_changed_byte(tmp_path):
