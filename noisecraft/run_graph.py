@@ -1,0 +1,581 @@
+"""``python -m noisecraft run-graph``: run a ComfyUI workflow without a browser.
+
+The workflow (UI or API format; see :mod:`noisecraft.workflow_api`) goes to a ComfyUI server: one this
+command starts (``main.py`` of ``--comfyui`` / ``$COMFYUI_PATH`` / the ComfyUI this pack is installed in, run
+by ``--python`` or this interpreter, on 127.0.0.1 and a free port, stopped at the end) or a running one
+(``--server URL``). The command prints each node as it runs, its progress, and at the end the outputs
+(saved file names, text); a failing node ends it with rc 1 and one line per error (node id, class, message).
+Ctrl-C asks the server to stop the prompt (``POST /interrupt``) and exits 130.
+
+Talking to the server uses only the standard library. Results come from ``GET /history/<prompt id>`` (the
+record ComfyUI keeps of a finished prompt). Progress exists only as websocket events (``executing``,
+``progress``, ``execution_cached``): ComfyUI has no HTTP endpoint for it, and the websocket-client package is
+not a dependency, so :class:`_WebSocket` is the small part of RFC 6455 a listener needs (the handshake, reading
+frames, answering ping and close). Without a websocket (a proxy that refuses the upgrade) the command still
+runs the graph, polling the history, and says that it shows no progress.
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import hashlib
+import json
+import logging
+import os
+import select
+import socket
+import ssl
+import struct
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.parse
+import urllib.request
+import uuid
+from pathlib import Path
+from typing import Callable, Optional
+
+from .cli_args import positive_float
+from .workflow_api import WorkflowError, apply_sets, read_workflow, ui_to_api
+
+logger = logging.getLogger(__name__)
+
+_WS_GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
+_RESERVED_SERVER_ARGS = ("--listen", "--port", "--disable-auto-launch", "--auto-launch")
+
+
+class RunGraphError(Exception):
+    """Ends the command: ``lines`` go to stderr one by one, the return code is ``rc`` (1 failed, 2 bad input)."""
+
+    def __init__(self, *lines: str, rc: int = 1):
+        super().__init__(lines[0] if lines else "")
+        self.lines, self.rc = [" ".join(str(x).split()) for x in lines], rc
+
+
+# -- HTTP --------------------------------------------------------------------------------------------------
+
+
+class ComfyClient:
+    """The few ComfyUI routes run-graph uses, over urllib."""
+
+    def __init__(self, url: str, timeout: float = 60):
+        parsed = urllib.parse.urlsplit(url if "://" in url else f"http://{url}")
+        if parsed.scheme not in ("http", "https") or not parsed.hostname:
+            raise RunGraphError(f"--server {url!r}: expected an http(s) URL such as http://127.0.0.1:8188", rc=2)
+        self.url = f"{parsed.scheme}://{parsed.netloc}{parsed.path.rstrip('/')}"
+        self.timeout = timeout
+
+    def _call(self, path: str, payload: Optional[dict] = None, timeout: Optional[float] = None):
+        data = None if payload is None else json.dumps(payload).encode()
+        req = urllib.request.Request(self.url + path, data=data, headers={"Content-Type": "application/json"})
+        try:
+            with urllib.request.urlopen(req, timeout=timeout or self.timeout) as r:
+                body = r.read()
+                return r.status, (json.loads(body) if body.strip() else None)
+        except urllib.error.HTTPError as err:
+            body = err.read()
+            try:
+                return err.code, json.loads(body)
+            except ValueError:
+                return err.code, {"error": {"message": body.decode(errors="replace")[:300]}}
+
+    def get(self, path: str, timeout: Optional[float] = None):
+        try:
+            status, body = self._call(path, timeout=timeout)
+        except (urllib.error.URLError, OSError, ValueError) as err:
+            raise RunGraphError(f"cannot reach ComfyUI at {self.url} ({getattr(err, 'reason', err)}): start it, "
+                                f"or fix --server") from None
+        if status != 200:
+            raise RunGraphError(f"ComfyUI at {self.url} answered GET {path} with HTTP {status}: is this a ComfyUI "
+                                f"server? fix --server")
+        return body
+
+    def post(self, path: str, payload: dict):
+        try:
+            return self._call(path, payload)
+        except (urllib.error.URLError, OSError, ValueError) as err:
+            raise RunGraphError(f"cannot reach ComfyUI at {self.url} ({getattr(err, 'reason', err)}): start it, "
+                                f"or fix --server") from None
+
+    def alive(self) -> bool:
+        try:
+            return self._call("/system_stats", timeout=5)[0] == 200
+        except (urllib.error.URLError, OSError, ValueError):
+            return False
+
+    def queue(self, prompt: dict, client_id: str, workflow: Optional[dict]) -> str:
+        payload = {"prompt": prompt, "client_id": client_id}
+        if workflow is not None:  # as the browser does: saved images carry the workflow
+            payload["extra_data"] = {"extra_pnginfo": {"workflow": workflow}}
+        status, body = self.post("/prompt", payload)
+        if status == 200 and isinstance(body, dict) and "prompt_id" in body:
+            return str(body["prompt_id"])
+        raise RunGraphError(*refusal_lines(body if isinstance(body, dict) else {}, prompt, status))
+
+    def history(self, prompt_id: str) -> Optional[dict]:
+        entry = (self.get(f"/history/{prompt_id}") or {}).get(prompt_id)
+        status = (entry or {}).get("status") or {}
+        return entry if status.get("completed") is not None or status.get("status_str") else None
+
+    def cancel(self, prompt_id: str) -> None:
+        """Stop ``prompt_id``: interrupt it if it runs, take it off the queue if it waits."""
+        for path, payload in (("/interrupt", {"prompt_id": prompt_id}), ("/queue", {"delete": [prompt_id]})):
+            try:
+                self._call(path, payload, timeout=10)
+            except (urllib.error.URLError, OSError, ValueError):
+                pass
+
+
+def _node_label(prompt: dict, node_id) -> str:
+    node = prompt.get(str(node_id)) or {}
+    kind = node.get("class_type", "?")
+    title = (node.get("_meta") or {}).get("title")
+    return f"node {node_id} ({kind}{f' {title!r}' if title and title != kind else ''})"
+
+
+def refusal_lines(body: dict, prompt: dict, status: int) -> list[str]:
+    """``POST /prompt`` refused the graph (validation): one line for the error, one per node error."""
+    err = body.get("error") or {}
+    if isinstance(err, str):
+        err = {"message": err}
+    head = err.get("message") or f"HTTP {status}"
+    details = err.get("details")
+    lines = [f"ComfyUI refused the graph: {head}{f': {details}' if details else ''}"]
+    for node_id, rec in (body.get("node_errors") or {}).items():
+        for e in (rec or {}).get("errors") or []:
+            detail = e.get("details")
+            lines.append(f"{_node_label(prompt, node_id)}: {e.get('message')}{f': {detail}' if detail else ''}")
+    return lines
+
+
+def failure_lines(entry: dict, prompt: dict) -> list[str]:
+    """The error lines of a finished prompt whose status is not success (none if it succeeded)."""
+    status = entry.get("status") or {}
+    if status.get("status_str") == "success":
+        return []
+    lines = []
+    for event, data in status.get("messages") or []:
+        if event == "execution_error":
+            kind = data.get("exception_type", "error").rsplit(".", 1)[-1]
+            lines.append(f"{_node_label(prompt, data.get('node_id'))} failed: {kind}: "
+                         f"{data.get('exception_message', '').strip()}")
+        elif event == "execution_interrupted":
+            lines.append(f"interrupted at {_node_label(prompt, data.get('node_id'))}")
+    return lines or [f"the prompt ended with status {status.get('status_str')!r} and no error message"]
+
+
+def output_lines(entry: dict, prompt: dict) -> list[str]:
+    """What each output node produced: files as ``<type>/<subfolder>/<name>``, texts, other values as JSON."""
+    lines = []
+
+    def order(item):
+        return (0, int(item[0])) if str(item[0]).isdigit() else (1, str(item[0]))
+
+    for node_id, out in sorted((entry.get("outputs") or {}).items(), key=order):
+        label = _node_label(prompt, node_id)
+        for key, value in (out or {}).items():
+            items = value if isinstance(value, list) else [value]
+            if items and all(isinstance(v, dict) and "filename" in v for v in items):
+                for v in items:
+                    parts = [v.get("type") or "output", v.get("subfolder") or "", v["filename"]]
+                    lines.append(f"{label}: {'/'.join(p for p in parts if p)}")
+            elif items and all(isinstance(v, str) for v in items):
+                lines.extend(f"{label}: {key}: {' / '.join(v.strip().splitlines())}" for v in items)
+            else:
+                text = json.dumps(value)
+                lines.append(f"{label}: {key}: {text if len(text) <= 300 else text[:297] + '...'}")
+    return lines
+
+
+# -- websocket (reading only) ------------------------------------------------------------------------------
+
+
+class _WebSocket:
+    """A websocket client for reading ComfyUI's events: handshake, unmasked server frames, ping/close."""
+
+    def __init__(self, http_url: str, client_id: str, timeout: float = 10):
+        parts = urllib.parse.urlsplit(http_url)
+        secure = parts.scheme == "https"
+        port = parts.port or (443 if secure else 80)
+        sock = socket.create_connection((parts.hostname, port), timeout=timeout)
+        if secure:
+            sock = ssl.create_default_context().wrap_socket(sock, server_hostname=parts.hostname)
+        self.sock, self.buf = sock, b""
+        key = base64.b64encode(os.urandom(16)).decode()
+        path = f"{parts.path.rstrip('/')}/ws?clientId={urllib.parse.quote(client_id)}"
+        sock.sendall((f"GET {path} HTTP/1.1\r\nHost: {parts.netloc}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+                      f"Sec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n\r\n").encode())
+        while b"\r\n\r\n" not in self.buf:
+            chunk = sock.recv(4096)
+            if not chunk or len(self.buf) > 65536:
+                raise OSError("the server closed the connection during the websocket handshake")
+            self.buf += chunk
+        head, self.buf = self.buf.split(b"\r\n\r\n", 1)
+        lines = head.decode("latin-1").split("\r\n")
+        headers = {k.strip().lower(): v.strip() for k, _, v in (h.partition(":") for h in lines[1:])}
+        accept = base64.b64encode(hashlib.sha1(key.encode() + _WS_GUID).digest()).decode()
+        if " 101 " not in lines[0] + " " or headers.get("sec-websocket-accept") != accept:
+            raise OSError(f"the server did not upgrade to a websocket ({lines[0]})")
+        self.closed = False
+
+    def _fill(self, n: int) -> bytes:
+        while len(self.buf) < n:
+            chunk = self.sock.recv(65536)
+            if not chunk:
+                raise OSError("the websocket closed")
+            self.buf += chunk
+        out, self.buf = self.buf[:n], self.buf[n:]
+        return out
+
+    def _send(self, opcode: int, payload: bytes = b"") -> None:
+        mask = os.urandom(4)  # a client masks every frame (RFC 6455 5.3)
+        head = bytes([0x80 | opcode, 0x80 | len(payload)])  # control frames only: payload < 126
+        self.sock.sendall(head + mask + bytes(b ^ mask[i % 4] for i, b in enumerate(payload)))
+
+    def _ready(self, timeout: float) -> bool:
+        if self.buf or (isinstance(self.sock, ssl.SSLSocket) and self.sock.pending()):
+            return True
+        return bool(select.select([self.sock], [], [], timeout)[0])
+
+    def receive(self, timeout: float) -> Optional[dict]:
+        """The next JSON text message, or None if none came within ``timeout`` s (binary previews are skipped)."""
+        end = time.monotonic() + timeout
+        message, opcode = b"", None
+        while not self.closed:
+            if not message and not self._ready(max(0.0, end - time.monotonic())):
+                return None
+            b0, b1 = self._fill(2)
+            length = b1 & 0x7F
+            if length == 126:
+                length = struct.unpack(">H", self._fill(2))[0]
+            elif length == 127:
+                length = struct.unpack(">Q", self._fill(8))[0]
+            mask = self._fill(4) if b1 & 0x80 else None
+            payload = self._fill(length)
+            if mask:
+                payload = bytes(b ^ mask[i % 4] for i, b in enumerate(payload))
+            op = b0 & 0x0F
+            if op == 0x8:  # close
+                self.closed = True
+                return None
+            if op == 0x9:  # ping
+                self._send(0xA, payload)
+                continue
+            if op == 0xA:
+                continue
+            opcode = op if op else opcode
+            message += payload
+            if b0 & 0x80:  # final fragment
+                if opcode == 0x1:
+                    try:
+                        return json.loads(message)
+                    except ValueError:
+                        pass
+                message, opcode = b"", None
+                if time.monotonic() > end:
+                    return None
+        return None
+
+    def close(self) -> None:
+        try:
+            if not self.closed:
+                self._send(0x8, struct.pack(">H", 1000))
+        except OSError:
+            pass
+        finally:
+            self.closed = True
+            self.sock.close()
+
+
+# -- what the user sees ------------------------------------------------------------------------------------
+
+
+class Reporter:
+    """Node events and progress as lines on ``out``: on a terminal one progress line updated in place, else a
+    line at every 10% of a node's progress."""
+
+    def __init__(self, prompt: dict, out=None):
+        self.prompt, self.out = prompt, out or sys.stdout
+        self.tty = self.out.isatty()
+        self.current: Optional[str] = None
+        self.shown_pct: dict = {}
+        self.open_line = False
+
+    def say(self, text: str) -> None:
+        if self.open_line:
+            self.out.write("\n")
+            self.open_line = False
+        self.out.write(text + "\n")
+        self.out.flush()
+
+    def event(self, msg: dict, prompt_id: str) -> None:
+        kind, data = msg.get("type"), msg.get("data") or {}
+        if not isinstance(data, dict) or data.get("prompt_id") not in (None, prompt_id):
+            return
+        if kind == "execution_cached" and data.get("nodes"):
+            self.say(f"cached (unchanged since the server last ran them): nodes {', '.join(map(str, data['nodes']))}")
+        elif kind == "executing" and data.get("node") is not None and data.get("prompt_id") == prompt_id:
+            node = str(data.get("display_node") or data["node"])
+            if node != self.current:
+                self.current = node
+                self.say(f"{_node_label(self.prompt, node)}: running")
+        elif kind == "progress" and data.get("prompt_id") == prompt_id:
+            self.progress(str(data.get("node") or self.current), int(data.get("value", 0)), int(data.get("max", 0)))
+
+    def progress(self, node: str, value: int, total: int) -> None:
+        if total <= 0:
+            return
+        label = f"{_node_label(self.prompt, node)}: {value}/{total}"
+        if self.tty:
+            self.out.write(f"\r{label}   ")
+            self.out.flush()
+            self.open_line = value < total
+            if not self.open_line:
+                self.out.write("\n")
+            return
+        step = 100 * value // total // 10
+        if step > self.shown_pct.get(node, -1):
+            self.shown_pct[node] = step
+            self.say(label)
+
+    def close(self) -> None:
+        if self.open_line:
+            self.out.write("\n")
+            self.open_line = False
+
+
+# -- a ComfyUI of our own ----------------------------------------------------------------------------------
+
+
+def resolve_comfyui(arg: Optional[str]) -> Path:
+    """``--comfyui``, else ``$COMFYUI_PATH``, else the ComfyUI this pack is installed in: a folder with main.py."""
+    from .weights import COMFYUI_ENV, find_comfyui_root
+
+    if arg:
+        root, where = Path(arg).expanduser(), "--comfyui"
+    elif os.environ.get(COMFYUI_ENV):
+        root, where = Path(os.environ[COMFYUI_ENV]).expanduser(), f"${COMFYUI_ENV}"
+    else:
+        root, where = find_comfyui_root(), ""
+        if root is None:
+            raise RunGraphError(f"no ComfyUI to start: this pack is not inside <ComfyUI>/custom_nodes/ and "
+                                f"{COMFYUI_ENV} is not set; give --comfyui DIR, or --server URL for a running one",
+                                rc=2)
+    if not (root / "main.py").is_file():
+        raise RunGraphError(f"{where} is {str(root)!r}, which has no main.py: expected the ComfyUI folder "
+                            f"(the one with main.py and custom_nodes/); fix the path", rc=2)
+    return root
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _last_line(path: Path) -> str:
+    try:
+        lines = [ln.strip() for ln in path.read_text(errors="replace").splitlines() if ln.strip()]
+    except OSError:
+        return ""
+    return lines[-1][:400] if lines else ""
+
+
+class LocalServer:
+    """``main.py`` of a ComfyUI folder on 127.0.0.1 and a free port, its output in a log file; stopped on exit.
+
+    The server runs in its own session, so a Ctrl-C in the terminal reaches only run-graph, which then asks
+    the server to interrupt the prompt before it stops it."""
+
+    def __init__(self, root: Path, python: str, args: list[str], startup_timeout: float, log: Optional[str] = None):
+        for arg in args:
+            if arg.split("=", 1)[0] in _RESERVED_SERVER_ARGS:
+                raise RunGraphError(f"server argument {arg!r}: run-graph sets --listen 127.0.0.1, a free --port and "
+                                    f"--disable-auto-launch itself; leave it out (or start ComfyUI yourself and "
+                                    f"give --server URL)", rc=2)
+        self.root, self.python, self.args, self.startup_timeout = root, python, args, startup_timeout
+        if log:
+            self.log_path = Path(log)
+        else:
+            fd, name = tempfile.mkstemp(prefix="noisecraft-comfyui-", suffix=".log")
+            os.close(fd)
+            self.log_path = Path(name)
+        self.port = _free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.proc: Optional[subprocess.Popen] = None
+
+    def start(self, say: Callable[[str], None]) -> ComfyClient:
+        cmd = [self.python, "main.py", "--listen", "127.0.0.1", "--port", str(self.port), "--disable-auto-launch",
+               *self.args]
+        say(f"starting ComfyUI: {' '.join(cmd)} (in {self.root}; its log: {self.log_path})")
+        try:
+            with open(self.log_path, "wb") as log:
+                self.proc = subprocess.Popen(cmd, cwd=str(self.root), stdout=log, stderr=subprocess.STDOUT,
+                                             stdin=subprocess.DEVNULL, start_new_session=True,
+                                             env={**os.environ, "PYTHONUNBUFFERED": "1"})
+        except OSError as err:
+            raise RunGraphError(f"cannot start {self.python!r} ({err.strerror}): give --python PATH, the python of "
+                                f"your ComfyUI") from None
+        client = ComfyClient(self.url)
+        end = time.monotonic() + self.startup_timeout
+        while not client.alive():
+            self.check()
+            if time.monotonic() > end:
+                raise RunGraphError(f"ComfyUI did not answer within {self.startup_timeout:.0f} s of starting; its log: "
+                                    f"{self.log_path} (last line: {_last_line(self.log_path)!r}); raise "
+                                    f"--startup-timeout if it is only slow")
+            time.sleep(0.5)
+        say(f"ComfyUI is up at {self.url}")
+        return client
+
+    def check(self) -> None:
+        if self.proc is not None and self.proc.poll() is not None:
+            raise RunGraphError(f"ComfyUI exited with code {self.proc.returncode}; its log: {self.log_path} "
+                                f"(last line: {_last_line(self.log_path)!r})")
+
+    def stop(self) -> None:
+        if self.proc is None or self.proc.poll() is not None:
+            return
+        self.proc.terminate()
+        try:
+            self.proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+
+
+# -- the run -----------------------------------------------------------------------------------------------
+
+
+def prepare(path: str, sets: list[str], object_info: dict) -> tuple[dict, Optional[dict]]:
+    """``(API prompt with the --set values, the UI workflow or None)`` for the workflow file ``path``."""
+    data, is_ui = read_workflow(path)
+    prompt = ui_to_api(data, object_info) if is_ui else json.loads(json.dumps(data))
+    if not is_ui:
+        for key, node in prompt.items():
+            if node["class_type"] not in object_info:
+                raise WorkflowError(f"node {key}: the server has no node type {node['class_type']!r}; install the "
+                                    f"custom node pack that provides it on the server and restart it")
+    return apply_sets(prompt, sets, object_info), (data if is_ui else None)
+
+
+def execute(client: ComfyClient, prompt: dict, workflow: Optional[dict], reporter: Reporter,
+            check: Callable[[], None] = lambda: None, poll_s: float = 2.0) -> dict:
+    """Queue ``prompt``, report its events, return its history entry. Ctrl-C cancels it on the server."""
+    client_id = uuid.uuid4().hex
+    ws = None
+    try:
+        ws = _WebSocket(client.url, client_id)
+    except (OSError, ValueError) as err:
+        reporter.say(f"no progress shown: the websocket at {client.url}/ws failed ({err}); waiting for the result")
+    prompt_id = client.queue(prompt, client_id, workflow)
+    reporter.say(f"queued prompt {prompt_id} ({len(prompt)} nodes) on {client.url}")
+    try:
+        next_poll = time.monotonic() + poll_s
+        while True:
+            if ws is not None and not ws.closed:
+                try:
+                    msg = ws.receive(timeout=max(0.05, next_poll - time.monotonic()))
+                except (OSError, ValueError):
+                    ws.close()
+                    msg = None
+                if msg:
+                    reporter.event(msg, prompt_id)
+                    done = (msg.get("type") in ("execution_success", "execution_error", "execution_interrupted")
+                            or (msg.get("type") == "executing" and (msg.get("data") or {}).get("node") is None))
+                    if not (done and (msg.get("data") or {}).get("prompt_id") == prompt_id):
+                        continue
+            else:
+                time.sleep(max(0.0, next_poll - time.monotonic()))
+            check()
+            entry = client.history(prompt_id)
+            if entry is not None:
+                return entry
+            next_poll = time.monotonic() + poll_s
+    except KeyboardInterrupt:
+        reporter.close()
+        client.cancel(prompt_id)
+        raise RunGraphError(f"interrupted: asked ComfyUI at {client.url} to stop prompt {prompt_id}", rc=130) from None
+    finally:
+        reporter.close()
+        if ws is not None:
+            ws.close()
+
+
+def run(args: argparse.Namespace) -> int:
+    """The run-graph command: returns the exit code; errors go to stderr as ``noisecraft run-graph: <line>``."""
+    out = sys.stdout
+
+    def say(text: str) -> None:
+        out.write(text + "\n")
+        out.flush()
+
+    server: Optional[LocalServer] = None
+    try:
+        read_workflow(args.workflow)  # a bad file fails before a server starts
+        if args.server:
+            if args.server_args or args.cpu or args.comfyui or args.python:
+                raise RunGraphError("--comfyui, --python, --cpu and server arguments after -- start a server; with "
+                                    "--server URL run-graph uses that one: give one or the other", rc=2)
+            client = ComfyClient(args.server)
+            client.get("/system_stats")
+        else:
+            server = LocalServer(resolve_comfyui(args.comfyui), args.python or sys.executable,
+                                 (["--cpu"] if args.cpu else []) + list(args.server_args), args.startup_timeout,
+                                 args.server_log)
+            client = server.start(say)
+        prompt, workflow = prepare(args.workflow, args.set or [], client.get("/object_info", timeout=300))
+        t0 = time.monotonic()
+        entry = execute(client, prompt, workflow, Reporter(prompt, out), server.check if server else lambda: None)
+        failed = failure_lines(entry, prompt)
+        if failed:
+            raise RunGraphError(*failed)
+        lines = output_lines(entry, prompt)
+        say(f"done in {time.monotonic() - t0:.1f} s; outputs:" if lines else
+            f"done in {time.monotonic() - t0:.1f} s (no node reported an output)")
+        for line in lines:
+            say(f"  {line}")
+        return 0
+    except WorkflowError as err:
+        sys.stderr.write(f"noisecraft run-graph: {' '.join(str(err).split())}\n")
+        return 2
+    except RunGraphError as err:
+        for line in err.lines:
+            sys.stderr.write(f"noisecraft run-graph: {line}\n")
+        return err.rc
+    except KeyboardInterrupt:
+        sys.stderr.write("noisecraft run-graph: interrupted before the graph was queued\n")
+        return 130
+    finally:
+        if server is not None:
+            server.stop()
+
+
+def add_run_graph_command(sub) -> None:
+    """Register ``run-graph`` on the CLI's subparsers."""
+    p = sub.add_parser(
+        "run-graph", help="run a ComfyUI workflow (UI or API format) without a browser",
+        description="Run a ComfyUI workflow file (saved from ComfyUI, UI or API format) without a browser: start "
+                    "ComfyUI on 127.0.0.1 (--comfyui DIR, else $COMFYUI_PATH, else the ComfyUI this pack is "
+                    "installed in) or use a running server (--server URL), queue the graph, print each node's "
+                    "progress and the outputs. A failing node ends it with rc 1 and its error; Ctrl-C stops the "
+                    "run on the server (rc 130). Arguments after -- go to ComfyUI's main.py.")
+    p.add_argument("workflow", help="the workflow .json (File > Save or File > Export (API) in ComfyUI)")
+    p.add_argument("server_args", nargs="*", metavar="-- SERVER_ARGS",
+                   help="arguments for ComfyUI's main.py when run-graph starts it, e.g. -- --highvram")
+    p.add_argument("--server", help="a running ComfyUI, e.g. http://127.0.0.1:8188 (no server is started)")
+    p.add_argument("--comfyui", help="the ComfyUI folder to start (default: $COMFYUI_PATH, else the ComfyUI this "
+                                     "pack is installed in)")
+    p.add_argument("--python", help="the python that runs ComfyUI (default: this one)")
+    p.add_argument("--cpu", action="store_true", help="start ComfyUI with --cpu")
+    p.add_argument("--set", action="append", metavar="NODE.INPUT=VALUE",
+                   help="override an input: NODE is a node id or title (or type, if only one node has it), INPUT an "
+                        "input name, VALUE JSON if it parses (10, 1e-4, true, \"7\") else a string; repeatable")
+    p.add_argument("--startup-timeout", type=positive_float, default=600,
+                   help="seconds to wait for a started ComfyUI to answer (default 600)")
+    p.add_argument("--server-log", help="write a started ComfyUI's output here (default: a temporary file, named "
+                                        "when it starts)")
+    p.set_defaults(func=run)
