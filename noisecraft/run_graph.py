@@ -299,6 +299,17 @@ def run(args: argparse.Namespace) -> int:
             server.stop()
 
 
+def _split_server_args(parser, args=None, namespace=None):
+    """``parse_known_args`` of the run-graph parser: everything after ``--`` is ComfyUI's (argparse cannot give a
+    subcommand's positional both the workflow before options and words after them)."""
+    args = list(sys.argv[1:] if args is None else args)
+    extra = args[args.index("--") + 1:] if "--" in args else []
+    args = args[:args.index("--")] if "--" in args else args
+    ns, rest = super(type(parser), parser).parse_known_args(args, namespace)
+    ns.server_args = extra
+    return ns, rest
+
+
 def add_run_graph_command(sub) -> None:
     """Register ``run-graph`` on the CLI's subparsers."""
     p = sub.add_parser(
@@ -307,10 +318,10 @@ def add_run_graph_command(sub) -> None:
                     "ComfyUI on 127.0.0.1 (--comfyui DIR, else $COMFYUI_PATH, else the ComfyUI this pack is "
                     "installed in) or use a running server (--server URL), queue the graph, print each node's "
                     "progress and the outputs. A failing node ends it with rc 1 and its error; Ctrl-C stops the "
-                    "run on the server (rc 130). Arguments after -- go to ComfyUI's main.py.")
+                    "run on the server (rc 130). Arguments after -- go to ComfyUI's main.py when run-graph starts "
+                    "it, e.g. -- --highvram --output-directory DIR.")
+    p.__class__ = type("RunGraphParser", (type(p),), {"parse_known_args": _split_server_args})
     p.add_argument("workflow", help="the workflow .json (File > Save or File > Export (API) in ComfyUI)")
-    p.add_argument("server_args", nargs="*", metavar="-- SERVER_ARGS",
-                   help="arguments for ComfyUI's main.py when run-graph starts it, e.g. -- --highvram")
     p.add_argument("--server", help="a running ComfyUI, e.g. http://127.0.0.1:8188 (no server is started)")
     p.add_argument("--comfyui", help="the ComfyUI folder to start (default: $COMFYUI_PATH, else the ComfyUI this "
                                      "pack is installed in)")

@@ -86,8 +86,9 @@ def read_workflow(path: Union[str, Path]) -> tuple[dict, bool]:
     if is_api_format(data):
         for key, node in data.items():
             if not isinstance(node.get("class_type"), str) or not isinstance(node.get("inputs", {}), dict):
-                raise WorkflowError(f"{path}: node {key} has no class_type name or no inputs object; expected API "
-                                    f"format {{id: {{'class_type': str, 'inputs': {{...}}}}}}: re-export it from ComfyUI")
+                raise WorkflowError(f"{path}: node {key} has no class_type name or no inputs object; expected "
+                                    f"API format {{id: {{'class_type': str, 'inputs': {{...}}}}}}: re-export it "
+                                    f"from ComfyUI")
         return data, False
     if isinstance(data, dict):
         got = f"an object with keys {', '.join(map(repr, list(data)[:6])) or '(none)'}"
