@@ -283,8 +283,9 @@ def apply_sets(prompt: dict, sets: list[str], object_info: Optional[dict] = None
         node = prompt[key]
         info = (object_info or {}).get(node["class_type"])
         if info is not None:
-            spec = info.get("input") or {}
-            names = [*(spec.get("required") or {}), *(spec.get("optional") or {})]
+            spec, order = info.get("input") or {}, info.get("input_order") or {}
+            names = [*(order.get("required") or spec.get("required") or {}),
+                     *(order.get("optional") or spec.get("optional") or {})]
             if name not in names:
                 raise WorkflowError(f"--set {text!r}: node {key} ({node['class_type']}) has no input {name!r}; its "
                                     f"inputs: {', '.join(names) or '(none)'}")
