@@ -165,7 +165,10 @@ class LocalServer:
         client = ComfyClient(self.url)
         end = time.monotonic() + self.startup_timeout
         while not client.alive():
-            self.check()
+            if self.proc.poll() is not None:
+                raise RunGraphError(f"ComfyUI exited with code {self.proc.returncode} while starting; its log: "
+                                    f"{self.log_path} (last line: {_last_line(self.log_path)!r}); if that python "
+                                    f"lacks ComfyUI's packages, give --python PATH (the python of your ComfyUI)")
             if time.monotonic() > end:
                 raise RunGraphError(f"ComfyUI did not answer within {self.startup_timeout:.0f} s of starting; its log: "
                                     f"{self.log_path} (last line: {_last_line(self.log_path)!r}); raise "
