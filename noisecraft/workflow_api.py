@@ -17,9 +17,10 @@ So this module maps widget values to input names from ``/object_info`` exactly a
 
 - widgets are the inputs of a widget type (INT, FLOAT, STRING, BOOLEAN, COMBO or an option list) without
   ``forceInput``, in ``input_order`` (required, then optional); an input with ``control_after_generate``
-  (seeds) is followed by one extra value ("fixed", "randomize", ...) that is not an input, and an input
-  with an ``*_upload`` option (Load Image) by the upload button's value; a value missing at the end (a
-  widget added to the node after the workflow was saved) takes the input's default;
+  (and, by the frontend's old convention, an INT named seed or noise_seed that does not say
+  ``control_after_generate: False``) is followed by one extra value ("fixed", "randomize", ...) that is not
+  an input, and an input with an ``*_upload`` option (Load Image) by the upload button's value; a value
+  missing at the end (a widget added to the node after the workflow was saved) takes the input's default;
 - a linked input (also a widget converted to an input) takes the link; a list value is sent as
   ``{"__value__": [...]}`` so that the server does not read it as a link;
 - muted nodes (mode 2) are left out, and inputs fed by them are dropped; bypassed nodes (mode 4) are left
@@ -112,10 +113,13 @@ def _is_widget(spec) -> bool:
     return (isinstance(kind, list) or kind in WIDGET_TYPES) and not _opts(spec).get("forceInput", False)
 
 
-def _extra_values(spec) -> int:
-    """Values the UI stores after this widget's own: the seed's control mode, an upload button."""
+def _extra_values(name: str, spec) -> int:
+    """Values the UI stores after this widget's own: the seed's control mode, an upload button. Like the frontend
+    (``useIntWidget``: ``control_after_generate ?? ['seed', 'noise_seed'].includes(name)``), an INT named seed
+    or noise_seed has the control unless its input says ``control_after_generate: False``."""
     opts = _opts(spec)
-    extra = 1 if opts.get("control_after_generate") else 0
+    legacy_seed = spec[0] == "INT" and name in ("seed", "noise_seed")
+    extra = 1 if opts.get("control_after_generate", legacy_seed) else 0
     return extra + sum(1 for k, v in opts.items() if k.endswith("_upload") and v is True)
 
 
@@ -209,7 +213,7 @@ def ui_to_api(ui: dict, object_info: dict) -> dict:
                 inputs[name] = _wrap(stored[pos])
             elif "default" in _opts(spec):
                 inputs[name] = _wrap(_opts(spec)["default"])
-            pos += 1 + _extra_values(spec)
+            pos += 1 + _extra_values(name, spec)
         missing = {}
         for inp in n.get("inputs") or []:
             if not isinstance(inp, dict) or inp.get("link") is None:

@@ -23,7 +23,6 @@ def load(name: str) -> dict:
     return json.loads((REPO / "example_workflows" / f"{name}.json").read_text())
 
 
-
 def _closed_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -73,6 +73,20 @@ def test_widget_values_map_to_names_past_the_seed_control_value():
     assert (sel["seed"], sel["candidates"], sel["score_steps"], sel["cfg"]) == (0, 8, 4, 7.0)
 
 
+def test_an_int_named_seed_has_the_control_value_unless_its_input_says_false():
+    """The frontend's old convention (useIntWidget): `control_after_generate ?? name in (seed, noise_seed)`."""
+    ui = load("collect_npnet_pairs")
+    spec = OBJECT_INFO["NC_TrainNPNet"]["input"]["required"]["seed"]
+    assert spec[0] == "INT" and "control_after_generate" not in (spec[1:] or [{}])[0]
+    assert node(ui, 6)["widgets_values"] == [100, 0.001, 16, 0, "fixed", "small"]
+    inputs = ui_to_api(ui, OBJECT_INFO)["6"]["inputs"]
+    assert (inputs["seed"], inputs["size"]) == (0, "small")
+    info = copy.deepcopy(OBJECT_INFO)
+    info["NC_TrainNPNet"]["input"]["required"]["seed"] = ["INT", {"control_after_generate": False}]
+    node(ui, 6)["widgets_values"] = [100, 0.001, 16, 0, "official"]
+    assert ui_to_api(ui, info)["6"]["inputs"]["size"] == "official"
+
+
 def test_a_widget_added_after_the_workflow_was_saved_gets_its_default():
     ui = load("train_refiner")
     assert len(node(ui, 8)["widgets_values"]) == 8  # seven widgets and the seed's control value, saved before
