@@ -13,7 +13,8 @@ serializes live LiteGraph widget objects, so running it needs a browser. comfy-c
 ``comfy_cli.workflow_to_api.convert_ui_to_api``, itself a hand-written port of a third-party converter, in an
 internal module of a CLI application with 22 dependencies (uv, ruff, telemetry SDKs, cookiecutter,
 GitPython, ffmpeg) that would all land in ComfyUI's environment for one function with no stable API.
-So this module maps widget values to input names from ``/object_info`` exactly as the frontend does:
+So this module maps widget values to input names from ``/object_info`` as the frontend does (tested equal to
+the frontend's ``graphToPrompt`` in a real browser on every example workflow: tests/js/test_graph_to_prompt.py):
 
 - widgets are the inputs of a widget type (INT, FLOAT, STRING, BOOLEAN, COMBO or an option list) without
   ``forceInput``, in ``input_order`` (required, then optional); an input with ``control_after_generate``

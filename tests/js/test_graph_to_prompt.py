@@ -4,7 +4,8 @@
 type exists on the server) into the frontend served by the tier-3 server, in headless Chromium, and writes
 ``app.graphToPrompt().output``: the API-format prompt the browser would queue. ``noisecraft.workflow_api``
 converts the same workflows with the server's ``/object_info``; the two must be equal. Variants add what the
-examples lack: a muted and a bypassed node, a widget converted to an input and fed by a link.
+examples lack: a muted and a bypassed node, a widget converted to an input and fed by a link, a Reroute and a
+PrimitiveNode.
 """
 
 from __future__ import annotations
@@ -46,7 +47,36 @@ def _variants(ex) -> dict:
     select = next(n for n in ntl["nodes"] if n["id"] == 5)
     select["outputs"][1]["links"] = [link_id]
     out["converted_widget"] = ntl
+    out["reroute_and_primitive"] = _reroute_and_primitive(out["npnet_golden_noise"])
     return out
+
+
+def _reroute_and_primitive(wf: dict) -> dict:
+    """VAE Decode's vae through a Reroute; BasicScheduler's steps from a PrimitiveNode (7, its own widget says 20)."""
+    wf = copy.deepcopy(wf)
+    nodes = {n["id"]: n for n in wf["nodes"]}
+    links = {lk[0]: lk for lk in wf["links"]}
+    next_link = max(links) + 1
+    vae_in = next(i for i in nodes[12]["inputs"] if i["name"] == "vae")
+    vae = links[vae_in["link"]]
+    wf["links"].append([next_link, vae[1], vae[2], 60, 0, "VAE"])
+    nodes[vae[1]]["outputs"][vae[2]]["links"] = [x if x != vae[0] else next_link
+                                                 for x in nodes[vae[1]]["outputs"][vae[2]]["links"]]
+    vae[1], vae[2] = 60, 0
+    wf["nodes"].append({"id": 60, "type": "Reroute", "pos": [1200, 700], "size": [75, 26], "flags": {}, "order": 0,
+                        "mode": 0, "inputs": [{"name": "", "type": "*", "link": next_link}],
+                        "outputs": [{"name": "", "type": "VAE", "links": [vae[0]]}],
+                        "properties": {"showOutputText": False, "horizontal": False}})
+    steps_link = next_link + 1
+    wf["links"].append([steps_link, 61, 0, 10, 1, "INT"])
+    nodes[10]["inputs"].append({"name": "steps", "type": "INT", "link": steps_link, "widget": {"name": "steps"}})
+    wf["nodes"].append({"id": 61, "type": "PrimitiveNode", "pos": [0, 900], "size": [210, 82], "flags": {},
+                        "order": 0, "mode": 0, "inputs": [],
+                        "outputs": [{"name": "INT", "type": "INT", "links": [steps_link], "widget": {"name": "steps"}}],
+                        "title": "steps", "properties": {"Run widget replace on values": False},
+                        "widgets_values": [7, "fixed"]})
+    wf["last_node_id"], wf["last_link_id"] = 61, steps_link
+    return wf
 
 
 def test_the_converter_sends_what_the_frontend_sends(server, refiner_files, tmp_path):
