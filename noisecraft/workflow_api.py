@@ -7,12 +7,13 @@ to slot, type]``; the server's ``POST /prompt`` takes only the API format, ``{no
 second with the server's ``/object_info``, which gives every node type's inputs in widget order.
 
 Why our own converter. The ComfyUI server has none (``/prompt`` takes the API format only; ComfyUI
-issue #2275 asks for one and is open; v0.3.64 to 0.38 checked). The frontend package
+issue #2275 asks for one and is open; checked in v0.3.64 and 0.38.1). The frontend package
 (``comfyui-frontend-package``) has ``graphToPrompt`` only as JavaScript in its browser bundle: it
 serializes live LiteGraph widget objects, so running it needs a browser. comfy-cli 1.23 ships
-``comfy_cli.workflow_to_api.convert_ui_to_api``, itself a hand-written port of a third-party converter, in an
-internal module of a CLI application with 22 dependencies (uv, ruff, telemetry SDKs, cookiecutter,
-GitPython, ffmpeg) that would all land in ComfyUI's environment for one function with no stable API.
+``comfy_cli.workflow_to_api.convert_ui_to_api`` (what ``comfy run --workflow`` uses), itself a hand-written port
+of a third-party converter, in an internal module of a CLI application with 23 dependencies (uv, ruff, two
+telemetry SDKs, cookiecutter, GitPython, an ffmpeg binary) that would all land in ComfyUI's environment for one
+function with no stable API.
 So this module maps widget values to input names from ``/object_info`` as the frontend does (tested equal to
 the frontend's ``graphToPrompt`` in a real browser on every example workflow: tests/js/test_graph_to_prompt.py):
 
