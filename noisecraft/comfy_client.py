@@ -64,7 +64,10 @@ class ComfyClient:
     def get(self, path: str, timeout: Optional[float] = None):
         try:
             status, body = self._call(path, timeout=timeout)
-        except (urllib.error.URLError, OSError, ValueError) as err:
+        except ValueError:
+            raise RunGraphError(f"{self.url} answered GET {path} with something that is not JSON: is this a ComfyUI "
+                                f"server? fix --server") from None
+        except (urllib.error.URLError, OSError) as err:
             raise RunGraphError(f"cannot reach ComfyUI at {self.url} ({getattr(err, 'reason', err)}): start it, "
                                 f"or fix --server") from None
         if status != 200:
