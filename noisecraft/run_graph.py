@@ -209,8 +209,9 @@ def prepare(path: str, sets: list[str], object_info: dict) -> tuple[dict, Option
 
 
 def execute(client: ComfyClient, prompt: dict, workflow: Optional[dict], reporter: Reporter,
-            check: Callable[[], None] = lambda: None, poll_s: float = 2.0) -> dict:
-    """Queue ``prompt``, report its events, return its history entry. Ctrl-C cancels it on the server."""
+            check: Callable[[], None] = lambda: None, poll_s: float = 2.0, lost_s: float = 120.0) -> dict:
+    """Queue ``prompt``, report its events, return its history entry. Ctrl-C cancels it on the server; a server
+    that does not answer for ``lost_s`` seconds ends the wait."""
     client_id = uuid.uuid4().hex
     ws = None
     try:
@@ -219,6 +220,7 @@ def execute(client: ComfyClient, prompt: dict, workflow: Optional[dict], reporte
         reporter.say(f"no progress shown: the websocket at {client.url}/ws failed ({err}); waiting for the result")
     prompt_id = client.queue(prompt, client_id, workflow)
     reporter.say(f"queued prompt {prompt_id} ({len(prompt)} nodes) on {client.url}")
+    lost_since = None
     try:
         next_poll = time.monotonic() + poll_s
         while True:
@@ -237,7 +239,14 @@ def execute(client: ComfyClient, prompt: dict, workflow: Optional[dict], reporte
             else:
                 time.sleep(max(0.0, next_poll - time.monotonic()))
             check()
-            entry = client.history(prompt_id)
+            try:
+                entry = client.history(prompt_id)
+                lost_since = None
+            except RunGraphError as err:  # a blip (a tunnel, a busy server): give it a while
+                lost_since = lost_since or time.monotonic()
+                if time.monotonic() - lost_since > lost_s:
+                    raise RunGraphError(f"{err.lines[0]}; prompt {prompt_id} may still be running there") from None
+                entry = None
             if entry is not None:
                 return entry
             next_poll = time.monotonic() + poll_s
