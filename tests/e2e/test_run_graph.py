@@ -242,7 +242,8 @@ def test_the_object_info_fixture_is_this_servers(object_info):
     want = {k: _stripped(object_info[k]) for k in kinds}
     if os.environ.get("NOISECRAFT_WRITE_FIXTURES"):
         FIXTURE.parent.mkdir(parents=True, exist_ok=True)
-        FIXTURE.write_text(json.dumps(want, indent=1, sort_keys=True) + "\n")
+        FIXTURE.write_text("{\n" + ",\n".join(f" {json.dumps(k)}: {json.dumps(v, sort_keys=True)}"
+                                             for k, v in sorted(want.items())) + "\n}\n")  # a node type a line
     got = json.loads(FIXTURE.read_text())
     assert got == want, (f"{FIXTURE} differs from the server's /object_info for the example workflows' nodes; "
                          f"rewrite it: NOISECRAFT_WRITE_FIXTURES=1 pytest tests/e2e/test_run_graph.py -k fixture")
