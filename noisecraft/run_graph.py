@@ -326,6 +326,8 @@ def add_run_graph_command(sub) -> None:
     """Register ``run-graph`` on the CLI's subparsers."""
     p = sub.add_parser(
         "run-graph", help="run a ComfyUI workflow (UI or API format) without a browser",
+        usage="%(prog)s WORKFLOW.json [--server URL | --comfyui DIR [--python PY] [--cpu]] "
+              "[--set NODE.INPUT=VALUE ...] [-- COMFYUI_ARGS ...]",
         description="Run a ComfyUI workflow file (saved from ComfyUI, UI or API format) without a browser: start "
                     "ComfyUI on 127.0.0.1 (--comfyui DIR, else $COMFYUI_PATH, else the ComfyUI this pack is "
                     "installed in) or use a running server (--server URL), queue the graph, print each node's "
