@@ -10,6 +10,8 @@ train a NoiseRefine refiner LoRA with MSD (teacher cache first, then the trainer
 ``python -m noisecraft collect-pairs (--toy | --model DIR --prompts FILE) [--out DIR] ...``: NPNet
 training pairs by re-denoise sampling (safetensors shards, resumable), optionally filtered.
 ``python -m noisecraft train-npnet --pairs DIR [--out DIR] [--resume] ...``: train an NPNet on them.
+``python -m noisecraft run-graph WORKFLOW.json [--comfyui DIR | --server URL] [--set NODE.INPUT=VALUE ...]``: run a
+ComfyUI workflow without a browser (see :mod:`noisecraft.run_graph`).
 Under ``accelerate launch`` (several processes, GPUs or machines) train-refiner and train-npnet run data
 parallel on accelerate's ``Accelerator``; see :mod:`noisecraft.train.loop` for the launch commands.
 
@@ -29,6 +31,7 @@ from pathlib import Path
 
 from .cli_args import ProgressLine, Refused, check_out, format_weights_table, non_negative_int, positive_float
 from .cli_train import add_train_commands
+from .run_graph import add_run_graph_command
 
 
 class _Parser(argparse.ArgumentParser):
@@ -163,6 +166,7 @@ def main(argv: list[str] | None = None) -> int:
     convert.add_argument("--overwrite", action="store_true", help="replace dst if it exists")
     convert.set_defaults(func=_convert)
     add_train_commands(sub)
+    add_run_graph_command(sub)
     try:
         args = parser.parse_args(argv)
     except SystemExit as exc:  # a bad flag (one line already printed) or --help: a return code, not an exit

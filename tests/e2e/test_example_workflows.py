@@ -1,9 +1,10 @@
 """Every example workflow runs on a real ComfyUI server and saves finite, non-constant images.
 
 The workflows are what users load (CheckpointLoaderSimple, CLIPTextEncode, VAEDecode). No
-checkpoint exists here, so converting them to the API format swaps those three node types for
-the test-only stand-ins of ``nc_test_pack`` (same widgets and outputs) and shrinks the empty
-latent to 128x128 so a CPU run takes seconds; every other node and value is the workflow's own.
+checkpoint exists here, so converting them to the API format (with ``noisecraft.workflow_api``, the converter
+of run-graph) swaps those three node types for the test-only stand-ins of ``nc_test_pack`` (same widgets
+and outputs) and shrinks the empty latent to 128x128 so a CPU run takes seconds; every other node and value
+is the workflow's own.
 (For the NPNet example the tiny model is SDXL-shaped, with 2048-wide text, and NPNet Golden Noise
 runs on a 16x16 latent through its any-resolution policy.) The NPNet files the examples load are
 written into the server's models/npnet with seeded random weights (nothing is downloaded).
@@ -11,6 +12,7 @@ written into the server's models/npnet with seeded random weights (nothing is do
 
 from __future__ import annotations
 
+import copy
 import importlib.util
 import json
 import sys
@@ -44,17 +46,23 @@ TRAIN_OVERRIDES = {
 }
 
 
-def _converter():
-    spec = importlib.util.spec_from_file_location("noisecraft_e2e_workflow_api", HERE / "workflow_api.py")
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = mod
-    spec.loader.exec_module(mod)
-    return mod
+def stand_in(ui: dict) -> dict:
+    """A copy of UI workflow ``ui`` with the test pack's stand-ins in place of the three node types."""
+    ui = copy.deepcopy(ui)
+    for n in ui["nodes"]:
+        n["type"] = SUBSTITUTE.get(n["type"], n["type"])
+    return ui
 
 
 def _prompt(ui: dict, object_info, **overrides) -> dict:
-    """The UI workflow in API format with the stand-in nodes, the small latent and ``overrides``."""
-    return _converter().to_api(ui, object_info, substitute=SUBSTITUTE, overrides={**OVERRIDES, **overrides})
+    """The UI workflow in API format (by ``noisecraft.workflow_api``, the converter run-graph uses) with the
+    stand-in nodes, the small latent and ``overrides`` ({node type: {input: value}})."""
+    from noisecraft.workflow_api import ui_to_api
+
+    prompt = ui_to_api(stand_in(ui), object_info)
+    for node in prompt.values():
+        node["inputs"].update({**OVERRIDES, **overrides}.get(node["class_type"], {}))
+    return prompt
 
 
 def _run_ok(server, prompt: dict, ui: dict) -> dict:
@@ -258,6 +266,10 @@ def test_pag_training_example_samples_the_teacher_through_pag_and_trains_the_pla
 # -- NPNet training example (collect_npnet_pairs.json) ----------------------------------------------------
 
 NPNET_TRAIN_NODES = {"NC_CollectNPNetPairs", "NC_TrainNPNet", "NC_SaveNPNet"}
+NPNET_TRAIN_OVERRIDES = {"NC_CollectNPNetPairs": {"count": 4, "steps": 4, "batch_size": 4},
+                         "NC_TrainNPNet": {"steps": 3, "batch_size": 4},
+                         "NC_SaveNPNet": {"filename": "e2e_trained_npnet", "overwrite": True},
+                         "BasicScheduler": {"steps": 2}}
 
 
 def test_npnet_training_nodes_are_registered(object_info):
@@ -272,11 +284,7 @@ def test_npnet_training_example_collects_trains_saves_a_loadable_npnet(server, o
 
     ui = json.loads((REPO / "example_workflows" / "collect_npnet_pairs.json").read_text())
     assert NPNET_TRAIN_NODES <= {n["type"] for n in ui["nodes"]}
-    tiny = {"NC_CollectNPNetPairs": {"count": 4, "steps": 4, "batch_size": 4},
-            "NC_TrainNPNet": {"steps": 3, "batch_size": 4},
-            "NC_SaveNPNet": {"filename": "e2e_trained_npnet", "overwrite": True},
-            "BasicScheduler": {"steps": 2}}
-    entry = _run_ok(server, _prompt(ui, object_info, **tiny), ui)
+    entry = _run_ok(server, _prompt(ui, object_info, **NPNET_TRAIN_OVERRIDES), ui)
     history = _ui_values(entry, "noisecraft_history")
     assert history and len(history[0]) == 3 and all(np.isfinite(history[0]))
     saved = sum(_ui_values(entry, "noisecraft_npnet_file"), [])
