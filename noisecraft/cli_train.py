@@ -234,7 +234,7 @@ def _train_refiner_run(args: argparse.Namespace, device: str, acc, log: logging.
                 sys.stderr.write("noisecraft train-refiner: --model needs --prompts FILE (one prompt per line)\n")
                 return 2
             prompts = _read_prompts(args)
-            host = _model_host(args, prompts, device)
+            host = _model_host(args, prompts, device, lazy=True)
             cfg_scale = 7.0 if args.cfg is None else args.cfg
         teacher, teacher_meta = _refiner_teacher(args, host, cfg_scale)
         if args.guidance_range is not None:
@@ -248,6 +248,9 @@ def _train_refiner_run(args: argparse.Namespace, device: str, acc, log: logging.
     cache_progress = every_5s(log, "teacher cache: %d / %d samples")
 
     try:
+        if getattr(host, "encoder", None) is not None:
+            _cache_conds(host, cache_dir, acc, log)
+
         def build(shards=None):
             return build_teacher_cache(
                 cache_dir, teacher, shape=shape,
@@ -298,9 +301,10 @@ def _train_refiner_run(args: argparse.Namespace, device: str, acc, log: logging.
     return 0
 
 
-def _model_host(args: argparse.Namespace, prompts: list[str], device: str):
+def _model_host(args: argparse.Namespace, prompts: list[str], device: str, lazy: bool = False):
     """The --model host (a diffusers folder, or FILE with --config DIR; every family of
-    noisecraft.hosts.families), its SDXL time ids from --latent-shape when given."""
+    noisecraft.hosts.families), its SDXL time ids from --latent-shape when given; ``lazy``: the prompts are
+    encoded later, a chunk at a time, into the teacher cache (:func:`_cache_conds`)."""
     import torch
 
     from .hosts.diffusers import diffusers_host
@@ -308,7 +312,23 @@ def _model_host(args: argparse.Namespace, prompts: list[str], device: str):
     dtypes = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
     dtype = dtypes[getattr(args, "weights_dtype", "fp32")]  # train-refiner's --weights-dtype
     return diffusers_host(args.model, prompts, prompt_embeds=args.prompt_embeds, negative_prompt=args.negative,
-                          device=device, dtype=dtype, config=args.config, latent_shape=args.latent_shape)
+                          device=device, dtype=dtype, config=args.config, latent_shape=args.latent_shape,
+                          encode_now=not lazy)
+
+
+def _cache_conds(host, cache_dir: Path, acc, log: logging.Logger) -> None:
+    """train-refiner --model: the prompt encodings live in the cache folder (encoded a chunk at a time by the
+    main process, under the cache's lock, unless complete), and every process reads a batch's rows from there."""
+    from .hosts.diffusers import _module_device_dtype
+    from .hosts.families import keep_text_encoders
+    from .train.cond_store import CondStore, conds_for
+
+    if acc.is_main_process:
+        with keep_text_encoders():
+            conds_for(cache_dir, host.cond_labels, host.encoder, dtype=_module_device_dtype(host.unet)[1],
+                      progress=every_5s(log, "prompt encodings: %d / %d prompts"))
+    acc.wait_for_everyone()
+    host.use_conds(CondStore(cache_dir))
 
 
 def _latent_shape(args: argparse.Namespace, host) -> tuple:

@@ -449,6 +449,8 @@ class RefinerHost:
     None if the cache is already built); ``base_model``: a name written into the refiner's metadata.
     ``added`` / ``uncond_added``: the family's extra network inputs per condition, ``{name: [P, ...]}`` and
     ``{name: [1, ...]}`` (SDXL ``text_embeds`` + ``time_ids``, SD3 ``pooled_projections``; None for SD1/SD2);
+    ``conds`` may also be a :class:`~noisecraft.train.cond_store.CondStore` (:meth:`use_conds`: the rows of each
+    batch read from disk), or None until then for a host made with ``encode_now=False`` (its ``encoder``).
     ``targets``: the layer names the refiner LoRA goes on (:data:`noisecraft.lora.DEFAULT_TARGETS` for UNets,
     :data:`~noisecraft.lora.TRANSFORMER_TARGETS` for SD3-class transformers); ``family``: for messages.
     """
@@ -463,13 +465,31 @@ class RefinerHost:
     uncond_added: Optional[dict] = None
     targets: tuple = DEFAULT_TARGETS
     family: str = "sd"
+    encoder: Optional[Any] = None  # texts -> (rows, uncond row): prompts encoded a chunk at a time (encode_now=False)
+
+    def use_conds(self, store) -> None:
+        """Read the conditioning from ``store`` (a :class:`~noisecraft.train.cond_store.CondStore`: the prompt
+        encodings on disk, a batch's rows at a time) instead of tensors in memory."""
+        device, dtype = _module_device_dtype(self.unet)
+        unc = store.uncond()
+        self.conds = store
+        self.uncond = unc["cond"].to(device=device, dtype=dtype)
+        extra = {k: v.to(device=device, dtype=dtype) for k, v in unc.items() if k != "cond"}
+        self.uncond_added = extra or None
+        self.added = None
 
     def denoiser(self, cond_ids: torch.Tensor, cfg: float = 1.0) -> DiffusersDenoiser:
         ids = torch.as_tensor(cond_ids, dtype=torch.long).reshape(-1)
         if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= self.conds.shape[0]):
             raise ValueError(f"condition ids must lie in 0..{self.conds.shape[0] - 1}, got {ids.tolist()[:8]}")
-        cond = self.conds[ids.to(self.conds.device)]
-        added = None if self.added is None else {k: v[ids.to(v.device)] for k, v in self.added.items()}
+        if torch.is_tensor(self.conds):
+            cond = self.conds[ids.to(self.conds.device)]
+            added = None if self.added is None else {k: v[ids.to(v.device)] for k, v in self.added.items()}
+        else:  # a CondStore: this batch's rows from disk, to the network's device
+            device, dtype = _module_device_dtype(self.unet)
+            rows = {k: v.to(device=device, dtype=dtype) for k, v in self.conds.rows(ids).items()}
+            cond = rows.pop("cond")
+            added = rows or None
         guided = float(cfg) != 1.0
         return DiffusersDenoiser(self.unet, self.table, cond, self.uncond if guided else None, cfg=cfg,
                                  added_cond_kwargs=added,
@@ -486,6 +506,7 @@ def diffusers_host(
     dtype: torch.dtype = torch.float32,
     config: Optional[str | os.PathLike] = None,
     latent_shape: Optional[Sequence[int]] = None,
+    encode_now: bool = True,
 ) -> RefinerHost:
     """A local diffusers model as a host, any family of :mod:`noisecraft.hosts.families` (SD1.x, SD2.x eps/v,
     SDXL, SD3-class flow transformers): ``model_dir`` is a diffusers folder (``unet/`` or ``transformer/``,
@@ -495,7 +516,9 @@ def diffusers_host(
     ``prompt_embeds``: a safetensors file of precomputed conditioning (``cond`` [P, L, D], ``uncond`` [1, L, D];
     SDXL/SD3 also ``pooled`` / ``uncond_pooled``, SDXL optionally ``time_ids``); then no text encoder (and no
     ``transformers``) is needed. ``latent_shape`` (C, H, W): the training latent, which sets SDXL's time ids
-    (default: the network's ``sample_size``).
+    (default: the network's ``sample_size``). ``encode_now=False``: encode nothing yet; the host's ``encoder``
+    encodes a chunk of prompts at a time (:func:`noisecraft.train.cond_store.build_conds` writes them next to
+    the teacher cache, :meth:`RefinerHost.use_conds` reads them back a batch at a time).
     """
     from . import families
 
@@ -524,22 +547,32 @@ def diffusers_host(
     net.to(device).eval().requires_grad_(False)
     size = int(net.config.sample_size)
     hw = tuple(latent_shape[-2:]) if latent_shape else (size, size)
-    if prompt_embeds is not None:
-        enc = families.read_prompt_embeds(prompt_embeds, family, net, len(prompts), hw,
-                                          families.vae_scale_factor(root))
-    else:
-        enc = families.encode_prompts(root, family, net, list(prompts), negative_prompt, device, hw)
     width = int(net.config.joint_attention_dim if family == "sd3" else net.config.cross_attention_dim)
-    if enc.cond.shape[-1] != width or enc.uncond.shape[-1] != width:
-        what = "joint_attention_dim" if family == "sd3" else "cross_attention_dim"
-        raise ValueError(f"prompt embeddings have width {enc.cond.shape[-1]} (uncond {enc.uncond.shape[-1]}) but the "
-                         f"network's {what} is {width}: they were made with another text encoder")
+
+    def checked(enc):
+        if enc.cond.shape[-1] != width or enc.uncond.shape[-1] != width:
+            what = "joint_attention_dim" if family == "sd3" else "cross_attention_dim"
+            raise ValueError(f"prompt embeddings have width {enc.cond.shape[-1]} (uncond {enc.uncond.shape[-1]}) but "
+                             f"the network's {what} is {width}: they were made with another text encoder")
+        return enc
+
+    def encoder(texts):  # a chunk of prompts -> (rows, the negative prompt's row), on the CPU
+        enc = checked(families.encode_prompts(root, family, net, list(texts), negative_prompt, device, hw))
+        return {"cond": enc.cond, **(enc.added or {})}, {"cond": enc.uncond[:1], **(enc.uncond_added or {})}
+
+    common = dict(base_model=single.stem if single is not None else root.name, cond_labels=list(prompts),
+                  targets=TRANSFORMER_TARGETS if family == "sd3" else DEFAULT_TARGETS, family=family)
+    if prompt_embeds is None and not encode_now:
+        return RefinerHost(net, table, None, encoder=encoder, **common)
+    if prompt_embeds is not None:
+        enc = checked(families.read_prompt_embeds(prompt_embeds, family, net, len(prompts), hw,
+                                                  families.vae_scale_factor(root)))
+    else:
+        enc = checked(families.encode_prompts(root, family, net, list(prompts), negative_prompt, device, hw))
 
     def put(d):
         return None if d is None else {k: v.to(device=device, dtype=dtype) for k, v in d.items()}
 
     return RefinerHost(net, table, enc.cond.to(device=device, dtype=dtype),
-                       enc.uncond[:1].to(device=device, dtype=dtype),
-                       base_model=single.stem if single is not None else root.name, cond_labels=list(prompts),
-                       added=put(enc.added), uncond_added=put(enc.uncond_added),
-                       targets=TRANSFORMER_TARGETS if family == "sd3" else DEFAULT_TARGETS, family=family)
+                       enc.uncond[:1].to(device=device, dtype=dtype), added=put(enc.added),
+                       uncond_added=put(enc.uncond_added), **common)

@@ -36,6 +36,7 @@ CLIPs' pooled, concatenated), and SDXL may give ``time_ids`` [1 or P, 6] (defaul
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 from dataclasses import dataclass
@@ -168,13 +169,37 @@ def _transformers():
     return transformers
 
 
+_kept: Optional[dict] = None  # the text encoders loaded inside keep_text_encoders(), by (folder, device)
+
+
+@contextlib.contextmanager
+def keep_text_encoders():
+    """Load each text encoder once for the block (prompts encoded a chunk at a time), free them after it."""
+    global _kept
+    outer, _kept = _kept, ({} if _kept is None else _kept)
+    try:
+        yield
+    finally:
+        if outer is None:
+            _kept = None
+
+
+def _load(key: tuple, factory):
+    if _kept is None:
+        return factory()
+    if key not in _kept:
+        _kept[key] = factory()
+    return _kept[key]
+
+
 @torch.no_grad()
 def _clip(root: Path, tok_dir: str, enc_dir: str, texts: list[str], device, projection: bool, penultimate: bool):
     """(token states [n, L, D], pooled [n, W] or None) of one CLIP text encoder, 16 prompts at a time."""
     tf = _transformers()
-    tok = tf.AutoTokenizer.from_pretrained(str(root / tok_dir))
     cls = tf.CLIPTextModelWithProjection if projection else tf.CLIPTextModel
-    enc = cls.from_pretrained(str(root / enc_dir)).to(device).eval()
+    tok, enc = _load((str(root), tok_dir, enc_dir, str(device)), lambda: (
+        tf.AutoTokenizer.from_pretrained(str(root / tok_dir)),
+        cls.from_pretrained(str(root / enc_dir)).to(device).eval()))
     states, pooled = [], []
     for a in range(0, len(texts), 16):
         ids = tok(texts[a: a + 16], padding="max_length", max_length=tok.model_max_length, truncation=True,
@@ -193,8 +218,9 @@ def _t5(root: Path, texts: list[str], device, width: int) -> torch.Tensor:
         return torch.zeros(len(texts), T5_TOKENS, width)
     _need_dirs(root, ("text_encoder_3", "tokenizer_3"), "SD3's T5 encoder")
     tf = _transformers()
-    tok = tf.AutoTokenizer.from_pretrained(str(root / "tokenizer_3"))
-    enc = tf.T5EncoderModel.from_pretrained(str(root / "text_encoder_3")).to(device).eval()
+    tok, enc = _load((str(root), "tokenizer_3", "text_encoder_3", str(device)), lambda: (
+        tf.AutoTokenizer.from_pretrained(str(root / "tokenizer_3")),
+        tf.T5EncoderModel.from_pretrained(str(root / "text_encoder_3")).to(device).eval()))
     out = []
     for a in range(0, len(texts), 16):
         ids = tok(texts[a: a + 16], padding="max_length", max_length=T5_TOKENS, truncation=True,

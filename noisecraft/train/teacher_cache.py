@@ -385,6 +385,7 @@ def build_teacher_cache(
         ready = TeacherCache.ready(root, shape=shape, conds=conds, base_seed=base_seed, total=total, meta=meta,
                                    shard_size=shard_size)
         if ready is not None:
+            TeacherCache.clean_temps(ready.root)  # a killed writer's temp files (only dead processes': no lock needed)
             return ready
     # one writer per cache folder; a parallel job (its own ``shards``) runs under its launcher's lock
     lock = folder_lock(root, what="teacher cache", fix=_BUSY_FIX) if shards is None else contextlib.nullcontext()
@@ -421,7 +422,10 @@ def per_sample_teacher(host) -> Callable[[torch.Tensor, torch.Tensor], Callable]
     inputs, e.g. SDXL's pooled text and time ids, come with it)."""
     from ..guidance_embed import cfg_per_sample
 
-    if host.uncond is None:
-        raise ValueError("a guided teacher needs the host's unconditional embedding (host.uncond is None)")
-    # cfg 2: any scale != 1 makes the host's denoiser carry the uncond inputs; cfg_per_sample uses its own scales
-    return lambda cond_ids, scales: cfg_per_sample(host.denoiser(cond_ids, cfg=2.0), scales)
+    def teacher(cond_ids, scales):
+        if host.uncond is None:  # (a host whose prompts are encoded later has it once they are)
+            raise ValueError("a guided teacher needs the host's unconditional embedding (host.uncond is None)")
+        # cfg 2: any scale != 1 makes the host's denoiser carry the uncond inputs; cfg_per_sample uses its own scales
+        return cfg_per_sample(host.denoiser(cond_ids, cfg=2.0), scales)
+
+    return teacher
