@@ -28,7 +28,7 @@ from typing import Callable, Optional, Sequence
 
 import torch
 
-from ..io import (ChecksumError, atomic_write_json, read_json, verify_json, verify_safetensors,
+from ..io import (ChecksumError, atomic_write_json, ensure_dir, read_json, verify_json, verify_safetensors,
                   write_safetensors)
 
 __all__ = ["CondStore", "build_conds", "conds_for", "prompts_digest", "CONDS_INDEX"]
@@ -140,6 +140,7 @@ def build_conds(root: str | os.PathLike, prompts: Sequence[str], encode: Encoder
     name = {v: k for k, v in _DTYPES.items()}.get(dtype)
     if name is None:
         raise ValueError(f"prompt encodings are stored as {', '.join(_DTYPES)}, got {dtype}")
+    ensure_dir(root, None)
     index = root / CONDS_INDEX
     store = first_rows = None
     if index.is_file():

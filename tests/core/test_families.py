@@ -438,3 +438,97 @@ def test_an_sd3_transformer_without_pooled_projections_is_refused(runs):
     den = DiffusersDenoiser(host.unet, host.table, host.conds[:1])
     with pytest.raises(ValueError, match="pooled_projections"):
         den(torch.zeros(1, 16, 8, 8), torch.ones(1))
+
+
+# -- prompt encodings on disk ---------------------------------------------------------------------------------
+
+def test_the_cli_keeps_the_prompt_encodings_in_the_cache_and_they_are_the_hosts(family_run):
+    """train-refiner --model encodes the prompts a chunk at a time into the teacher cache (conds.json +
+    conds_*.safetensors) and trains from there: the stored rows are the eager host's conditioning exactly
+    (same encoders, same batches of 16 texts), the family's extra inputs and the negative prompt's row too."""
+    from noisecraft.train.cond_store import CondStore
+
+    run = family_run
+    assert run.rc == 0
+    store = CondStore(run.out / "teacher_cache")
+    host = _host(run)
+    assert len(store) == len(PROMPTS) and store.shape == tuple(host.conds.shape)
+    rows = store.rows(torch.arange(len(PROMPTS) - 1, -1, -1))  # any order
+    assert torch.equal(rows.pop("cond"), host.conds.flip(0))
+    assert set(rows) == set(host.added or {})
+    for k, v in rows.items():
+        assert torch.equal(v, host.added[k].flip(0)), k
+    unc = store.uncond()
+    assert torch.equal(unc.pop("cond"), host.uncond)
+    for k, v in unc.items():
+        assert torch.equal(v, host.uncond_added[k]), k
+
+
+def _tensor_bytes(obj, seen=None) -> int:
+    """Bytes of every tensor reachable from ``obj`` through attributes, dicts, lists and tuples (modules skipped)."""
+    seen = set() if seen is None else seen
+    if id(obj) in seen or isinstance(obj, torch.nn.Module):
+        return 0
+    seen.add(id(obj))
+    if torch.is_tensor(obj):
+        return obj.numel() * obj.element_size()
+    if isinstance(obj, dict):
+        return sum(_tensor_bytes(v, seen) for v in obj.values())
+    if isinstance(obj, (list, tuple)):
+        return sum(_tensor_bytes(v, seen) for v in obj)
+    if hasattr(obj, "__dict__") and not isinstance(obj, type):
+        return _tensor_bytes(vars(obj), seen)
+    return 0
+
+
+def test_the_conditioning_held_in_memory_does_not_grow_with_the_prompt_count(runs, tmp_path):
+    """With the encodings on disk the host holds the unconditional row and nothing per prompt: the tensor bytes
+    reachable from it, and those a batch's rows allocate, are the same for 6 and for 96 prompts."""
+    from noisecraft.hosts.diffusers import diffusers_host
+    from noisecraft.train.cond_store import CondStore, build_conds
+
+    run = runs("sdxl")
+    held, batch, fresh = [], [], []
+    for p in (6, 96):
+        prompts = [f"prompt number {i}" for i in range(p)]
+        host = diffusers_host(run.root, prompts, encode_now=False)
+        assert host.conds is None  # nothing encoded yet (the host holds its sigma table)
+        fresh.append(_tensor_bytes(host))
+        build_conds(tmp_path / str(p), prompts, host.encoder, chunk=16)
+        host.use_conds(CondStore(tmp_path / str(p)))
+        held.append(_tensor_bytes(host))
+        d = host.denoiser(torch.tensor([0, p - 1]), cfg=3.0)
+        batch.append(_tensor_bytes(d))
+        assert d.cond.shape[0] == 2
+    assert fresh[0] == fresh[1] and held[0] == held[1] > fresh[0] and batch[0] == batch[1]
+
+
+def test_an_interrupted_or_damaged_encoding_resumes_with_just_the_missing_chunk(runs, tmp_path):
+    from noisecraft import io as ncio
+    from noisecraft.hosts.diffusers import diffusers_host
+    from noisecraft.train.cond_store import CondStore, build_conds, conds_for
+
+    prompts = [f"a prompt {i}" for i in range(40)]
+    host = diffusers_host(runs("sd1").root, prompts, encode_now=False)
+    calls = []
+
+    def encode(texts):
+        calls.append(len(texts))
+        return host.encoder(texts)
+
+    store = build_conds(tmp_path / "c", prompts, encode, chunk=16)
+    assert calls == [16, 16, 8] and store.num_chunks == 3
+    files = [store.chunk_path(j) for j in range(3)]
+    before = [f.read_bytes() for f in files]
+    files[1].unlink()  # a kill before chunk 1 was written
+    raw = bytearray(files[2].read_bytes())
+    raw[-1] ^= 0x10  # and a changed byte in chunk 2
+    files[2].write_bytes(bytes(raw))
+    with pytest.raises(ncio.ChecksumError, match=r"conds_00002\.safetensors is damaged"):
+        CondStore(tmp_path / "c").rows([39])
+    calls.clear()
+    conds_for(tmp_path / "c", prompts, encode, chunk=16)
+    assert calls == [16, 8], calls  # chunk 1 (missing) and chunk 2 (damaged) only
+    assert [f.read_bytes() for f in files] == before
+    with pytest.raises(ValueError, match="another prompt set"):
+        conds_for(tmp_path / "c", prompts[:-1], encode, chunk=16)
