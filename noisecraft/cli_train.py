@@ -299,16 +299,25 @@ def _train_refiner_run(args: argparse.Namespace, device: str, acc, log: logging.
 
 
 def _model_host(args: argparse.Namespace, prompts: list[str], device: str):
-    """The --model host (a diffusers folder, or FILE with --config DIR; every family of
-    noisecraft.hosts.families), its SDXL time ids from --latent-shape when given."""
+    """The --model host (a diffusers folder, or a single-file FILE with --config DIR or, without it, the configs
+    diffusers infers from its keys: noisecraft.hosts.single_file; every family of noisecraft.hosts.families),
+    its SDXL time ids from --latent-shape when given."""
     import torch
 
     from .hosts.diffusers import diffusers_host
+    from .hosts.single_file import single_file_config
 
     dtypes = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
     dtype = dtypes[getattr(args, "weights_dtype", "fp32")]  # train-refiner's --weights-dtype
-    return diffusers_host(args.model, prompts, prompt_embeds=args.prompt_embeds, negative_prompt=args.negative,
-                          device=device, dtype=dtype, config=args.config, latent_shape=args.latent_shape)
+
+    def host(config):
+        return diffusers_host(args.model, prompts, prompt_embeds=args.prompt_embeds, negative_prompt=args.negative,
+                              device=device, dtype=dtype, config=config, latent_shape=args.latent_shape)
+
+    if args.config is not None or not Path(args.model).is_file():
+        return host(args.config)
+    with single_file_config(args.model) as (_, config):
+        return host(config)
 
 
 def _latent_shape(args: argparse.Namespace, host) -> tuple:
@@ -440,7 +449,10 @@ def _add_model_args(parser: argparse.ArgumentParser, model_help: str, embeds_hel
     src.add_argument("--toy", action="store_true", help="the shipped toy digits model (the 10 class labels are the prompts)")
     src.add_argument("--model", help=model_help)
     src.add_argument("--config", help="with a single-file --model FILE.safetensors: the diffusers folder its configs "
-                                      "(unet/ or transformer/, scheduler/) and text encoders come from")
+                                      "(unet/ or transformer/, scheduler/, tokenizers; text encoders unless the file "
+                                      "has them) come from. Default: the Hugging Face repo diffusers' from_single_file "
+                                      "infers from the file's keys (SD1.x, SD2.x, SDXL, SD3), from the Hub cache or "
+                                      "the Hub; needed with HF_HUB_OFFLINE=1 or without the Hub")
     add_prompt_args(src)
     src.add_argument("--prompt-embeds", help=embeds_help)
     src.add_argument("--negative", default="", help=negative_help)

@@ -528,7 +528,8 @@ def diffusers_host(
         enc = families.read_prompt_embeds(prompt_embeds, family, net, len(prompts), hw,
                                           families.vae_scale_factor(root))
     else:
-        enc = families.encode_prompts(root, family, net, list(prompts), negative_prompt, device, hw)
+        enc = families.encode_prompts(root, family, net, list(prompts), negative_prompt, device, hw,
+                                      single_file=single)
     width = int(net.config.joint_attention_dim if family == "sd3" else net.config.cross_attention_dim)
     if enc.cond.shape[-1] != width or enc.uncond.shape[-1] != width:
         what = "joint_attention_dim" if family == "sd3" else "cross_attention_dim"
