@@ -467,3 +467,24 @@ def test_config_patterns_are_diffusers_own():
 
     src = _inspect.getsource(single_file._download_diffusers_model_config_from_hub)
     assert f"allow_patterns = {CONFIG_PATTERNS!r}".replace("'", '"') in src
+
+
+def test_config_folder_of_configs_only_takes_the_text_encoders_from_the_file(models, workdir, tmp_path, capsys):
+    """``--config DIR`` where DIR holds no weights (what a Hub download of configs gives): the text encoders come
+    from the file (the CLI trains, nothing asked of any Hub: HF_HUB_OFFLINE=1); a file without text encoders is
+    then refused naming --prompt-embeds."""
+    import shutil
+
+    m = models("sd1")
+    configs = tmp_path / "configs"
+    shutil.copytree(m.root, configs, ignore=shutil.ignore_patterns("*.safetensors", "*.bin"))
+    argv = fam.train_args(m.ckpt, workdir / "prompts.txt", tmp_path / "out", "--config", configs)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("HF_HUB_OFFLINE", "1")
+        assert fam.run_cli(*argv) == 0 and (tmp_path / "out" / "refiner.safetensors").is_file()
+        from safetensors.torch import load_file
+
+        unet_only = {k: v for k, v in load_file(str(m.ckpt)).items() if k.startswith("model.diffusion_model.")}
+        bare = _keys_file(tmp_path / "unet_only.safetensors", unet_only)
+        fam._refused(capsys, fam.train_args(bare, workdir / "prompts.txt", tmp_path / "o", "--config", configs),
+                     "no text encoder", "--prompt-embeds")
