@@ -139,8 +139,10 @@ def inspect_single_file(path) -> SingleFile:
                              f"train-refiner does not train; it trains {FAMILY_LIST}")
         try:
             model_type = infer_diffusers_model_type(ckpt)
-        except (KeyError, ValueError, IndexError, RuntimeError) as exc:
-            model_type = f"unreadable ({type(exc).__name__}: {exc})"
+        except Exception as exc:  # a shape diffusers' checks do not expect, or a tensor safetensors cannot read
+            raise ValueError(f"--model {path}: diffusers could not tell its architecture from its keys "
+                             f"({type(exc).__name__}: {str(exc)[:200]}): train-refiner infers {FAMILY_LIST}; for "
+                             f"anything else give --config DIR, a diffusers folder of the same architecture") from None
         if model_type == "v1" and (LDM_UNET not in ckpt or "model.diffusion_model.label_emb.0.0.weight" in ckpt):
             what = ("an LDM UNet with added embeddings (label_emb) that diffusers does not recognise (an SDXL whose "
                     "text encoders are missing or cut down?)" if LDM_UNET in ckpt else
@@ -157,7 +159,9 @@ def inspect_single_file(path) -> SingleFile:
         elif model_type == "v2" and SD2_V_PROBE in ckpt:
             std = float(ckpt[SD2_V_PROBE].float().std(unbiased=False))
             prediction = "v_prediction" if std > SD2_V_STD else "epsilon"
-            logger.info("%s: SD2.x, %s (std %.3f of %s; ComfyUI's rule)", path.name, prediction, std, SD2_V_PROBE)
+            logger.info("%s: SD2.x, %s (std %.3f of %s; ComfyUI's rule)%s", path.name, prediction, std, SD2_V_PROBE,
+                        "; an eps SD2 is usually SD2-base, trained at 512 px: --latent-shape 4 64 64"
+                        if prediction == "epsilon" else "")
     repo = DIFFUSERS_DEFAULT_PIPELINE_PATHS[model_type]["pretrained_model_name_or_path"]
     return SingleFile(path, model_type, family, repo, prediction, zero_snr)
 
