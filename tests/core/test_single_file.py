@@ -41,8 +41,9 @@ _spec.loader.exec_module(fam)  # the family tests' tiny pipelines, LDM UNet layo
 
 PROMPTS = fam.PROMPTS
 COMMIT = "5f1e0c0" + "0" * 33
-SD1_REPO, XL_REPO, SD35L_REPO = ("stable-diffusion-v1-5/stable-diffusion-v1-5", "stabilityai/stable-diffusion-xl-base-1.0",
-                                 "stabilityai/stable-diffusion-3.5-large")
+SD1_REPO = "stable-diffusion-v1-5/stable-diffusion-v1-5"  # the repos diffusers names for these files
+XL_REPO = "stabilityai/stable-diffusion-xl-base-1.0"
+SD35L_REPO = "stabilityai/stable-diffusion-3.5-large"
 
 
 # -- a loopback Hugging Face Hub ------------------------------------------------------------------------
@@ -199,7 +200,8 @@ def mmdit(net) -> dict:
             out[b + f"context_block.adaLN_modulation.1.{t}"] = _swap(ctx) if last else ctx
             pairs += [(b + f"x_block.attn.proj.{t}", a + f"attn.to_out.0.{t}"),
                       (b + f"x_block.adaLN_modulation.1.{t}", a + f"norm1.linear.{t}"),
-                      (b + f"x_block.mlp.fc1.{t}", a + f"ff.net.0.proj.{t}"), (b + f"x_block.mlp.fc2.{t}", a + f"ff.net.2.{t}")]
+                      (b + f"x_block.mlp.fc1.{t}", a + f"ff.net.0.proj.{t}"),
+                      (b + f"x_block.mlp.fc2.{t}", a + f"ff.net.2.{t}")]
             if not last:
                 pairs += [(b + f"context_block.attn.proj.{t}", a + f"attn.to_add_out.{t}"),
                           (b + f"context_block.mlp.fc1.{t}", a + f"ff_context.net.0.proj.{t}"),
