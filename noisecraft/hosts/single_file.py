@@ -181,7 +181,7 @@ def _complete(folder: Path) -> bool:
 def _fetch_configs(sf: SingleFile) -> Path:
     """The repo's config folder: the Hugging Face cache, else the Hub (module docstring); ValueError if neither."""
     from huggingface_hub import snapshot_download
-    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
+    from huggingface_hub.errors import GatedRepoError, HfHubHTTPError, LocalEntryNotFoundError
 
     fix = (f"give --config DIR, a diffusers folder of this architecture (a download of {sf.repo} will do: "
            f"model_index.json, unet/ or transformer/, scheduler/, tokenizers and text encoder configs)")
@@ -202,6 +202,10 @@ def _fetch_configs(sf: SingleFile) -> Path:
                                         library_name="noisecraft"))
     except (LocalEntryNotFoundError, HfHubHTTPError, OSError, ValueError) as exc:
         where = endpoint or "huggingface.co"
+        gated = isinstance(exc, GatedRepoError) or getattr(getattr(exc, "response", None), "status_code", 0) == 401
+        if gated:
+            fix = (f"{sf.repo} is gated: accept its terms on the Hub and log in (`hf auth login`, or HF_TOKEN), or "
+                   f"{fix}")
         raise ValueError(f"--model {sf.path} is a {sf.label} checkpoint, but the configs of {sf.repo} could not be "
                          f"fetched from the Hugging Face Hub ({where}: {type(exc).__name__}: "
                          f"{' '.join(str(exc).split())[:200]}): {fix}") from None

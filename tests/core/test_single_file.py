@@ -75,6 +75,9 @@ class Handler(http.server.BaseHTTPRequestHandler):
         self.state["requests"].append(path)
         repos = self.state["repos"]
         m = re.fullmatch(r"/api/models/([^/]+/[^/]+)/(revision|tree)/([^/]+)(/.*)?", path)
+        if m and m.group(1) in self.state["gated"]:  # what the Hub answers for a gated repo without a login
+            return self._send(401, b'{"error": "gated"}', head_only,
+                              headers=[("X-Error-Code", "GatedRepo"), ("X-Error-Message", "Access to model is restricted")])
         if m and m.group(1) in repos:
             files = repos[m.group(1)]
             if m.group(2) == "revision":
@@ -104,7 +107,7 @@ def hub(server, monkeypatch, tmp_path):
     from huggingface_hub import constants
 
     Handler.state.clear()
-    Handler.state.update(repos={}, requests=[])
+    Handler.state.update(repos={}, requests=[], gated=set())
     host, port = server.server_address[:2]
     monkeypatch.setenv("HF_ENDPOINT", f"http://{host}:{port}")
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
@@ -455,6 +458,12 @@ def test_a_hub_without_the_repo_is_refused_naming_config(models, hub, workdir, t
     fam._refused(capsys, fam.train_args(models("sd1").ckpt, workdir / "prompts.txt", tmp_path / "o"),
                  "could not be fetched", SD1_REPO, "--config DIR")
     assert any(p.startswith(f"/api/models/{SD1_REPO}/") for p in hub["requests"])
+
+
+def test_a_gated_repo_is_refused_naming_the_login_and_config(models, hub, workdir, tmp_path, capsys):
+    hub["gated"].add(SD1_REPO)
+    fam._refused(capsys, fam.train_args(models("sd1").ckpt, workdir / "prompts.txt", tmp_path / "o"),
+                 "GatedRepoError", "is gated", "hf auth login", "--config DIR")
 
 
 def test_an_unreadable_file_is_refused(workdir, tmp_path, capsys):
