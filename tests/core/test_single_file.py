@@ -77,7 +77,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
         m = re.fullmatch(r"/api/models/([^/]+/[^/]+)/(revision|tree)/([^/]+)(/.*)?", path)
         if m and m.group(1) in self.state["gated"]:  # what the Hub answers for a gated repo without a login
             return self._send(401, b'{"error": "gated"}', head_only,
-                              headers=[("X-Error-Code", "GatedRepo"), ("X-Error-Message", "Access to model is restricted")])
+                              headers=[("X-Error-Code", "GatedRepo"), ("X-Error-Message", "Access restricted")])
         if m and m.group(1) in repos:
             files = repos[m.group(1)]
             if m.group(2) == "revision":
