@@ -8,10 +8,10 @@ tiny random pipeline built here; its single file is the pipeline's weights in th
 ``cond_stage_model`` / ``conditioner.embedders`` CLIP and OpenCLIP, MMDiT ``joint_blocks`` and ``text_encoders.*``),
 written by the inverse of diffusers' own conversions; the loopback Hub serves the pipeline's configs (no weights)
 under the repo id diffusers infers for the file, as the real Hub serves the full-size ones. Sizes are chosen so
-diffusers' key checks name the family: SDXL's OpenCLIP has 10 layers (``resblocks.9``), the SD3 transformer has 38
-(``joint_blocks.37``: diffusers reads it as SD3.5 large), the two CLIPs of SDXL and SD3 have different widths
-(diffusers tells them apart by width). Real-size detection (SD2, SD3 medium) is checked on files holding only
-the tensors diffusers looks at.
+diffusers' key checks name the family: SD2's cross-attention is 1024 wide (its text encoder OpenCLIP-layout),
+SDXL's OpenCLIP has 10 layers (``resblocks.9``), the SD3 transformer has 38 (``joint_blocks.37``: diffusers reads
+it as SD3.5 large), the two CLIPs of SDXL and SD3 have different widths (diffusers tells them apart by width).
+The SD2 prediction rule and real-size SD3 medium are checked on files holding only the tensors looked at.
 """
 
 from __future__ import annotations
@@ -44,6 +44,8 @@ COMMIT = "5f1e0c0" + "0" * 33
 SD1_REPO = "stable-diffusion-v1-5/stable-diffusion-v1-5"  # the repos diffusers names for these files
 XL_REPO = "stabilityai/stable-diffusion-xl-base-1.0"
 SD35L_REPO = "stabilityai/stable-diffusion-3.5-large"
+SD2_REPO = "stabilityai/stable-diffusion-2-1"
+KINDS = {"sd1": "eps", "sd2": "v", "sdxl": "eps", "sd3": "flow"}
 
 
 # -- a loopback Hugging Face Hub ------------------------------------------------------------------------
@@ -147,14 +149,15 @@ def hf_clip(enc, prefix: str) -> dict:
 
 
 def open_clip(enc, prefix: str) -> dict:
-    """A ``CLIPTextModelWithProjection``'s weights in the OpenCLIP layout (inverse of diffusers'
-    ``convert_open_clip_checkpoint``: fused in_proj, resblocks, ln_1/ln_2, c_fc/c_proj, text_projection [W, P])."""
-    sd = enc.state_dict()
+    """A transformers CLIP's weights in the OpenCLIP layout (inverse of diffusers' ``convert_open_clip_checkpoint``:
+    fused in_proj, resblocks, ln_1/ln_2, c_fc/c_proj; with a projection, text_projection [W, P])."""
+    sd = {k.removeprefix(prefix): v for k, v in hf_clip(enc, prefix).items()}
     out = {prefix + "positional_embedding": sd["text_model.embeddings.position_embedding.weight"],
            prefix + "token_embedding.weight": sd["text_model.embeddings.token_embedding.weight"],
            prefix + "ln_final.weight": sd["text_model.final_layer_norm.weight"],
-           prefix + "ln_final.bias": sd["text_model.final_layer_norm.bias"],
-           prefix + "text_projection": sd["text_projection.weight"].T}
+           prefix + "ln_final.bias": sd["text_model.final_layer_norm.bias"]}
+    if "text_projection.weight" in sd:
+        out[prefix + "text_projection"] = sd["text_projection.weight"].T
     for i in range(enc.config.num_hidden_layers):
         a, b = f"text_model.encoder.layers.{i}.", f"{prefix}transformer.resblocks.{i}."
         for t in ("weight", "bias"):
@@ -168,7 +171,8 @@ def open_clip(enc, prefix: str) -> dict:
 def ldm_unet(unet) -> dict:
     """The tiny UNets' weights in the LDM layout (test_families' converter; SDXL's add_embedding -> label_emb)."""
     out = {}
-    for k, v in fam.diffusers_to_ldm_unet(unet.state_dict(), layers=1, blocks=2, attn_up={1}).items():
+    layers = unet.config.layers_per_block
+    for k, v in fam.diffusers_to_ldm_unet(unet.state_dict(), layers=layers, blocks=2, attn_up={1}).items():
         for i, j in ((1, 0), (2, 2)):
             k = k.replace(f".add_embedding.linear_{i}.", f".label_emb.0.{j}.")
         out[k] = v
@@ -226,6 +230,21 @@ def build(family: str, root: Path):
     if family == "sd1":
         pipe = fam.build_pipeline("sd1", root)
         return pipe, {**ldm_unet(pipe.unet), **hf_clip(pipe.text_encoder, "cond_stage_model.transformer.")}, SD1_REPO
+    if family == "sd2":  # diffusers' v2 check: a 1024-wide cross-attention key at input_blocks.2.1 (2 layers)
+        from diffusers import DDIMScheduler, StableDiffusionPipeline
+
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(0)
+            enc = _clip(1024, 2, False, 1)
+            unet = fam._unet(cross_attention_dim=1024, use_linear_projection=True, attention_head_dim=(2, 4),
+                             layers_per_block=2)
+            sched = DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", steps_offset=1,
+                                  clip_sample=False, prediction_type="v_prediction")
+            pipe = StableDiffusionPipeline(vae=fam._vae(4), text_encoder=enc, unet=unet, scheduler=sched,
+                                           tokenizer=fam._tokenizer(root.parent / f"{root.name}_vocab"),
+                                           safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+        pipe.save_pretrained(str(root))
+        return pipe, {**ldm_unet(unet), **open_clip(enc, "cond_stage_model.model.")}, SD2_REPO
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
         tok = fam._tokenizer(root.parent / f"{root.name}_vocab")
@@ -289,7 +308,7 @@ def models(workdir):
     return get
 
 
-@pytest.fixture(params=["sd1", "sdxl", "sd3"])
+@pytest.fixture(params=["sd1", "sd2", "sdxl", "sd3"])
 def model(request, models):
     return models(request.param)
 
@@ -299,7 +318,7 @@ def model(request, models):
 
 def test_the_file_names_its_family_and_the_repo_diffusers_takes_its_configs_from(model):
     sf = inspect_single_file(model.ckpt)
-    assert (sf.family, sf.repo) == ({"sd1": "sd", "sdxl": "sdxl", "sd3": "sd3"}[model.family], model.repo)
+    assert (sf.family, sf.repo) == ({"sd1": "sd", "sd2": "sd", "sdxl": "sdxl", "sd3": "sd3"}[model.family], model.repo)
     assert sf.prediction is None and not sf.zero_snr  # the repo's scheduler decides
 
 
@@ -320,7 +339,7 @@ def test_single_file_host_equals_the_pipelines_network_and_conditioning(model, h
     assert set(got) == set(ref) and all(torch.equal(got[k], ref[k]) for k in ref)
     tol = dict(rtol=1e-6, atol=1e-6)
     with torch.no_grad():
-        if model.family == "sd1":
+        if model.family in ("sd1", "sd2"):
             cond, uncond = model.pipe.encode_prompt(PROMPTS, "cpu", 1, True, negative_prompt=[""] * len(PROMPTS))
         elif model.family == "sdxl":
             cond, uncond, pooled, upooled = model.pipe.encode_prompt(PROMPTS, device="cpu")
@@ -344,7 +363,7 @@ def test_cli_trains_from_the_single_file_alone_then_offline_from_the_cache(model
     rc = fam.run_cli(*fam.train_args(model.ckpt, workdir / "prompts.txt", tmp_path / "out"))
     assert rc == 0
     _, meta = read_refiner_pairs(tmp_path / "out" / "refiner.safetensors")
-    assert meta["noisecraft.model_kind"] == ("flow" if model.family == "sd3" else "eps")
+    assert meta["noisecraft.model_kind"] == KINDS[model.family]  # SD2: the repo's v (no ComfyUI probe weight)
     if model.family != "sd1":
         return  # the offline rerun is the same code for every family
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
