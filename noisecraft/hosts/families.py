@@ -255,7 +255,11 @@ def encode_prompts(root: Path, family: str, net, prompts: list[str], negative: s
         raise ValueError(f"{root}: the two CLIPs give {states.shape[-1]}-wide token states but the transformer's "
                          f"joint_attention_dim is {width}: the text encoders do not belong to this transformer")
     clip = torch.nn.functional.pad(states, (0, width - states.shape[-1]))
-    states = torch.cat([clip, _t5(root, texts, device, width, sf)], dim=-2)
+    t5 = _t5(root, texts, device, width, sf)
+    if t5.shape[-1] != width:
+        raise ValueError(f"{root}: the T5 encoder gives {t5.shape[-1]}-wide token states but the transformer's "
+                         f"joint_attention_dim is {width}: the T5 does not belong to this transformer")
+    states = torch.cat([clip, t5], dim=-2)
     pooled = torch.cat([p1, p2], dim=-1)
     return Conditioning(states[:p], states[p:], {"pooled_projections": pooled[:p]},
                         {"pooled_projections": pooled[p:]})

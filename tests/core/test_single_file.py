@@ -520,3 +520,40 @@ def test_config_folder_of_configs_only_takes_the_text_encoders_from_the_file(mod
         bare = _keys_file(tmp_path / "unet_only.safetensors", unet_only)
         fam._refused(capsys, fam.train_args(bare, workdir / "prompts.txt", tmp_path / "o", "--config", configs),
                      "no text encoder", "--prompt-embeds")
+
+
+def test_sd3_t5_in_the_file_is_its_t5(models, hub, tmp_path):
+    """An SD3 file with ``text_encoders.t5xxl.*`` (and a repo with text_encoder_3/ + tokenizer_3/ configs): the T5
+    part of the conditioning is that T5's, as StableDiffusion3Pipeline.encode_prompt builds it (test_families'
+    tolerance for T5: 3e-5, batch-shape rounding)."""
+    from diffusers import StableDiffusion3Pipeline
+
+    from noisecraft.hosts.diffusers import diffusers_host
+
+    base = models("sd3")
+    from transformers import T5Config, T5EncoderModel
+
+    _, tok3 = fam._t5(tmp_path)  # its character tokenizer; a T5 as wide as this transformer's joint_attention_dim
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(3)
+        enc3 = T5EncoderModel(T5Config(vocab_size=32, d_model=96, d_kv=8, d_ff=37, num_layers=2, num_heads=2)).eval()
+    parts = {k: getattr(base.pipe, k) for k in ("transformer", "scheduler", "vae", "text_encoder", "tokenizer",
+                                                "text_encoder_2", "tokenizer_2")}
+    pipe = StableDiffusion3Pipeline(**parts, text_encoder_3=enc3, tokenizer_3=tok3)
+    pipe.save_pretrained(str(tmp_path / "sd3_t5"))
+    serve(hub, SD35L_REPO, tmp_path / "sd3_t5")
+    from safetensors.torch import load_file
+
+    tensors = {**load_file(str(base.ckpt)),
+               **{"text_encoders.t5xxl.transformer." + k: v.clone() for k, v in enc3.state_dict().items()}}
+    ckpt = _keys_file(tmp_path / "sd3_t5.safetensors", tensors)
+    with single_file_config(ckpt) as (_, folder):
+        assert (folder / "text_encoder_3" / "config.json").is_file() and not any(folder.rglob("*.safetensors"))
+        host = diffusers_host(ckpt, PROMPTS, config=folder)
+    with torch.no_grad():
+        cond, uncond, pooled, _ = pipe.encode_prompt(PROMPTS, None, None, device="cpu", negative_prompt="")
+    assert cond[:, fam.TOKENS:].abs().max() > 0
+    tol = dict(rtol=1e-6, atol=3e-5)
+    torch.testing.assert_close(host.conds, cond, **tol)
+    torch.testing.assert_close(host.uncond, uncond[:1], **tol)
+    torch.testing.assert_close(host.added["pooled_projections"], pooled, **tol)
