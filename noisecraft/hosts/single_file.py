@@ -153,8 +153,8 @@ def inspect_single_file(path) -> SingleFile:
         if family is None:
             raise ValueError(f"--model {path} is a {model_type!r} checkpoint to diffusers, which train-refiner does "
                              f"not condition: it trains {FAMILY_LIST}")
-        prediction, zero_snr = None, "ztsnr" in ckpt
-        if "v_pred" in ckpt:
+        prediction, zero_snr = None, "ztsnr" in ckpt and family != "sd3"  # flow models: the repo's scheduler
+        if "v_pred" in ckpt and family != "sd3":
             prediction = "v_prediction"
         elif model_type == "v2" and SD2_V_PROBE in ckpt:
             std = float(ckpt[SD2_V_PROBE].float().std(unbiased=False))
