@@ -10,6 +10,8 @@ and train data parallel. :func:`add_train_commands` declares their flags.
 from __future__ import annotations
 
 import argparse
+import atexit
+import contextlib
 import logging
 import sys
 import time
@@ -302,18 +304,31 @@ def _train_refiner_run(args: argparse.Namespace, device: str, acc, log: logging.
 
 
 def _model_host(args: argparse.Namespace, prompts: list[str], device: str, lazy: bool = False):
-    """The --model host (a diffusers folder, or FILE with --config DIR; every family of
-    noisecraft.hosts.families), its SDXL time ids from --latent-shape when given; ``lazy``: the prompts are
-    encoded later, a chunk at a time, into the teacher cache (:func:`_cache_conds`)."""
+    """The --model host (a diffusers folder, or a single-file FILE with --config DIR or, without it, the configs
+    diffusers infers from its keys: noisecraft.hosts.single_file; every family of noisecraft.hosts.families),
+    its SDXL time ids from --latent-shape when given; ``lazy``: the prompts are encoded later, a chunk at a
+    time, into the teacher cache (:func:`_cache_conds`)."""
     import torch
 
     from .hosts.diffusers import diffusers_host
+    from .hosts.single_file import single_file_config
 
     dtypes = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
     dtype = dtypes[getattr(args, "weights_dtype", "fp32")]  # train-refiner's --weights-dtype
-    return diffusers_host(args.model, prompts, prompt_embeds=args.prompt_embeds, negative_prompt=args.negative,
-                          device=device, dtype=dtype, config=args.config, latent_shape=args.latent_shape,
-                          encode_now=not lazy)
+
+    def host(config):
+        return diffusers_host(args.model, prompts, prompt_embeds=args.prompt_embeds, negative_prompt=args.negative,
+                              device=device, dtype=dtype, config=config, latent_shape=args.latent_shape,
+                              encode_now=not lazy)
+
+    if args.config is not None or not Path(args.model).is_file():
+        return host(args.config)
+    # the config folder (a temporary copy where the file changes the scheduler) lives as long as the command: a
+    # lazy host encodes the prompts from it later
+    stack = contextlib.ExitStack()
+    atexit.register(stack.close)
+    _, config = stack.enter_context(single_file_config(args.model))
+    return host(config)
 
 
 def _cache_conds(host, cache_dir: Path, acc, log: logging.Logger) -> None:
@@ -460,7 +475,10 @@ def _add_model_args(parser: argparse.ArgumentParser, model_help: str, embeds_hel
     src.add_argument("--toy", action="store_true", help="the shipped toy digits model (the 10 class labels are the prompts)")
     src.add_argument("--model", help=model_help)
     src.add_argument("--config", help="with a single-file --model FILE.safetensors: the diffusers folder its configs "
-                                      "(unet/ or transformer/, scheduler/) and text encoders come from")
+                                      "(unet/ or transformer/, scheduler/, tokenizers; text encoders unless the file "
+                                      "has them) come from. Default: the Hugging Face repo diffusers' from_single_file "
+                                      "infers from the file's keys (SD1.x, SD2.x, SDXL, SD3), from the Hub cache or "
+                                      "the Hub; needed with HF_HUB_OFFLINE=1 or without the Hub")
     add_prompt_args(src)
     src.add_argument("--prompt-embeds", help=embeds_help)
     src.add_argument("--negative", default="", help=negative_help)

@@ -557,7 +557,8 @@ def diffusers_host(
         return enc
 
     def encoder(texts):  # a chunk of prompts -> (rows, the negative prompt's row), on the CPU
-        enc = checked(families.encode_prompts(root, family, net, list(texts), negative_prompt, device, hw))
+        enc = checked(families.encode_prompts(root, family, net, list(texts), negative_prompt, device, hw,
+                                                       single_file=single))
         return {"cond": enc.cond, **(enc.added or {})}, {"cond": enc.uncond[:1], **(enc.uncond_added or {})}
 
     common = dict(base_model=single.stem if single is not None else root.name, cond_labels=list(prompts),
@@ -568,7 +569,8 @@ def diffusers_host(
         enc = checked(families.read_prompt_embeds(prompt_embeds, family, net, len(prompts), hw,
                                                   families.vae_scale_factor(root)))
     else:
-        enc = checked(families.encode_prompts(root, family, net, list(prompts), negative_prompt, device, hw))
+        enc = checked(families.encode_prompts(root, family, net, list(prompts), negative_prompt, device, hw,
+                                                    single_file=single))
 
     def put(d):
         return None if d is None else {k: v.to(device=device, dtype=dtype) for k, v in d.items()}

@@ -26,8 +26,10 @@ its pipeline builds it. Each family follows its diffusers pipeline (``diffusers 
 
 Single-file checkpoints (``--model FILE.safetensors --config DIR``): the network comes from the file through
 diffusers' own ``<network class>.from_single_file(FILE, config=DIR, subfolder=..., local_files_only=True)``
-(original / ComfyUI key layouts are converted by diffusers, never downloaded); the scheduler, tokenizers and
-text encoders come from ``DIR``, a diffusers folder (with ``--prompt-embeds`` a folder of configs only will do).
+(original / ComfyUI key layouts are converted by diffusers, never downloaded); the scheduler and tokenizers
+come from ``DIR``, a diffusers folder, the text encoders too where ``DIR`` holds their weights, else from the
+file (a folder of configs only will do). Without ``--config``, :mod:`noisecraft.hosts.single_file` finds
+``DIR`` the way diffusers does (the Hub repo of the architecture the file's keys name).
 
 Precomputed prompts (``--prompt-embeds FILE``): ``cond`` [P, L, D] and ``uncond`` [1, L, D]; SDXL and SD3 also
 need ``pooled`` [P, W] and ``uncond_pooled`` [1, W] (SDXL: the second encoder's ``text_embeds``; SD3: both
@@ -46,6 +48,7 @@ from typing import Any, Optional, Sequence
 import torch
 
 from ..io import load_safetensors
+from .single_file import has_weights, t5_in_single_file, text_encoder_from_single_file
 
 __all__ = ["FAMILIES", "Conditioning", "detect_family", "load_network", "encode_prompts", "read_prompt_embeds",
            "sdxl_time_ids", "vae_scale_factor", "takes_pooled_projections"]
@@ -193,13 +196,17 @@ def _load(key: tuple, factory):
 
 
 @torch.no_grad()
-def _clip(root: Path, tok_dir: str, enc_dir: str, texts: list[str], device, projection: bool, penultimate: bool):
-    """(token states [n, L, D], pooled [n, W] or None) of one CLIP text encoder, 16 prompts at a time."""
+def _clip(root: Path, tok_dir: str, enc_dir: str, texts: list[str], device, projection: bool, penultimate: bool,
+          single_file: Optional[Path] = None):
+    """(token states [n, L, D], pooled [n, W] or None) of one CLIP text encoder, 16 prompts at a time; its weights
+    from ``root/enc_dir``, or from ``single_file`` when that folder holds only a config."""
     tf = _transformers()
     cls = tf.CLIPTextModelWithProjection if projection else tf.CLIPTextModel
-    tok, enc = _load((str(root), tok_dir, enc_dir, str(device)), lambda: (
+    tok, enc = _load((str(root), tok_dir, enc_dir, str(device), str(single_file)), lambda: (
         tf.AutoTokenizer.from_pretrained(str(root / tok_dir)),
-        cls.from_pretrained(str(root / enc_dir)).to(device).eval()))
+        (text_encoder_from_single_file(cls, single_file, root, enc_dir)
+         if single_file is not None and not has_weights(root / enc_dir)
+         else cls.from_pretrained(str(root / enc_dir))).to(device).eval()))
     states, pooled = [], []
     for a in range(0, len(texts), 16):
         ids = tok(texts[a: a + 16], padding="max_length", max_length=tok.model_max_length, truncation=True,
@@ -212,15 +219,24 @@ def _clip(root: Path, tok_dir: str, enc_dir: str, texts: list[str], device, proj
 
 
 @torch.no_grad()
-def _t5(root: Path, texts: list[str], device, width: int) -> torch.Tensor:
-    """SD3's T5 token states [n, 256, width], or zeros of that shape without ``text_encoder_3/`` (T5 dropped)."""
+def _t5(root: Path, texts: list[str], device, width: int, single_file: Optional[Path] = None) -> torch.Tensor:
+    """SD3's T5 token states [n, 256, width], or zeros of that shape without ``text_encoder_3/`` (T5 dropped);
+    with ``single_file`` and a config-only ``text_encoder_3/``, T5 from the file (zeros if it has none)."""
     if not (root / "text_encoder_3").is_dir():
         return torch.zeros(len(texts), T5_TOKENS, width)
+    enc = None
+    if single_file is not None and not has_weights(root / "text_encoder_3"):
+        _transformers()
+        enc = _load((str(single_file), "t5"), lambda: t5_in_single_file(single_file, root))
+        if enc is None:
+            logger.info("%s holds no T5 (text_encoders.t5xxl.*): its part of the conditioning is zeros, as with T5 "
+                        "dropped", single_file.name)
+            return torch.zeros(len(texts), T5_TOKENS, width)
     _need_dirs(root, ("text_encoder_3", "tokenizer_3"), "SD3's T5 encoder")
     tf = _transformers()
-    tok, enc = _load((str(root), "tokenizer_3", "text_encoder_3", str(device)), lambda: (
+    tok, enc = _load((str(root), "tokenizer_3", "text_encoder_3", str(device), str(single_file)), lambda: (
         tf.AutoTokenizer.from_pretrained(str(root / "tokenizer_3")),
-        tf.T5EncoderModel.from_pretrained(str(root / "text_encoder_3")).to(device).eval()))
+        (enc or tf.T5EncoderModel.from_pretrained(str(root / "text_encoder_3"))).to(device).eval()))
     out = []
     for a in range(0, len(texts), 16):
         ids = tok(texts[a: a + 16], padding="max_length", max_length=T5_TOKENS, truncation=True,
@@ -230,19 +246,24 @@ def _t5(root: Path, texts: list[str], device, width: int) -> torch.Tensor:
 
 
 def encode_prompts(root: Path, family: str, net, prompts: list[str], negative: str, device,
-                   latent_hw: Sequence[int]) -> Conditioning:
-    """The family's conditioning for ``prompts`` and the negative prompt (module docstring), on the CPU."""
+                   latent_hw: Sequence[int], single_file: Optional[Path] = None) -> Conditioning:
+    """The family's conditioning for ``prompts`` and the negative prompt (module docstring), on the CPU; text
+    encoders whose folder in ``root`` holds only a config come from ``single_file``."""
     texts = list(prompts) + [negative]
     p = len(prompts)
+    sf = None if single_file is None else Path(single_file)
     if family == "sd":
         _need_dirs(root, ("tokenizer", "text_encoder"), "encoding the prompts")
-        states, _ = _clip(root, "tokenizer", "text_encoder", texts, device, projection=False, penultimate=False)
+        states, _ = _clip(root, "tokenizer", "text_encoder", texts, device, projection=False, penultimate=False,
+                          single_file=sf)
         return Conditioning(states[:p], states[p:])
     _need_dirs(root, ("tokenizer", "text_encoder"), f"{family.upper()}'s first text encoder")
     _need_dirs(root, ("tokenizer_2", "text_encoder_2"), f"{family.upper()}'s second text encoder "
                                                         "(CLIPTextModelWithProjection, for the pooled embeddings)")
-    s1, p1 = _clip(root, "tokenizer", "text_encoder", texts, device, projection=family == "sd3", penultimate=True)
-    s2, p2 = _clip(root, "tokenizer_2", "text_encoder_2", texts, device, projection=True, penultimate=True)
+    s1, p1 = _clip(root, "tokenizer", "text_encoder", texts, device, projection=family == "sd3", penultimate=True,
+                   single_file=sf)
+    s2, p2 = _clip(root, "tokenizer_2", "text_encoder_2", texts, device, projection=True, penultimate=True,
+                   single_file=sf)
     states = torch.cat([s1, s2], dim=-1)
     if family == "sdxl":
         pooled = p2
@@ -259,7 +280,11 @@ def encode_prompts(root: Path, family: str, net, prompts: list[str], negative: s
         raise ValueError(f"{root}: the two CLIPs give {states.shape[-1]}-wide token states but the transformer's "
                          f"joint_attention_dim is {width}: the text encoders do not belong to this transformer")
     clip = torch.nn.functional.pad(states, (0, width - states.shape[-1]))
-    states = torch.cat([clip, _t5(root, texts, device, width)], dim=-2)
+    t5 = _t5(root, texts, device, width, sf)
+    if t5.shape[-1] != width:
+        raise ValueError(f"{root}: the T5 encoder gives {t5.shape[-1]}-wide token states but the transformer's "
+                         f"joint_attention_dim is {width}: the T5 does not belong to this transformer")
+    states = torch.cat([clip, t5], dim=-2)
     pooled = torch.cat([p1, p2], dim=-1)
     return Conditioning(states[:p], states[p:], {"pooled_projections": pooled[:p]},
                         {"pooled_projections": pooled[p:]})

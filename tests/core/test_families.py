@@ -381,10 +381,11 @@ def test_single_file_unet_with_a_local_config(runs, workdir, tmp_path):
     assert rc == 0 and (tmp_path / "out" / "refiner.safetensors").is_file()
 
 
-def test_single_file_without_config_and_config_with_a_folder_are_refused(runs, workdir, tmp_path, capsys):
+def test_unreadable_single_file_and_config_with_a_folder_are_refused(runs, workdir, tmp_path, capsys):
+    """(A readable file without --config takes its configs from the Hub: test_single_file.py.)"""
     ckpt = tmp_path / "m.safetensors"
     ckpt.write_bytes(b"x")
-    _refused(capsys, train_args(ckpt, workdir / "prompts.txt", tmp_path / "o"), "single-file", "--config DIR")
+    _refused(capsys, train_args(ckpt, workdir / "prompts.txt", tmp_path / "o"), "single-file", "safetensors")
     _refused(capsys, train_args(runs("sd1").root, workdir / "prompts.txt", tmp_path / "o", "--config",
                                 runs("sd1").root), "--config", "leave")
 
