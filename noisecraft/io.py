@@ -205,7 +205,7 @@ def write_safetensors(tensors: Mapping[str, Any], path: str | os.PathLike, metad
         t = tensors[name].detach().cpu().contiguous()
         if t.dtype not in dtypes:
             raise TypeError(f"cannot store {name} of dtype {t.dtype} in safetensors here")
-        data = t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b""
+        data = t.reshape(-1).view(torch.uint8).numpy() if t.numel() else b""  # a view: no copy of the data
         header[name] = {"dtype": dtypes[t.dtype], "shape": list(t.shape), "data_offsets": [offset, offset + len(data)]}
         blobs.append(data)
         offset += len(data)

@@ -173,7 +173,7 @@ def build_conds(root: str | os.PathLike, prompts: Sequence[str], encode: Encoder
             except ChecksumError:
                 path.unlink()
         texts = list(prompts[j * chunk: (j + 1) * chunk])
-        enc = first_rows if j == 0 and first_rows is not None else encode(texts)[0]
+        enc, first_rows = (first_rows if j == 0 and first_rows is not None else encode(texts)[0]), None
         bad = {k: tuple(enc[k].shape) for k in keys if k not in enc or tuple(enc[k].shape[1:]) != keys[k]
                or enc[k].shape[0] != len(texts)}
         if bad or set(enc) != set(keys):
