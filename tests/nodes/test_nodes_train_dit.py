@@ -381,6 +381,30 @@ def test_a_model_the_trainer_cannot_handle_lists_the_supported_families(tr, nc, 
             tr.BuildTeacherCache.execute(model, prompts(nc), neg, nc.latent(FAMILY, size=8), 1, 0, 5.0, 1, "normal")
 
 
+class FluxNext(comfy.model_base.Flux):
+    """A model class built on ComfyUI's Flux, as newer ComfyUI's Flux2 and LongCatImage are."""
+
+
+class SD3Next(comfy.model_base.SD3):
+    pass
+
+
+@pytest.mark.parametrize("klass", [FluxNext, SD3Next])
+def test_a_subclass_of_a_dit_family_is_refused_naming_it(tr, nc, cl, cache, klass):
+    if klass is FluxNext:
+        model = tiny_flux()
+    else:
+        with torch.inference_mode():
+            model = nc.tiny.build(FAMILY, seed=0)
+    model.model.__class__ = klass  # the same network, under a model class the trainer does not know
+    name = rf"this MODEL is a {__name__}\.{klass.__name__}, a subclass of ComfyUI's {klass.__bases__[0].__name__}"
+    with pytest.raises(ValueError, match=rf"^Train Refiner: {name} .*expected exactly one of SD3, Flux, Chroma"):
+        cl.lora_keys(model)
+    with pytest.raises(ValueError, match=rf"^Train Refiner: {name}"):
+        train(tr, model, cache, steps=1)
+    assert cl.dit_family(tiny_flux().model) == "flux"
+
+
 def test_a_flow_models_cache_with_an_eps_model_is_refused(tr, nc, cache):
     with pytest.raises(ValueError, match=r"Train Refiner: teacher_cache: .*another model family: expected a cache "
                                          r"from a diffusion \(eps-prediction\) model like this MODEL \(SD15.*got one "
