@@ -6,7 +6,8 @@ guider. :class:`SeededNoise` reproduces ComfyUI's ``RandomNoise`` bit for bit, i
 per-batch-index seeding of latents that carry a ``batch_index`` (``comfy.sample.prepare_noise``),
 without touching the global RNG: where the running ComfyUI has ``comfy.sample.prepare_noise_inner``
 (which takes a generator; newer ComfyUI also draws float32 there and casts to the latent's dtype), it is
-called with a private generator; older ComfyUI (v0.3.x) draws in the latent's dtype, as :func:`comfy_noise`. :class:`FixedNoise` carries a tensor a search node produced.
+called with a private generator; older ComfyUI (v0.3.x) draws in the latent's dtype, as :func:`comfy_noise`.
+:class:`FixedNoise` carries a tensor a search node produced.
 """
 
 from __future__ import annotations
