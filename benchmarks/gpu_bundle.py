@@ -56,7 +56,7 @@ PLATFORMS = ("manylinux_2_28_x86_64", "manylinux_2_17_x86_64", "manylinux2014_x8
 # only the machine's packages, tests/nodes/test_gpu_bundle.py): the pack's diffusers and its requirements
 # beyond huggingface_hub, ComfyUI's scipy, torchsde and PyAV (imported by comfy_api.latest)
 WHEELS = ("diffusers", "requests", "urllib3", "certifi", "charset-normalizer", "idna", "importlib-metadata", "zipp",
-          "scipy", "torchsde", "trampoline", "av")
+          "lazy-importer", "scipy", "torchsde", "trampoline", "av")
 # on the GPU machine: what the issue lists, and what those require (timm: torchvision, hence pillow)
 MACHINE = ("torch", "torchvision", "accelerate", "peft", "transformers", "safetensors", "einops", "timm", "numpy",
            "pillow", "pyyaml", "psutil", "tqdm", "packaging", "huggingface-hub", "filelock", "regex", "tokenizers",
@@ -250,10 +250,11 @@ def install(bundle: Path, target: Path) -> dict:
                          f"Python {here}: rebuild it with benchmarks/gpu_bundle.py --python {here}")
     wheels, site = target / "wheels", target / "site"
     wheels.mkdir(parents=True, exist_ok=True)
+    safe = {"filter": "data"} if hasattr(tarfile, "data_filter") else {}  # Python >= 3.11.4 / 3.12
     with tarfile.open(bundle / "wheels.tar.xz", "r:xz") as tar:
-        tar.extractall(wheels, filter="data")
+        tar.extractall(wheels, **safe)
     with tarfile.open(bundle / "comfyui.tar.xz", "r:xz") as tar:
-        tar.extractall(target, filter="data")
+        tar.extractall(target, **safe)
     todo = [m for m in manifest["wheels"] if installed_version(m["name"]) is None]
     present = [f"{m['name']} {installed_version(m['name'])}" for m in manifest["wheels"] if m not in todo]
     if todo:

@@ -25,7 +25,9 @@ Rows (details in ``_gpu_rows.py``, core, and ``_gpu_comfy.py``, ComfyUI), random
   fp16 and bf16 against fp32: max-abs, all finite;
 * ``train_step/sd15`` and ``/sdxl``: one MSD training step's time and peak memory
   (``bench_train_memory.msd_step_figures``);
-* ``npnet_device``: NPNet output on CPU vs GPU with canonical singular-vector signs.
+* ``npnet_device``: NPNet output on CPU vs GPU with canonical singular-vector signs;
+* ``seeded_noise/contract`` and ``dynamic_vram/train_wrappers``: behaviour newer ComfyUI changed (SeededNoise
+  against RandomNoise in three dtypes; the trainer's weight wrappers under the dynamic VRAM patcher).
 
 Every row is always printed with its status: ``ok``, ``not run: <why>`` (e.g. the ComfyUI rows without
 ``COMFYUI_PATH``) or ``failed: <error>`` (the run goes on; the exit code is then 1). Without CUDA and
@@ -60,7 +62,9 @@ REPO = Path(__file__).resolve().parents[1]
 COMFY_ROWS = {"models/comfyui": "full-size ComfyUI UNets the ComfyUI rows use (parameters, meta device)",
               "refine_cfg_ratio/sd15": "refined noise + cfg 1 vs cfg 7, SD1.5 512^2, sampling node wall time",
               "refine_cfg_ratio/sdxl": "refined noise + cfg 1 vs cfg 7, SDXL 1024^2, sampling node wall time",
-              "npnet_cost/sdxl": "SDXL generation with NPNet golden noise vs RandomNoise"}
+              "npnet_cost/sdxl": "SDXL generation with NPNet golden noise vs RandomNoise",
+              "seeded_noise/contract": "SeededNoise vs ComfyUI's RandomNoise, fp32 / fp16 / bf16 latents",
+              "dynamic_vram/train_wrappers": "Train Refiner's adapters under ModelPatcherDynamic vs ModelPatcher"}
 
 
 def install() -> None:
@@ -250,7 +254,8 @@ def run_comfy_rows(setup, rows) -> None:
         for rid in comfy_ids:
             rows[rid].status = setup.comfy
         return
-    from _gpu_comfy import ComfyEnv, comfy_models, npnet_cost, precision_rows, refine_cfg_ratio
+    from _gpu_comfy import (ComfyEnv, comfy_models, dynamic_vram_wrappers, npnet_cost, precision_rows,
+                            refine_cfg_ratio, seeded_noise_contract)
 
     t0 = time.perf_counter()
     try:
@@ -261,6 +266,9 @@ def run_comfy_rows(setup, rows) -> None:
         return
     print(f"[{time.perf_counter() - t0:7.1f} s] ComfyUI loaded", flush=True)
     run_row(setup, rows["models/comfyui"], lambda: comfy_models(env))
+    run_row(setup, rows["seeded_noise/contract"], lambda: seeded_noise_contract(env))
+    run_row(setup, rows["dynamic_vram/train_wrappers"], lambda: dynamic_vram_wrappers(env))
+    env.free()
     run_row(setup, rows["refine_cfg_ratio/sd15"], lambda: refine_cfg_ratio(env, "sd15"))
     run_row(setup, rows["refine_cfg_ratio/sdxl"], lambda: refine_cfg_ratio(env, "sdxl"))
     run_row(setup, rows["npnet_cost/sdxl"], lambda: npnet_cost(env))
