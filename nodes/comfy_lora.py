@@ -487,6 +487,23 @@ class TrainableLoRA(nn.Module):
                 self._objects[key] = (t, copy)
         _keep_saved_block_inputs(patcher)
 
+    def check_attached(self, base_model: nn.Module, node: str = TRAIN_NAME) -> None:
+        """Once ComfyUI has loaded the clone: every adapter is a weight function of its layer, or a ValueError
+        (starting with ``node``) names the layers. Newer ComfyUI's dynamic VRAM loader (``ModelPatcherDynamic``)
+        attaches weight wrappers only to modules over 16 KiB and loads smaller ones without them (its ``load``);
+        a refiner trained so would silently leave those layers out (GPU report: ``dynamic_vram/train_wrappers``)."""
+        missing = []
+        for key, a in self.adapters.items():
+            module = comfy.utils.get_attr(base_model, self.weight_keys[key].rsplit(".", 1)[0])
+            if not any(f is a for f in (getattr(module, "weight_function", None) or [])):
+                missing.append(key)
+        if missing:
+            raise ValueError(
+                f"{node}: ComfyUI loaded the MODEL without the refiner's weight wrappers on {len(missing)} of "
+                f"{len(self.adapters)} layers (e.g. {', '.join(missing[:3])}); ComfyUI's dynamic VRAM loader attaches "
+                f"them only to layers over 16 KiB. Start ComfyUI with --disable-dynamic-vram to train a refiner"
+            )
+
     def detach(self, base_model: nn.Module) -> None:
         """Remove every function and tensor copy :meth:`register` caused from the modules of ``base_model``."""
         for key, (original, copy) in self._objects.items():
