@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import importlib.util
 import io
 import json
 import os
@@ -112,8 +113,10 @@ def wheel_list(comfy: Path, extra=()) -> tuple[list[str], list[str]]:
     return [specs.get(n, n) for n in (*names, *added)], added
 
 
-def download(specs: list[str], dest: Path, python: str) -> None:
-    """``pip download`` each spec as one wheel for CPython ``python`` on manylinux x86_64, without dependencies."""
+def download(specs: list[str], dest: Path, python: str, optional=()) -> None:
+    """``pip download`` each spec as one wheel for CPython ``python`` on manylinux x86_64, without dependencies.
+    A spec in ``optional`` (a requirement of the checkout this script does not know) that has no such wheel is
+    left out with one line; any other failure stops the build."""
     abi = "cp" + python.replace(".", "")
     cmd = [sys.executable, "-m", "pip", "download", "--quiet", "--no-deps", "--only-binary=:all:", "--dest",
            str(dest), "--python-version", python, "--implementation", "cp", "--abi", abi, "--abi", "abi3",
@@ -121,6 +124,10 @@ def download(specs: list[str], dest: Path, python: str) -> None:
     for plat in PLATFORMS:
         cmd += ["--platform", plat]
     for spec in specs:
+        if requirement_name(spec) in optional:
+            if subprocess.run(cmd + [spec]).returncode != 0:
+                print(f"gpu_bundle: left out {spec}: no wheel for CPython {python} on manylinux x86_64")
+            continue
         subprocess.run(cmd + [spec], check=True)
 
 
@@ -185,7 +192,7 @@ def build(out: Path, comfy: Path, python: str = PYTHON, extra=(), preset: int = 
     for name in added:
         print(f"gpu_bundle: also carrying {name} (in {comfy / 'requirements.txt'}, not known to this script)")
     with tempfile.TemporaryDirectory(prefix="nc_bundle_") as tmp:
-        download(specs, Path(tmp), python)
+        download(specs, Path(tmp), python, optional=set(added))
         wheels = sorted(Path(tmp).glob("*.whl"))
         metas = [wheel_meta(w) for w in wheels]
         torch_like = [m["name"] for m in metas if norm(m["name"]) in {"torch", "nvidia-cuda-runtime-cu12"}]
@@ -257,7 +264,11 @@ def install(bundle: Path, target: Path) -> dict:
         tar.extractall(target, **safe)
     todo = [m for m in manifest["wheels"] if installed_version(m["name"]) is None]
     present = [f"{m['name']} {installed_version(m['name'])}" for m in manifest["wheels"] if m not in todo]
-    if todo:
+    if todo and importlib.util.find_spec("pip") is None:
+        print("gpu_report: this Python has no pip: unpacking the wheels into", site, flush=True)
+        for m in todo:
+            unpack_wheel(wheels / m["file"], site)
+    elif todo:
         env = {k: v for k, v in os.environ.items() if not k.startswith("PIP_")}
         env["PIP_CONFIG_FILE"] = os.devnull  # the bundle is the only source
         cmd = [sys.executable, "-m", "pip", "install", "--quiet", "--no-index", "--no-deps",
@@ -267,6 +278,25 @@ def install(bundle: Path, target: Path) -> dict:
     return {"site": site, "comfyui": target / "ComfyUI", "installed": [f"{m['name']} {m['version']}" for m in todo],
             "present": present, "conflicts": requirement_conflicts(manifest["wheels"]),
             "missing_machine": [n for n in manifest["machine"] if installed_version(n) is None]}
+
+
+def unpack_wheel(wheel: Path, site: Path) -> None:
+    """Install a wheel without pip: its files into ``site``, ``<name>.data/purelib|platlib`` moved up (other
+    ``.data`` parts, scripts and headers, are not needed by the report)."""
+    with zipfile.ZipFile(wheel) as z:
+        for info in z.infolist():
+            parts = info.filename.split("/")
+            if len(parts) > 2 and parts[0].endswith(".data"):
+                if parts[1] not in ("purelib", "platlib"):
+                    continue
+                parts = parts[2:]
+            dest = site.joinpath(*parts)
+            if info.is_dir():
+                continue
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            dest.write_bytes(z.read(info))
+            if (info.external_attr >> 16) & 0o111:
+                dest.chmod(0o755)
 
 
 def main(argv=None) -> int:

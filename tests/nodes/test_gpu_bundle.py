@@ -2,7 +2,8 @@
 checkout, installed with ``pip --no-index`` in a fresh virtual environment that holds only what the GPU
 machines have (torch, torchvision, accelerate, peft, transformers, safetensors, einops, timm and what those
 require, taken from this test's own environment), with no network (``unshare -n`` where the test may), and
-``gpu_report.py --bundle DIR --cpu --tiny`` passing there with every row of the ComfyUI smoke test.
+``gpu_report.py --bundle DIR --cpu --tiny`` passing there with every row of the ComfyUI smoke test; on a
+Python without pip the wheels are unpacked instead, and import.
 
 The wheels are for this interpreter's Python (the GPU machines run 3.12; the builder's ``--python`` picks it).
 Without access to the package registries the test is skipped with one line.
@@ -67,9 +68,9 @@ def machine_distributions() -> list[md.Distribution]:
     return out
 
 
-def machine_venv(root: Path) -> Path:
-    """A fresh virtual environment that sees only :func:`machine_distributions` (links to this environment's
-    files, through a .pth file); returns its python."""
+def machine_venv(root: Path, pip: bool = True) -> Path:
+    """A fresh virtual environment (with or without pip) that sees only :func:`machine_distributions` (links to
+    this environment's files, through a .pth file); returns its python."""
     site = root / "machine-site"
     site.mkdir(parents=True)
     for dist in machine_distributions():
@@ -79,7 +80,8 @@ def machine_venv(root: Path) -> Path:
             if src.exists() and not (site / top).exists():
                 (site / top).symlink_to(src)
     venv = root / "venv"
-    subprocess.run([getattr(sys, "_base_executable", sys.executable), "-m", "venv", str(venv)], check=True)
+    subprocess.run([getattr(sys, "_base_executable", sys.executable), "-m", "venv", str(venv),
+                    *([] if pip else ["--without-pip"])], check=True)
     python = venv / "bin" / "python"
     purelib = subprocess.run([python, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
                              capture_output=True, text=True, check=True).stdout.strip()
@@ -94,15 +96,23 @@ def offline_prefix() -> list[str]:
     return []
 
 
-def test_bundle_fits_installs_offline_and_the_report_passes(tmp_path):
-    if not registry_reachable(tmp_path / "probe"):
+@pytest.fixture(scope="module")
+def bundle(tmp_path_factory) -> Path:
+    """The bundle for this interpreter's Python, built once (about 2.5 minutes: the xz stream)."""
+    tmp = tmp_path_factory.mktemp("gpu_bundle")
+    if not registry_reachable(tmp / "probe"):
         pytest.skip("pip cannot download from the package registries: skipping the offline GPU bundle test")
     version = f"{sys.version_info[0]}.{sys.version_info[1]}"
-    bundle = tmp_path / "bundle"
+    out = tmp / "bundle"
     env = dict(os.environ, COMFYUI_PATH=os.environ["COMFYUI_PATH"])
-    built = subprocess.run([sys.executable, str(BUNDLER), "--out", str(bundle), "--python", version], env=env,
+    built = subprocess.run([sys.executable, str(BUNDLER), "--out", str(out), "--python", version], env=env,
                            capture_output=True, text=True, timeout=1800)
     assert built.returncode == 0, built.stdout[-3000:] + built.stderr[-3000:]
+    return out
+
+
+def test_bundle_fits_installs_offline_and_the_report_passes(tmp_path, bundle):
+    version = f"{sys.version_info[0]}.{sys.version_info[1]}"
     size = sum(p.stat().st_size for p in bundle.iterdir())
     print(f"GPU bundle for CPython {version}: {size / 2**20:.1f} MiB ({size} bytes)")
     assert size <= LIMIT
@@ -133,3 +143,21 @@ def test_bundle_fits_installs_offline_and_the_report_passes(tmp_path):
     comfy.check_comfy_rows(rows, nodes)
     report = json.loads((out / "gpu_report.json").read_text(encoding="utf-8"))
     assert Path(report["meta"]["comfyui"]).name == "ComfyUI" and "nc_gpu_bundle_" in report["meta"]["comfyui"]
+
+
+def test_a_machine_without_pip_gets_the_wheels_unpacked(tmp_path, bundle):
+    """``--bundle`` on a Python without pip: the wheels are unpacked into the target; the bundled distributions
+    and the bundled ComfyUI import there, offline."""
+    python = machine_venv(tmp_path, pip=False)
+    script = (f"import sys, tempfile; from pathlib import Path; sys.path.insert(0, {str(BUNDLER.parent)!r}); "
+              f"from gpu_bundle import install; done = install(Path({str(bundle)!r}), Path(tempfile.mkdtemp())); "
+              "sys.path[:0] = [str(done['site']), str(done['comfyui'])]; "
+              "import diffusers, scipy.stats, av, torchsde, requests; "
+              "from comfy.cli_args import args; args.cpu = True; import comfy.samplers, comfy_api.latest; "
+              "print('IMPORTED', len(done['installed']))")
+    clean = {k: v for k, v in os.environ.items() if k not in ("COMFYUI_PATH", "PYTHONPATH")
+             and not k.startswith("PIP_")}
+    proc = subprocess.run([*offline_prefix(), str(python), "-c", script], cwd=tmp_path, env=clean,
+                          capture_output=True, text=True, timeout=600)
+    assert "this Python has no pip: unpacking the wheels" in proc.stdout, proc.stdout[-2000:] + proc.stderr[-3000:]
+    assert "IMPORTED" in proc.stdout, proc.stdout[-2000:] + proc.stderr[-3000:]
