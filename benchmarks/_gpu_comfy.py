@@ -370,6 +370,16 @@ def _wrapper_check(env: ComfyEnv, patcher) -> dict:
         env.free()
 
 
+def _refined(env: ComfyEnv, patcher) -> torch.Tensor:
+    """Refine Noise's output (random refiner, RandomNoise(0)) on ``patcher``, which ComfyUI loads its own way."""
+    pos, _ = env.conds("sd15")
+    noise = env.rf.RefineNoise.execute(env.random_noise(0), patcher, env.refiner(patcher), pos, 1.0).args[0]
+    try:
+        return noise.generate_noise(env.latent("sd15")).float()
+    finally:
+        env.free()
+
+
 def dynamic_vram_wrappers(env: ComfyEnv) -> Row:
     """Train Refiner's weight wrappers under ComfyUI's dynamic VRAM patcher (``ModelPatcherDynamic``, newer
     ComfyUI), against the plain ``ModelPatcher``: the dynamic patcher sets a module's ``weight_function`` only for
@@ -378,8 +388,8 @@ def dynamic_vram_wrappers(env: ComfyEnv) -> Row:
     import comfy.model_patcher as mp
 
     row = Row("dynamic_vram/train_wrappers", "Train Refiner's adapters on an SD1.5 UNet loaded by ModelPatcherDynamic "
-              "vs ModelPatcher: attached to their layers, one backward pass, adapters with a gradient",
-              "every adapter attached and given a gradient")
+              "vs ModelPatcher: attached to their layers, one backward pass, adapters with a gradient; Refine "
+              "Noise's output on both", "every adapter attached and given a gradient; the same refined noise")
     dynamic = getattr(mp, "ModelPatcherDynamic", None)
     skip = None
     if dynamic is None:
@@ -394,17 +404,26 @@ def dynamic_vram_wrappers(env: ComfyEnv) -> Row:
         net = env.build("sd15", dtype).model
         patcher = klass(net, load_device=env.mm.get_torch_device(), offload_device=torch.device("cpu"))
         found[name] = _wrapper_check(env, patcher)
-    parts, values = [], {}
+        # Refine Noise attaches its weight functions per pass, not through the loader: the same noise either way
+        found[name]["refined"] = _refined(env, klass(net, load_device=env.mm.get_torch_device(),
+                                                     offload_device=torch.device("cpu")))
+    parts, values = [], {"plain_refined_finite": bool(torch.isfinite(found["plain"]["refined"]).all())}
     for name, f in found.items():
         parts.append(f"{name}: {f['adapters'] - len(f['missing'])}/{f['adapters']} attached, "
                      + (f"backward failed: {f['error']}" if f["error"] else f"{f['grads']} with a gradient"))
         values.update({f"{name}_adapters": f["adapters"], f"{name}_missing": len(f["missing"]),
                        f"{name}_grads": f["grads"], f"{name}_error": f["error"],
                        f"{name}_missing_keys": f["missing"][:20]})
+    if "dynamic" in found:
+        diff = float((found["dynamic"]["refined"] - found["plain"]["refined"]).abs().max())
+        values["refine_dynamic_vs_plain_max_abs"] = diff
+        parts.append(f"Refine Noise dynamic vs plain max-abs {diff:.2e}")
     row.done("; ".join(parts), **values)
     bad = [n for n, f in found.items() if f["missing"] or f["error"] or f["grads"] != f["adapters"]]
+    if not values["plain_refined_finite"] or values.get("refine_dynamic_vs_plain_max_abs", 0.0) > 0.25:
+        bad.append("refine")  # (unit noise: off by a quarter of its deviation is another noise)
     if bad:
-        row.status = f"failed: {'; '.join(p for p in parts if p.split(':')[0] in bad)}"[:300]
+        row.status = f"failed: {'; '.join(parts)}"[:300]
     elif skip:
         row.status = skip
     return row

@@ -51,3 +51,4 @@ def check_comfy_rows(rows: dict, nodes: list[str]) -> None:
     plain = rows["dynamic_vram/train_wrappers"]["values"]
     assert plain["plain_missing"] == 0 and plain["plain_error"] is None
     assert plain["plain_grads"] == plain["plain_adapters"] > 0
+    assert plain["plain_refined_finite"] is True
