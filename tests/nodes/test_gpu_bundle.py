@@ -40,7 +40,8 @@ def _load(name: str, path: Path):
 
 def registry_reachable(dest: Path) -> bool:
     try:
-        proc = subprocess.run([sys.executable, "-m", "pip", "download", "--quiet", "--no-deps", "--only-binary=:all:",
+        proc = subprocess.run([sys.executable, "-m", "pip", "download", "--quiet", "--retries", "1", "--timeout", "20",
+                               "--no-deps", "--only-binary=:all:",
                                "--dest", str(dest), "trampoline"], capture_output=True, timeout=180)
     except subprocess.TimeoutExpired:
         return False
