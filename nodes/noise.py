@@ -84,7 +84,12 @@ class SeededNoise:
         samples = latent_samples(input_latent)
         inner = getattr(comfy.sample, "prepare_noise_inner", None)  # ComfyUI's own draw, from a given generator
         if inner is not None and samples.is_floating_point():
-            return inner(samples, torch.Generator(device="cpu").manual_seed(self.seed), input_latent.get("batch_index"))
+            g, inds = torch.Generator(device="cpu").manual_seed(self.seed), input_latent.get("batch_index")
+            if samples.is_nested:  # (as prepare_noise: one generator through the parts, in order)
+                import comfy.nested_tensor
+
+                return comfy.nested_tensor.NestedTensor([inner(t, g, inds) for t in samples.unbind()])
+            return inner(samples, g, inds)
         return comfy_noise(self.seed, samples.shape, input_latent.get("batch_index"), _noise_dtype(samples))
 
     def __repr__(self) -> str:
