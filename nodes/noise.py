@@ -12,6 +12,7 @@ called with a private generator; older ComfyUI (v0.3.x) draws in the latent's dt
 
 from __future__ import annotations
 
+import importlib
 import logging
 from typing import Optional, Sequence
 
@@ -86,9 +87,8 @@ class SeededNoise:
         if inner is not None and samples.is_floating_point():
             g, inds = torch.Generator(device="cpu").manual_seed(self.seed), input_latent.get("batch_index")
             if samples.is_nested:  # (as prepare_noise: one generator through the parts, in order)
-                import comfy.nested_tensor
-
-                return comfy.nested_tensor.NestedTensor([inner(t, g, inds) for t in samples.unbind()])
+                nested = importlib.import_module("comfy.nested_tensor")  # (newer ComfyUI only)
+                return nested.NestedTensor([inner(t, g, inds) for t in samples.unbind()])
             return inner(samples, g, inds)
         return comfy_noise(self.seed, samples.shape, input_latent.get("batch_index"), _noise_dtype(samples))
 
