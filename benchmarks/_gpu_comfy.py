@@ -22,6 +22,11 @@ Rows:
   finite (search nodes: their score lists too). The nodes are the source listing
   (:func:`_gpu_rows.noise_nodes`) checked against the pack's live schemas (:func:`live_noise_nodes`);
   a node without a runner in :data:`RUNNERS` fails its row, so a new node cannot go unmeasured.
+* ``seeded_noise/contract``: SeededNoise equals ComfyUI's RandomNoise bit for bit for fp32, fp16 and bf16
+  latents (newer ComfyUI draws float32 and casts; v0.3.x draws in the latent's dtype), RNG untouched.
+* ``dynamic_vram/train_wrappers``: Train Refiner's adapters on a model loaded by newer ComfyUI's dynamic VRAM
+  patcher (``ModelPatcherDynamic``, CUDA only) against the plain ``ModelPatcher``: attached, and given a
+  gradient by one backward pass (:func:`dynamic_vram_wrappers`).
 * ``models/comfyui``: parameter counts of the full-size UNets as built here, on the meta device
   (the check, also in the smoke run, that :data:`FULL_UNET` is the real SD1.5 / SDXL).
 """
@@ -65,9 +70,10 @@ class ComfyEnv:
 
         self.mm, self.samplers = mm, comfy.samplers
         self.random_noise, self.sampler_node = Noise_RandomNoise, SamplerCustomAdvanced
-        (self.nodes, self.rf, self.npn, self.st, self.bridge, self.npnet, self.npnet_train,
-         self.tiny) = load_pack("nodes", "nodes.nodes_refine", "nodes.nodes_npnet", "nodes.nodes_stability",
-                                "nodes.bridge", "noisecraft.npnet", "noisecraft.train.npnet")
+        (self.nodes, self.rf, self.npn, self.st, self.bridge, self.nodes_noise, self.comfy_lora, self.npnet,
+         self.npnet_train, self.tiny) = load_pack("nodes", "nodes.nodes_refine", "nodes.nodes_npnet",
+                                                  "nodes.nodes_stability", "nodes.bridge", "nodes.noise",
+                                                  "nodes.comfy_lora", "noisecraft.npnet", "noisecraft.train.npnet")
         self._key, self._model = None, None
 
     # -- models ---------------------------------------------------------------------------------
@@ -287,3 +293,137 @@ def comfy_models(env: ComfyEnv) -> Row:
     return Row("models/comfyui", "full-size ComfyUI UNets the ComfyUI rows use on the GPU (parameters, counted "
                "on the meta device)", "SD1.5 859.5M, SDXL 2567.5M").done(
         f"SD1.5 {counts['sd15_params'] / 1e6:.1f}M, SDXL {counts['sdxl_params'] / 1e6:.1f}M", **counts)
+
+
+# -- behaviour that changed between ComfyUI versions ------------------------------------------------
+
+def seeded_noise_contract(env: ComfyEnv) -> Row:
+    """SeededNoise against ComfyUI's RandomNoise, bit for bit, for fp32 / fp16 / bf16 latents with and without a
+    batch_index, leaving the global CPU (and CUDA) RNG state as it was."""
+    import comfy.sample
+
+    row = Row("seeded_noise/contract", "SeededNoise vs ComfyUI's RandomNoise (fp32, fp16, bf16 latents, with and "
+              "without batch_index): bit-equal, global RNG untouched", "equal, untouched")
+    seeded = env.nodes_noise.SeededNoise
+    path = "prepare_noise_inner" if hasattr(comfy.sample, "prepare_noise_inner") else "own draw (v0.3.x)"
+    cuda = env.setup.device.type == "cuda"
+    unequal, touched = [], 0
+    for name, dtype in DTYPES.items():
+        for inds in (None, [2, 0, 2]):
+            lat = {"samples": torch.zeros(3, 4, 8, 8, dtype=dtype)}
+            if inds is not None:
+                lat["batch_index"] = inds
+            states = (torch.get_rng_state(), torch.cuda.get_rng_state() if cuda else None)
+            ours = seeded(7).generate_noise(lat)
+            after = (torch.get_rng_state(), torch.cuda.get_rng_state() if cuda else None)
+            touched += int(not all(a is None or torch.equal(a, b) for a, b in zip(states, after)))
+            theirs = env.random_noise(7).generate_noise(lat)
+            if not (ours.dtype == theirs.dtype and torch.equal(ours, theirs)):
+                unequal.append(f"{name}{'' if inds is None else ' batch_index'}")
+    summary = (f"{6 - len(unequal)}/6 equal ({path}){'; unequal: ' + ', '.join(unequal) if unequal else ''}; "
+               f"global RNG touched {touched}x")
+    row.done(summary, equal=6 - len(unequal), cases=6, rng_touched=touched, path=path)
+    if unequal or touched:
+        row.status = f"failed: {summary}"
+    return row
+
+
+def _wrapper_check(env: ComfyEnv, patcher) -> dict:
+    """Register Train Refiner's adapters on a clone of ``patcher``, load it as the executor does (inference
+    mode), and run one forward and backward pass with the adapters on, as the trainer does: how many adapters
+    ComfyUI attached to their layers, and how many got a gradient (or the error of the backward pass)."""
+    import comfy.utils
+
+    clone = patcher.clone()
+    lora = env.comfy_lora.TrainableLoRA(clone, 4, 4.0, seed=0)
+    lora.register(clone)
+    dev = env.mm.get_torch_device()
+    try:
+        with torch.inference_mode():
+            env.mm.load_models_gpu([clone])
+        base = clone.model
+        missing = []
+        for key, a in lora.adapters.items():
+            module = comfy.utils.get_attr(base, lora.weight_keys[key].rsplit(".", 1)[0])
+            if not any(f is a for f in (getattr(module, "weight_function", None) or [])):
+                missing.append(key)
+        ctx = base.model_config.unet_config["context_dim"]
+        side = env.setup.side("sd15")
+        g = torch.Generator().manual_seed(0)
+        x = torch.randn(1, 4, side, side, generator=g).to(dev)
+        cond = torch.randn(1, 77, ctx, generator=g).to(dev)
+        error, grads = None, 0
+        with torch.inference_mode(False), torch.enable_grad():
+            lora.switch.enabled = True
+            try:
+                out = base.apply_model(x.clone(), torch.ones(1, device=dev), c_crossattn=cond.clone())
+                out.float().square().mean().backward()
+                grads = sum(int(a.lora_up.weight.grad is not None and bool(a.lora_up.weight.grad.abs().sum() > 0))
+                            for a in lora.adapters.values())
+            except Exception as e:  # noqa: BLE001 - the finding itself
+                error = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:200]
+            finally:
+                lora.switch.enabled = False
+        return {"adapters": len(lora.adapters), "missing": missing, "grads": grads, "error": error}
+    finally:
+        lora.detach(clone.model)
+        env.free()
+
+
+def _refined(env: ComfyEnv, patcher) -> torch.Tensor:
+    """Refine Noise's output (random refiner, RandomNoise(0)) on ``patcher``, which ComfyUI loads its own way."""
+    pos, _ = env.conds("sd15")
+    noise = env.rf.RefineNoise.execute(env.random_noise(0), patcher, env.refiner(patcher), pos, 1.0).args[0]
+    try:
+        return noise.generate_noise(env.latent("sd15")).float()
+    finally:
+        env.free()
+
+
+def dynamic_vram_wrappers(env: ComfyEnv) -> Row:
+    """Train Refiner's weight wrappers under ComfyUI's dynamic VRAM patcher (``ModelPatcherDynamic``, newer
+    ComfyUI), against the plain ``ModelPatcher``: the dynamic patcher sets a module's ``weight_function`` only for
+    modules over 16 KiB and force-loads smaller ones without their wrappers (read in its ``load``), so small
+    adapted layers, and the copies that make small inference-mode weights differentiable, may be skipped there."""
+    import comfy.model_patcher as mp
+
+    row = Row("dynamic_vram/train_wrappers", "Train Refiner's adapters on an SD1.5 UNet loaded by ModelPatcherDynamic "
+              "vs ModelPatcher: attached to their layers, one backward pass, adapters with a gradient; Refine "
+              "Noise's output on both", "every adapter attached and given a gradient; the same refined noise")
+    dynamic = getattr(mp, "ModelPatcherDynamic", None)
+    skip = None
+    if dynamic is None:
+        skip = "not run: this ComfyUI has no ModelPatcherDynamic (dynamic VRAM came with later versions)"
+    elif env.setup.device.type != "cuda":
+        skip = "not run: ModelPatcherDynamic hands models on the CPU to the plain ModelPatcher (CUDA only)"
+    dtype = env.setup.dtype
+    found = {}
+    for name, klass in (("plain", mp.ModelPatcher), ("dynamic", dynamic)):
+        if name == "dynamic" and skip:
+            continue  # the plain run is the control, and checks this row's code wherever it runs
+        net = env.build("sd15", dtype).model
+        patcher = klass(net, load_device=env.mm.get_torch_device(), offload_device=torch.device("cpu"))
+        found[name] = _wrapper_check(env, patcher)
+        # Refine Noise attaches its weight functions per pass, not through the loader: the same noise either way
+        found[name]["refined"] = _refined(env, klass(net, load_device=env.mm.get_torch_device(),
+                                                     offload_device=torch.device("cpu")))
+    parts, values = [], {"plain_refined_finite": bool(torch.isfinite(found["plain"]["refined"]).all())}
+    for name, f in found.items():
+        parts.append(f"{name}: {f['adapters'] - len(f['missing'])}/{f['adapters']} attached, "
+                     + (f"backward failed: {f['error']}" if f["error"] else f"{f['grads']} with a gradient"))
+        values.update({f"{name}_adapters": f["adapters"], f"{name}_missing": len(f["missing"]),
+                       f"{name}_grads": f["grads"], f"{name}_error": f["error"],
+                       f"{name}_missing_keys": f["missing"][:20]})
+    if "dynamic" in found:
+        diff = float((found["dynamic"]["refined"] - found["plain"]["refined"]).abs().max())
+        values["refine_dynamic_vs_plain_max_abs"] = diff
+        parts.append(f"Refine Noise dynamic vs plain max-abs {diff:.2e}")
+    row.done("; ".join(parts), **values)
+    bad = [n for n, f in found.items() if f["missing"] or f["error"] or f["grads"] != f["adapters"]]
+    if not values["plain_refined_finite"] or values.get("refine_dynamic_vs_plain_max_abs", 0.0) > 0.25:
+        bad.append("refine")  # (unit noise: off by a quarter of its deviation is another noise)
+    if bad:
+        row.status = f"failed: {'; '.join(parts)}"[:300]
+    elif skip:
+        row.status = skip
+    return row

@@ -6,6 +6,11 @@ On a CUDA machine, from a fresh environment (``COMFYUI_PATH`` = a ComfyUI checko
                                                     #   pip install -r $COMFYUI_PATH/requirements.txt, then the report
     python benchmarks/gpu_report.py                # once installed: writes gpu_report/gpu_report.{json,md}
 
+On an offline GPU machine (no registry, no hub), from a bundle built where the registries are
+(``benchmarks/gpu_bundle.py``: the wheels the machine lacks and a copy of the ComfyUI checkout's code)::
+
+    python benchmarks/gpu_report.py --bundle gpu_bundle   # pip install --no-index to a temporary target; the report
+
 Smoke run of the same code at tiny sizes on the CPU (CI: ``tests/core/test_gpu_report.py``)::
 
     python benchmarks/gpu_report.py --cpu --tiny --out /tmp/report
@@ -20,7 +25,9 @@ Rows (details in ``_gpu_rows.py``, core, and ``_gpu_comfy.py``, ComfyUI), random
   fp16 and bf16 against fp32: max-abs, all finite;
 * ``train_step/sd15`` and ``/sdxl``: one MSD training step's time and peak memory
   (``bench_train_memory.msd_step_figures``);
-* ``npnet_device``: NPNet output on CPU vs GPU with canonical singular-vector signs.
+* ``npnet_device``: NPNet output on CPU vs GPU with canonical singular-vector signs;
+* ``seeded_noise/contract`` and ``dynamic_vram/train_wrappers``: behaviour newer ComfyUI changed (SeededNoise
+  against RandomNoise in three dtypes; the trainer's weight wrappers under the dynamic VRAM patcher).
 
 Every row is always printed with its status: ``ok``, ``not run: <why>`` (e.g. the ComfyUI rows without
 ``COMFYUI_PATH``) or ``failed: <error>`` (the run goes on; the exit code is then 1). Without CUDA and
@@ -55,7 +62,9 @@ REPO = Path(__file__).resolve().parents[1]
 COMFY_ROWS = {"models/comfyui": "full-size ComfyUI UNets the ComfyUI rows use (parameters, meta device)",
               "refine_cfg_ratio/sd15": "refined noise + cfg 1 vs cfg 7, SD1.5 512^2, sampling node wall time",
               "refine_cfg_ratio/sdxl": "refined noise + cfg 1 vs cfg 7, SDXL 1024^2, sampling node wall time",
-              "npnet_cost/sdxl": "SDXL generation with NPNet golden noise vs RandomNoise"}
+              "npnet_cost/sdxl": "SDXL generation with NPNet golden noise vs RandomNoise",
+              "seeded_noise/contract": "SeededNoise vs ComfyUI's RandomNoise, fp32 / fp16 / bf16 latents",
+              "dynamic_vram/train_wrappers": "Train Refiner's adapters under ModelPatcherDynamic vs ModelPatcher"}
 
 
 def install() -> None:
@@ -67,6 +76,33 @@ def install() -> None:
     for cmd in cmds:
         print("+", " ".join(cmd), flush=True)
         subprocess.run(cmd, check=True)
+
+
+def run_bundled(bundle: Path, args: list[str]) -> int:
+    """Install from the offline bundle ``bundle`` into a temporary target (``gpu_bundle.install``) and run the
+    report in a fresh process with that target and this repository on ``PYTHONPATH`` and the bundle's ComfyUI."""
+    import tempfile
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from gpu_bundle import install
+
+    if not (bundle / "manifest.json").is_file():
+        print(f"gpu_report: {bundle} is not a bundle (no manifest.json): build one with benchmarks/gpu_bundle.py",
+              file=sys.stderr)
+        return 2
+    with tempfile.TemporaryDirectory(prefix="nc_gpu_bundle_") as tmp:
+        done = install(bundle, Path(tmp))
+        print(f"bundle: installed {', '.join(done['installed']) or 'nothing'}; already here: "
+              f"{', '.join(done['present']) or 'nothing'}", flush=True)
+        for line in done["conflicts"]:
+            print(f"bundle: warning: {line}", flush=True)
+        for name in done["missing_machine"]:
+            print(f"bundle: warning: this machine lacks {name}, which the bundle expects here: rebuild the bundle "
+                  f"with benchmarks/gpu_bundle.py --add {name}", flush=True)
+        env = dict(os.environ, COMFYUI_PATH=str(done["comfyui"]),
+                   PYTHONPATH=os.pathsep.join(p for p in (str(done["site"]), str(REPO), os.environ.get("PYTHONPATH"))
+                                              if p))
+        return subprocess.run([sys.executable, __file__, *args], env=env).returncode
 
 
 def comfy_missing() -> str | None:
@@ -132,6 +168,8 @@ def main(argv=None) -> int:
     p.add_argument("--tiny", action="store_true", help="tiny random-weight models instead of full-size ones")
     p.add_argument("--out", default="gpu_report", help="output folder for gpu_report.json and gpu_report.md")
     p.add_argument("--install", action="store_true", help="pip install what the report needs first (see above)")
+    p.add_argument("--bundle", metavar="DIR", default=None,
+                   help="install offline from this bundle (benchmarks/gpu_bundle.py) into a temporary target first")
     p.add_argument("--dtype", choices=["fp16", "bf16", "fp32"], default=None,
                    help="dtype of the timed rows (default fp16 on CUDA, fp32 on the CPU)")
     p.add_argument("--repeats", type=int, default=None,
@@ -139,6 +177,11 @@ def main(argv=None) -> int:
     p.add_argument("--budget", type=float, default=450.0,
                    help="seconds of measuring after which the remaining rows are listed as not run (default 450)")
     a = p.parse_args(argv)
+    if a.bundle:
+        given = list(sys.argv[1:] if argv is None else argv)
+        i = given.index("--bundle") if "--bundle" in given else None
+        rest = given[:i] + given[i + 2:] if i is not None else [x for x in given if not x.startswith("--bundle=")]
+        return run_bundled(Path(a.bundle), rest)
     if a.install:
         install()
         args = [x for x in (sys.argv[1:] if argv is None else argv) if x != "--install"]
@@ -211,7 +254,8 @@ def run_comfy_rows(setup, rows) -> None:
         for rid in comfy_ids:
             rows[rid].status = setup.comfy
         return
-    from _gpu_comfy import ComfyEnv, comfy_models, npnet_cost, precision_rows, refine_cfg_ratio
+    from _gpu_comfy import (ComfyEnv, comfy_models, dynamic_vram_wrappers, npnet_cost, precision_rows,
+                            refine_cfg_ratio, seeded_noise_contract)
 
     t0 = time.perf_counter()
     try:
@@ -222,6 +266,9 @@ def run_comfy_rows(setup, rows) -> None:
         return
     print(f"[{time.perf_counter() - t0:7.1f} s] ComfyUI loaded", flush=True)
     run_row(setup, rows["models/comfyui"], lambda: comfy_models(env))
+    run_row(setup, rows["seeded_noise/contract"], lambda: seeded_noise_contract(env))
+    run_row(setup, rows["dynamic_vram/train_wrappers"], lambda: dynamic_vram_wrappers(env))
+    env.free()
     run_row(setup, rows["refine_cfg_ratio/sd15"], lambda: refine_cfg_ratio(env, "sd15"))
     run_row(setup, rows["refine_cfg_ratio/sdxl"], lambda: refine_cfg_ratio(env, "sdxl"))
     run_row(setup, rows["npnet_cost/sdxl"], lambda: npnet_cost(env))

@@ -48,6 +48,7 @@ __all__ = [
     "Progress",
     "model_name",
     "model_kind",
+    "prediction_type",
     "sigma_max",
     "scheduler_names",
     "get_sigmas",
@@ -65,32 +66,48 @@ def model_name(model) -> str:
     return type(cfg).__name__ if cfg is not None else type(inner).__name__
 
 
+# ComfyUI's prediction types the core supports, by exact class (comfy.model_sampling): a subclass (IMG_TO_IMG_FLOW
+# and IMG_TO_IMG_VELOCITY of CONST, X0 and IMG_TO_IMG of EPS, EDM of V_PREDICTION, a custom node's own) computes x0
+# or the start latent its own way, so it is refused naming it instead of being taken for its parent
+PREDICTION_KINDS = {"EPS": ModelKind.EPS, "V_PREDICTION": ModelKind.V, "CONST": ModelKind.FLOW}
+# the methods that make a prediction type: a class of the schedule side overriding one of them is one of its own
+_PREDICTION_METHODS = ("calculate_input", "calculate_denoised", "noise_scaling", "inverse_noise_scaling")
+
+
+def prediction_type(ms) -> type:
+    """The prediction-type class of a ComfyUI ``model_sampling`` object. ComfyUI combines a schedule (an
+    ``nn.Module``: ``ModelSamplingDiscrete``, ``ModelSamplingDiscreteFlow``, ...) and a prediction type (a plain
+    class: ``EPS``, ``CONST``, ...) into one class; the prediction type is the first class of its MRO that is not a
+    module, or an earlier (schedule-side) class that overrides a prediction method itself."""
+    for klass in type(ms).__mro__:
+        if not issubclass(klass, torch.nn.Module) or any(name in vars(klass) for name in _PREDICTION_METHODS):
+            return klass
+    return type(ms)
+
+
 def model_kind(model) -> ModelKind:
     """The core's model kind of a ComfyUI MODEL (a ``ModelPatcher``), from its ``model_sampling``.
 
-    ComfyUI's prediction types form a class tree (EDM < V_PREDICTION < EPS, X0 < EPS), so the
-    more specific classes are tested first. Anything but eps, v and CONST (flow) is refused.
+    Decided by the exact prediction-type class (:func:`prediction_type`, :data:`PREDICTION_KINDS`): eps, v and
+    CONST (flow) with unit noise scale. Anything else, a subclass of those included, is refused naming the class.
     """
     ms = model.get_model_object("model_sampling")
-    unsupported = tuple(
-        getattr(comfy.model_sampling, n)
-        for n in ("EDM", "X0", "IMG_TO_IMG", "COSMOS_RFLOW")
-        if hasattr(comfy.model_sampling, n)
-    )
-    if isinstance(ms, unsupported):
-        pred = [c.__name__ for c in unsupported if isinstance(ms, c)][0]
-    elif isinstance(ms, comfy.model_sampling.V_PREDICTION):
-        return ModelKind.V
-    elif isinstance(ms, comfy.model_sampling.EPS):
-        return ModelKind.EPS
-    elif isinstance(ms, comfy.model_sampling.CONST):
-        return ModelKind.FLOW
-    else:
-        pred = type(ms).__name__
+    pred = prediction_type(ms)
+    kind = PREDICTION_KINDS.get(pred.__name__) if getattr(comfy.model_sampling, pred.__name__, None) is pred else None
+    scale = getattr(ms, "noise_scale", 1.0)
+    if kind is ModelKind.FLOW and scale != 1.0:
+        raise ValueError(
+            f"NoiseCraft's flow models start from unit noise (x_T = e); this MODEL ({model_name(model)}) scales its "
+            f"noise by noise_scale={scale!r}. Remove the node that sets the noise scale (or set it to 1.0)"
+        )
+    if kind is not None:
+        return kind
+    where = pred.__module__
     raise ValueError(
-        f"NoiseCraft supports eps, v-prediction and flow (CONST) models; this MODEL "
-        f"({model_name(model)}) uses the {pred} prediction type. Use an SD1.x/SD2.x/SDXL or "
-        f"SD3/Flux-class model, or a ModelSampling node that sets eps, v_prediction or flow."
+        f"NoiseCraft supports the eps, v-prediction and flow (CONST) prediction types of comfy.model_sampling, "
+        f"exactly; this MODEL ({model_name(model)}) uses {pred.__name__} ({where}), which computes its prediction "
+        f"its own way. Use an SD1.x/SD2.x/SDXL or SD3/Flux-class model, or a ModelSampling node that sets eps, "
+        f"v_prediction or flow."
     )
 
 

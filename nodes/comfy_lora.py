@@ -62,8 +62,8 @@ from comfy.weight_adapter.lora import LoRAAdapter, LoraDiff
 from ..noisecraft.lora import DEFAULT_TARGETS, TRANSFORMER_PREFIX, TRANSFORMER_TARGETS
 from . import bridge
 
-__all__ = ["lora_keys", "lora_targets", "split_target", "splice", "DIT_TARGETS", "FLUX_TARGETS", "FAMILIES", "Target",
-           "map_refiner",
+__all__ = ["lora_keys", "lora_targets", "dit_family", "DIT_CLASSES", "split_target", "splice", "DIT_TARGETS",
+           "FLUX_TARGETS", "FAMILIES", "Target", "map_refiner",
            "RefinerSwitch", "TrainableLoRA", "SwitchedLoraDiff"]
 
 REFINE_NAME = "Refine Noise"
@@ -76,8 +76,7 @@ FLUX_TARGETS: tuple[str, ...] = (*TRANSFORMER_TARGETS, "proj_mlp", "proj_out")
 DIT_TARGETS = FLUX_TARGETS  # every DiT target name
 DIT_BLOCKS = ("transformer_blocks.", "single_transformer_blocks.")  # diffusers names of the DiT's blocks
 DIT_PREFIX = TRANSFORMER_PREFIX  # "lora_transformer_"
-FAMILIES = ("UNet: SD1.x, SD2.x, SDXL; MMDiT: SD3, SD3.5; Flux-class: Flux.1 dev/schnell, Chroma (and other "
-            "ComfyUI models built on its Flux or SD3 classes)")
+FAMILIES = "UNet: SD1.x, SD2.x, SDXL; MMDiT: SD3, SD3.5; Flux-class: Flux.1 dev/schnell, Chroma"
 
 
 def split_target(entry) -> tuple[Optional[str], Optional[tuple[int, int, int]]]:
@@ -107,15 +106,40 @@ def splice(weight: torch.Tensor, offset, part: torch.Tensor) -> torch.Tensor:
     return torch.cat([weight.narrow(dim, 0, start), part, weight.narrow(dim, start + size, rest)], dim)
 
 
-def _dit_table(base) -> Optional[tuple[dict, tuple[str, ...]]]:
-    """ComfyUI's diffusers-name table and the target names of an SD3 (MMDiT) or Flux-class model, None for
-    other models."""
+# The comfy.model_base classes of the DiT families, by exact class: a subclass (Flux2 and LongCatImage of newer
+# ComfyUI, ChromaRadiance, a custom node's own) may lay its blocks out otherwise (Flux.2's fused rows are not
+# Flux.1's), so it is refused naming it instead of being trained with its parent's row offsets
+DIT_CLASSES = {"SD3": "mmdit", "Flux": "flux", "Chroma": "flux"}
+
+
+def dit_family(base, node: str = TRAIN_NAME) -> Optional[str]:
+    """``"mmdit"`` or ``"flux"`` for a ComfyUI model (``ModelPatcher.model``) of exactly one of :data:`DIT_CLASSES`,
+    None for a model of neither class tree; a ValueError (starting with ``node``) naming the class for a subclass."""
     import comfy.model_base
 
+    klass = type(base)
+    if klass.__name__ in DIT_CLASSES and getattr(comfy.model_base, klass.__name__, None) is klass:
+        return DIT_CLASSES[klass.__name__]
+    parents = [getattr(comfy.model_base, n) for n in DIT_CLASSES if hasattr(comfy.model_base, n)]
+    parent = next((p for p in parents if isinstance(base, p)), None)
+    if parent is None:
+        return None
+    raise ValueError(
+        f"{node}: this MODEL is a {klass.__module__}.{klass.__name__}, a subclass of ComfyUI's {parent.__name__} that "
+        f"the trainer does not know (its layers may be laid out otherwise): expected exactly one of "
+        f"{', '.join(DIT_CLASSES)} (comfy.model_base) among DiTs ({FAMILIES}). Connect a model of one of those "
+        f"families"
+    )
+
+
+def _dit_table(base, node: str = TRAIN_NAME) -> Optional[tuple[dict, tuple[str, ...]]]:
+    """ComfyUI's diffusers-name table and the target names of an SD3 (MMDiT) or Flux-class model, None for
+    other models (:func:`dit_family`: a subclass of those is refused)."""
+    family = dit_family(base, node)
     cfg = getattr(getattr(base, "model_config", None), "unet_config", None) or {}
-    if isinstance(base, comfy.model_base.SD3):
+    if family == "mmdit":
         return comfy.utils.mmdit_to_diffusers(cfg, output_prefix="diffusion_model."), TRANSFORMER_TARGETS
-    if isinstance(base, comfy.model_base.Flux):
+    if family == "flux":
         return comfy.utils.flux_to_diffusers(cfg, output_prefix="diffusion_model."), FLUX_TARGETS
     return None
 
@@ -147,7 +171,7 @@ def lora_keys(model, node: str = TRAIN_NAME) -> dict[str, object]:
     ``model_lora_keys_unet`` maps for both) -> weight key, or ``(weight key, (dim, start, size))`` for the
     slices of a fused ``qkv`` (SD3: ``TRANSFORMER_TARGETS``, Flux: :data:`FLUX_TARGETS`). Raises a ValueError
     (starting with ``node``) listing the supported families for any other model."""
-    dit = _dit_table(model.model)
+    dit = _dit_table(model.model, node)
     if dit is not None:
         mods, prefix = _dit_modules(model.model, *dit), DIT_PREFIX
     else:
@@ -176,7 +200,7 @@ def lora_targets(model, node: str = TRAIN_NAME) -> tuple[str, ...]:
     """The target layer names (diffusers names) of ``model``'s family, for the refiner's metadata; raises
     :func:`lora_keys`'s error for a model the trainer cannot handle."""
     lora_keys(model, node)
-    dit = _dit_table(model.model)
+    dit = _dit_table(model.model, node)
     return dit[1] if dit is not None else DEFAULT_TARGETS
 
 
@@ -355,10 +379,8 @@ def _keep_saved_block_inputs(patcher) -> None:
     under a ``saved_tensors_hooks`` that saves a copy of any tensor sharing the storage of the block's ``img``
     or ``txt`` input, so backward sees the values the norm saw (torch does no version check on hooked saved
     tensors). Costs one copy of the hidden states per block; the forward values are unchanged."""
-    import comfy.model_base
-
     net = getattr(patcher.model, "diffusion_model", None)
-    if not isinstance(patcher.model, comfy.model_base.Flux):
+    if dit_family(patcher.model) != "flux":
         return
     dit = patcher.model_options.get("transformer_options", {}).get("patches_replace", {}).get("dit", {})
     for block, blocks in (("double_block", "double_blocks"), ("single_block", "single_blocks")):
@@ -464,6 +486,23 @@ class TrainableLoRA(nn.Module):
                 patcher.add_object_patch(key, copy)
                 self._objects[key] = (t, copy)
         _keep_saved_block_inputs(patcher)
+
+    def check_attached(self, base_model: nn.Module, node: str = TRAIN_NAME) -> None:
+        """Once ComfyUI has loaded the clone: every adapter is a weight function of its layer, or a ValueError
+        (starting with ``node``) names the layers. Newer ComfyUI's dynamic VRAM loader (``ModelPatcherDynamic``)
+        attaches weight wrappers only to modules over 16 KiB and loads smaller ones without them (its ``load``);
+        a refiner trained so would silently leave those layers out (GPU report: ``dynamic_vram/train_wrappers``)."""
+        missing = []
+        for key, a in self.adapters.items():
+            module = comfy.utils.get_attr(base_model, self.weight_keys[key].rsplit(".", 1)[0])
+            if not any(f is a for f in (getattr(module, "weight_function", None) or [])):
+                missing.append(key)
+        if missing:
+            raise ValueError(
+                f"{node}: ComfyUI loaded the MODEL without the refiner's weight wrappers on {len(missing)} of "
+                f"{len(self.adapters)} layers (e.g. {', '.join(missing[:3])}); ComfyUI's dynamic VRAM loader attaches "
+                f"them only to layers over 16 KiB. Start ComfyUI with --disable-dynamic-vram to train a refiner"
+            )
 
     def detach(self, base_model: nn.Module) -> None:
         """Remove every function and tensor copy :meth:`register` caused from the modules of ``base_model``."""

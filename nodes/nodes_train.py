@@ -372,6 +372,7 @@ def train(model, cache: NodeTeacherCache, *, steps: int, student_steps: int, bat
         resume = (out_dir / CHECKPOINT_NAME).is_file()
 
         def fn(ctx: bridge.BridgeContext):
+            lora.check_attached(patcher.model)  # loaded now: newer ComfyUI's dynamic VRAM may skip small layers
             host = _ComfyHost(ctx, len(prompts), bridge.model_name(model), patcher.model)
             method = _ComfyRefinerMethod(host, data, config, lora, sigmas=sigmas, device=ctx.device, metadata=meta)
             return run(method, data, out_dir, config.loop(), resume=resume, device=ctx.device, progress=progress,

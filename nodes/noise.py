@@ -4,15 +4,21 @@ ComfyUI's samplers (SamplerCustomAdvanced) ask a NOISE for ``generate_noise(late
 the sampler's own LATENT (after ``fix_empty_latent_channels``) and pass ``.seed`` on to the
 guider. :class:`SeededNoise` reproduces ComfyUI's ``RandomNoise`` bit for bit, including the
 per-batch-index seeding of latents that carry a ``batch_index`` (``comfy.sample.prepare_noise``),
-without touching the global RNG. :class:`FixedNoise` carries a tensor a search node produced.
+without touching the global RNG: where the running ComfyUI has ``comfy.sample.prepare_noise_inner``
+(which takes a generator; newer ComfyUI also draws float32 there and casts to the latent's dtype), it is
+called with a private generator; older ComfyUI (v0.3.x) draws in the latent's dtype, as :func:`comfy_noise`.
+:class:`FixedNoise` carries a tensor a search node produced.
 """
 
 from __future__ import annotations
 
+import importlib
 import logging
 from typing import Optional, Sequence
 
 import torch
+
+import comfy.sample
 
 from ..noisecraft.rng import seeded_noise
 from ..noisecraft.stability import check_noise
@@ -77,6 +83,13 @@ class SeededNoise:
 
     def generate_noise(self, input_latent: dict) -> torch.Tensor:
         samples = latent_samples(input_latent)
+        inner = getattr(comfy.sample, "prepare_noise_inner", None)  # ComfyUI's own draw, from a given generator
+        if inner is not None and samples.is_floating_point():
+            g, inds = torch.Generator(device="cpu").manual_seed(self.seed), input_latent.get("batch_index")
+            if samples.is_nested:  # (as prepare_noise: one generator through the parts, in order)
+                nested = importlib.import_module("comfy.nested_tensor")  # (newer ComfyUI only)
+                return nested.NestedTensor([inner(t, g, inds) for t in samples.unbind()])
+            return inner(samples, g, inds)
         return comfy_noise(self.seed, samples.shape, input_latent.get("batch_index"), _noise_dtype(samples))
 
     def __repr__(self) -> str:

@@ -21,7 +21,8 @@ import torch
 REPO = Path(__file__).resolve().parents[2]
 SCRIPT = REPO / "benchmarks" / "gpu_report.py"
 CORE_ROWS = ["models/diffusers", "select_micro_batch", "train_step/sd15", "train_step/sdxl", "npnet_device"]
-COMFY_ROWS = ["models/comfyui", "refine_cfg_ratio/sd15", "refine_cfg_ratio/sdxl", "npnet_cost/sdxl"]
+COMFY_ROWS = ["models/comfyui", "refine_cfg_ratio/sd15", "refine_cfg_ratio/sdxl", "npnet_cost/sdxl",
+              "seeded_noise/contract", "dynamic_vram/train_wrappers"]
 # numbers a CPU run leaves empty: CUDA peaks (and whatever bench_train_memory does not time on a CPU)
 CUDA_ONLY = {"peak_bytes", "peak_bytes_mb1", "peak_bytes_mb8", "step_s"}
 

@@ -92,6 +92,8 @@ def server(tmp_path_factory):
     env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"), PYTHONUNBUFFERED="1")
     cmd = [COMFYUI_PYTHON, "main.py", "--cpu", "--listen", "127.0.0.1", "--port", str(port),
            "--use-pytorch-cross-attention", "--base-directory", str(base), "--disable-auto-launch"]
+    if os.environ.get("NOISECRAFT_FRONTEND_ROOT"):  # another frontend build (tier 4: tests/js/conftest.py)
+        cmd += ["--front-end-root", os.environ["NOISECRAFT_FRONTEND_ROOT"]]
     with open(log_path, "wb") as log:
         proc = subprocess.Popen(cmd, cwd=COMFYUI_PATH, stdout=log, stderr=subprocess.STDOUT, env=env)
     srv = Server(base, port, proc, log_path)

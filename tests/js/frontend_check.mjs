@@ -103,6 +103,8 @@ try {
   // let the first-run dialogs (templates browser etc.) appear, then close them
   await page.waitForTimeout(1500);
   await page.keyboard.press("Escape");
+  result.frontend_version = await page.evaluate(() => window.__COMFYUI_FRONTEND_VERSION__ ?? null);
+  log("frontend version", result.frontend_version);
   const exts = await page.evaluate(() => window.app.extensions.map((e) => e.name));
   check(exts.includes("noisecraft.charts") && exts.includes("noisecraft.guidance"), "the pack's extensions are loaded",
     exts.filter((n) => n.startsWith("noisecraft")));

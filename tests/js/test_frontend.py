@@ -109,5 +109,8 @@ def test_chart_and_guidance_toggle_in_the_real_frontend(server, refiner_files, t
                                   f"{proc.stderr[-4000:]}\n--- server log ---\n{server.log_tail(40)}")
     result = json.loads((ARTIFACTS / "result.json").read_text())
     assert result["ok"] is True
+    wanted = os.environ.get("NOISECRAFT_FRONTEND")
+    if wanted and not os.path.isdir(wanted):  # a version: the page must be that frontend
+        assert result["frontend_version"] == wanted, (result["frontend_version"], wanted)
     for name in ("1_loaded.png", "2_executed_chart.png", "3_guidance_off.png", "4_reloaded_restored.png"):
         assert (ARTIFACTS / name).stat().st_size > 1000, name

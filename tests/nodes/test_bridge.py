@@ -178,6 +178,62 @@ def test_unsupported_prediction_type_names_the_model(nc):
         nc.bridge.model_kind(model)
 
 
+# Newer ComfyUI (0.38) added IMG_TO_IMG_FLOW and IMG_TO_IMG_VELOCITY as subclasses of CONST; built here the same way
+# (x0 = the model output / input - output): a subclass of a supported type is refused naming it, not taken for CONST
+class IMG_TO_IMG_FLOW_LIKE(comfy.model_sampling.CONST):
+    def calculate_denoised(self, sigma, model_output, model_input):
+        return model_output
+
+
+class PlainConstSubclass(comfy.model_sampling.CONST):
+    pass
+
+
+class EpsSubclass(comfy.model_sampling.EPS):
+    pass
+
+
+class _FlowOverridingSchedule(comfy.model_sampling.ModelSamplingDiscreteFlow, comfy.model_sampling.CONST):
+    def noise_scaling(self, sigma, noise, latent_image, max_denoise=False):
+        return latent_image
+
+
+@pytest.mark.parametrize("family,schedule,pred", [
+    ("sd3", comfy.model_sampling.ModelSamplingDiscreteFlow, IMG_TO_IMG_FLOW_LIKE),
+    ("sd3", comfy.model_sampling.ModelSamplingDiscreteFlow, PlainConstSubclass),
+    ("sd15", comfy.model_sampling.ModelSamplingDiscrete, EpsSubclass),
+    ("sd3", _FlowOverridingSchedule, None),
+])
+def test_unknown_prediction_subclass_is_refused_naming_it(nc, family, schedule, pred):
+    model = nc.model(family).clone()
+    klass = schedule if pred is None else type("ModelSampling", (schedule, pred), {})  # as model_base does
+    model.add_object_patch("model_sampling", klass(model.model.model_config))
+    name = (pred or schedule).__name__
+    with pytest.raises(ValueError, match=rf"uses {name} \(.*its own way"):
+        nc.bridge.model_kind(model)
+
+
+def test_comfy_model_sampling_combinations_are_decided_by_exact_class(nc):
+    model = nc.model("sd15").clone()
+    ms = comfy.model_sampling
+    for schedule, pred, want in [(ms.ModelSamplingDiscrete, ms.EPS, "eps"),
+                                 (ms.ModelSamplingDiscrete, ms.V_PREDICTION, "v"),
+                                 (ms.ModelSamplingDiscreteFlow, ms.CONST, "flow"),
+                                 (ms.ModelSamplingFlux, ms.CONST, "flow")]:
+        m = model.clone()
+        m.add_object_patch("model_sampling", type("ModelSampling", (schedule, pred), {})(model.model.model_config))
+        assert nc.bridge.model_kind(m).value == want, (schedule.__name__, pred.__name__)
+
+
+def test_flow_model_with_scaled_noise_is_refused(nc):
+    model = nc.model("sd3").clone()
+    ms = type(model.get_model_object("model_sampling"))(model.model.model_config)
+    ms.noise_scale = 2.0  # newer ComfyUI's CONST.noise_scaling starts from noise_scale * e
+    model.add_object_patch("model_sampling", ms)
+    with pytest.raises(ValueError, match=r"noise_scale=2.0"):
+        nc.bridge.model_kind(model)
+
+
 def test_unknown_scheduler_is_a_clear_error(nc):
     with pytest.raises(ValueError, match="unknown scheduler 'nope'"):
         nc.bridge.get_sigmas(nc.model("sd15"), "nope", 4)

@@ -381,6 +381,44 @@ def test_a_model_the_trainer_cannot_handle_lists_the_supported_families(tr, nc, 
             tr.BuildTeacherCache.execute(model, prompts(nc), neg, nc.latent(FAMILY, size=8), 1, 0, 5.0, 1, "normal")
 
 
+def test_chroma_is_a_listed_flux_class_with_flux_keys(cl):
+    """Chroma (comfy.model_base.Chroma, a Flux subclass listed by exact class) has Flux.1's blocks: the same keys,
+    all of them in ComfyUI's own LoRA key map."""
+    cfg = comfy.supported_models.Chroma(dict(
+        image_model="chroma", in_channels=16, out_channels=16, context_in_dim=4096, hidden_size=64, mlp_ratio=4.0,
+        num_heads=2, depth=1, depth_single_blocks=1, axes_dim=[8, 12, 12], theta=10000, patch_size=2, qkv_bias=True,
+        in_dim=64, out_dim=64, hidden_dim=128, n_layers=1, dtype=torch.float32))
+    with torch.inference_mode():
+        model = patcher(comfy.model_base.Chroma(cfg, device=mm.unet_offload_device()), 0)
+    keys = cl.lora_keys(model)
+    assert list(keys) == list(cl.lora_keys(tiny_flux())) and cl.dit_family(model.model) == "flux"
+    check_keys_are_comfyuis(model, keys)
+
+
+class FluxNext(comfy.model_base.Flux):
+    """A model class built on ComfyUI's Flux, as newer ComfyUI's Flux2 and LongCatImage are."""
+
+
+class SD3Next(comfy.model_base.SD3):
+    pass
+
+
+@pytest.mark.parametrize("klass", [FluxNext, SD3Next])
+def test_a_subclass_of_a_dit_family_is_refused_naming_it(tr, nc, cl, cache, klass):
+    if klass is FluxNext:
+        model = tiny_flux()
+    else:
+        with torch.inference_mode():
+            model = nc.tiny.build(FAMILY, seed=0)
+    model.model.__class__ = klass  # the same network, under a model class the trainer does not know
+    name = rf"this MODEL is a {__name__}\.{klass.__name__}, a subclass of ComfyUI's {klass.__bases__[0].__name__}"
+    with pytest.raises(ValueError, match=rf"^Train Refiner: {name} .*expected exactly one of SD3, Flux, Chroma"):
+        cl.lora_keys(model)
+    with pytest.raises(ValueError, match=rf"^Train Refiner: {name}"):
+        train(tr, model, cache, steps=1)
+    assert cl.dit_family(tiny_flux().model) == "flux"
+
+
 def test_a_flow_models_cache_with_an_eps_model_is_refused(tr, nc, cache):
     with pytest.raises(ValueError, match=r"Train Refiner: teacher_cache: .*another model family: expected a cache "
                                          r"from a diffusion \(eps-prediction\) model like this MODEL \(SD15.*got one "

@@ -10,10 +10,13 @@ from comfy_extras.nodes_custom_sampler import Noise_RandomNoise
 SHAPE = (3, 4, 8, 8)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("batch_index", [None, [0, 1, 2], [1], [2, 0], [3, 3, 1], [5]])
-def test_seeded_noise_equals_random_noise_including_batch_index(nc, batch_index):
+def test_seeded_noise_equals_random_noise_including_batch_index(nc, batch_index, dtype):
+    """The contract with whichever ComfyUI runs (v0.3.x draws in the latent's dtype, newer ComfyUI in float32 cast to
+    it: the two differ for half-precision latents), for fp32, fp16 and bf16 latents."""
     n = len(batch_index) if batch_index else SHAPE[0]
-    lat = {"samples": torch.zeros(n, *SHAPE[1:])}
+    lat = {"samples": torch.zeros(n, *SHAPE[1:], dtype=dtype)}
     if batch_index is not None:
         lat["batch_index"] = batch_index
     state = torch.get_rng_state()
