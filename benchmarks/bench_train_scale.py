@@ -85,7 +85,7 @@ def child(mode: str, model: str, prompts_file: str, work: str, steps: int) -> No
         from noisecraft.train.cond_store import CondStore
 
         with keep_text_encoders():
-            conds_for(cache_dir, prompts, host.encoder, chunk=1024)
+            conds_for(cache_dir, prompts, host.encoder)  # the CLI's chunk (256 prompts)
         host.use_conds(CondStore(cache_dir))
     cache = build_teacher_cache(cache_dir, lambda c: host.denoiser(c, cfg=5.0), shape=(4, 8, 8),
                                 conds=list(range(len(prompts))), total=64,
