@@ -55,6 +55,7 @@ from ..noisecraft.sigmas import ModelKind
 from . import bridge
 from .comfy_lora import RefinerSwitch, Target, map_refiner  # noqa: F401 - public here (Train Refiner, benchmarks)
 from .common import REFINER_FOLDER as FOLDER, FileCache, register_folders
+from .fingerprint import report_base
 from .noise import NoiseTransform
 
 log = logging.getLogger(__name__)
@@ -369,6 +370,7 @@ class RefineNoise(io.ComfyNode):
         kind = bridge.model_kind(model)
         check_kind(refiner, kind, model)
         targets = map_refiner(refiner, model)
+        report_base(refiner, model)  # logs: its base, or another model of the architecture (a fine-tune?)
         scale = _guidance_for(refiner, guidance)
         return io.NodeOutput(RefinedNoise(noise, model, refiner, targets, positive, strength, kind, scale))
 
