@@ -216,7 +216,8 @@ def main() -> None:
         cells = [f"{100 * r['weight_change']:.1f}%", f"{r['cfg_shift']:.4f}",
                  f"{a_['unguided']['accuracy']:.3f} / {a_['cfg']['accuracy']:.3f}",
                  f"{pct(a_['gap_closed_mse'])} / {pct(a_['gap_closed_accuracy'])}"]
-        cells.append("= (a)" if "b" not in r else f"{pct(r['b']['gap_closed_mse'])} / {pct(r['b']['gap_closed_accuracy'])}")
+        b = r.get("b")
+        cells.append("= (a)" if b is None else f"{pct(b['gap_closed_mse'])} / {pct(b['gap_closed_accuracy'])}")
         if "ref" in r:
             cells.append(f"{pct(r['ref']['gap_closed_mse'])} / {pct(r['ref']['gap_closed_accuracy'])}")
         print(f"| {name} | " + " | ".join(cells) + " |")

@@ -33,8 +33,8 @@ FINGERPRINT_KEY = "noisecraft.base_fingerprint"
 # first, middle and last layers of each family (diffusers names); the ones a model has are used, in this order
 UNET_MODULES = ("conv_in", "time_embedding.linear_1", "mid_block.attentions.0.transformer_blocks.0.attn1.to_q",
                 "conv_out")
-TRANSFORMER_MODULES = ("pos_embed.proj", "x_embedder", "transformer_blocks.0.attn.to_q", "transformer_blocks.0.ff.net.2",
-                       "proj_out")
+TRANSFORMER_MODULES = ("pos_embed.proj", "x_embedder", "transformer_blocks.0.attn.to_q",
+                       "transformer_blocks.0.ff.net.2", "proj_out")
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
