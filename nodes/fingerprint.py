@@ -39,7 +39,7 @@ def _table(base) -> tuple[dict, tuple[str, ...]]:
     uc = getattr(getattr(base, "model_config", None), "unet_config", None) or {}
     try:
         table = {k: "diffusion_model." + v for k, v in comfy.utils.unet_to_diffusers(uc).items()}
-    except (KeyError, TypeError, ValueError):  # not a UNet ComfyUI can name in diffusers terms
+    except (KeyError, TypeError, ValueError, IndexError):  # not a UNet ComfyUI can name in diffusers terms
         table = {}
     return table, fp.UNET_MODULES
 

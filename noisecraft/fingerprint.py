@@ -20,6 +20,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+from enum import Enum
 from typing import Callable, Mapping, Optional, Sequence
 
 import torch
@@ -38,24 +39,28 @@ TRANSFORMER_MODULES = ("pos_embed.proj", "x_embedder", "transformer_blocks.0.att
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
-class Match:
+class Match(str, Enum):
     """The result of :func:`compare`: ``BASE`` (the same weights), ``OTHER`` (a model of the same architecture
     with other weights, e.g. a fine-tune), ``UNKNOWN`` (no fingerprint, or not comparable)."""
 
-    BASE, OTHER, UNKNOWN = "base", "other", "unknown"
+    BASE = "base"
+    OTHER = "other"
+    UNKNOWN = "unknown"
 
 
 def _dtype_name(dtype: torch.dtype) -> Optional[str]:
     return next((k for k, v in DTYPES.items() if v == dtype), None)
 
 
-def fingerprint(weights: Sequence[tuple[str, torch.Tensor]]) -> dict:
-    """The fingerprint of ``(module name, weight)`` pairs (see the module docstring), as a JSON-able dict."""
+def fingerprint(weights: Sequence[tuple[str, torch.Tensor]], dtypes: Sequence[str] = tuple(DTYPES)) -> dict:
+    """The fingerprint of ``(module name, weight)`` pairs (see the module docstring), as a JSON-able dict;
+    ``dtypes``: the precisions to hash (default all of :data:`DTYPES`)."""
     if not weights:
         raise ValueError("a fingerprint needs at least one weight")
     src = {_dtype_name(w.dtype) for _, w in weights}
     hashes = {}
-    for name, dtype in DTYPES.items():
+    for name in dtypes:
+        dtype = DTYPES[name]
         h = hashlib.sha256()
         for module, w in weights:
             h.update(module.encode() + b"\0" + json.dumps(list(w.shape)).encode() + b"\0")
@@ -115,6 +120,6 @@ def compare(recorded: Optional[dict], weights: Callable[[Sequence[str]], Optiona
         at = theirs if mine == "float32" else mine
     else:  # fp16 and bf16 hold neither each other: bf16 of an fp16 copy may round differently (then: OTHER)
         at = "bfloat16"
-    if fingerprint(have)["sha256"][at] == recorded["sha256"].get(at):
+    if fingerprint(have, (at,))["sha256"][at] == recorded["sha256"].get(at):
         return Match.BASE, f"same weights as the refiner's base ({at})"
     return Match.OTHER, f"other weights than the refiner's base ({at} fingerprint differs)"
