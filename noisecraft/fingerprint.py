@@ -1,18 +1,15 @@
 """The base-model fingerprint a refiner file records: which weights the refiner was trained on.
 
-NoiseRefine (Ahn, Kang et al., arXiv:2412.03895, Tab. 4) uses a refiner trained on a base model with fine-tunes
-of it; refining works best with the base model itself (``benchmarks/bench_transfer.py``, README "NoiseRefine"),
-so Refine Noise says whether it is fed the refiner's base, another model of its architecture, or another
-architecture. A name (``noisecraft.base_model``) cannot tell a base from its fine-tunes; their weights can.
+A refiner transfers to fine-tunes of its base best when the base refines (Ahn, Kang et al., arXiv:2412.03895,
+Tab. 4; ``benchmarks/bench_transfer.py``, README "Refiners on fine-tunes"), and a name
+(``noisecraft.base_model``) cannot tell a base from its fine-tunes: its weights can.
 
-The fingerprint (metadata ``noisecraft.base_fingerprint``, JSON): ``modules``, a few diffusers module names whose
-weights both hosts hold under one name (the diffusers host directly; ComfyUI through its own diffusers -> ldm
-key map, the one its LoRA loader uses: ``lora_unet_<flat name>`` / ``lora_transformer_<flat name>``), and
-``sha256``: for each of float32, float16 and bfloat16 the sha256 of those weights cast to that dtype (name,
-shape, then the bytes, module after module), and ``dtype``, the precision of the weights it was computed from.
-A host compares at the finest precision both sides hold (:func:`compare`): the same checkpoint loaded in fp32 by
-one host and in fp16 by the other still matches, a fine-tune does not (unless the chosen weights are unchanged
-at that precision). Cheap: 4-5 tensors (SDXL: ~2 M values), hashed once per Refine Noise.
+Metadata ``noisecraft.base_fingerprint`` (JSON): ``modules``, a few diffusers module names whose weights both
+hosts hold (ComfyUI finds them through its own diffusers -> ldm tables, ``nodes/fingerprint.py``); ``sha256``,
+per dtype (float32, float16, bfloat16) the sha256 of the names, shapes and bytes of those weights cast to it;
+``dtype``, the precision they were hashed from. :func:`compare` compares at the finest precision both sides hold,
+so the same checkpoint loaded in fp32 by one host and in fp16 by the other matches. Cheap: 4-5 tensors (SDXL:
+about 2 M values).
 """
 
 from __future__ import annotations
