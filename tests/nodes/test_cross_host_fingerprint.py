@@ -136,6 +136,29 @@ def _style_lora(nc, model, family, folder: Path) -> Path:
     return path
 
 
+def test_a_loaded_lorad_clone_does_not_change_the_bases_fingerprint(nc, fpmods, pair, tmp_path, model_folders, rf):
+    """ComfyUI patches a loaded clone's LoRA into the shared weights in place (the originals go to the shared
+    ``backup``): the base MODEL's fingerprint stays the base's, the clone's is another model's, and unloading
+    restores both."""
+    import comfy.model_management as mm
+
+    family, model, net = pair
+    base_fp = fpmods.core.module_fingerprint(net)
+    (tmp_path / "loras").mkdir()
+    style = _style_lora(nc, model, family, tmp_path / "loras")
+    with model_folders(tmp_path, ("noise_refiners", "loras"), rf, set_paths=("loras",)), torch.inference_mode():
+        patched = comfy_nodes.LoraLoaderModelOnly().load_lora_model_only(model, style.name, 1.0)[0]
+        lora_fp = fpmods.nodes.model_fingerprint(patched)
+        mm.load_models_gpu([patched])  # weights patched in place (CPU: the load device)
+        try:
+            assert model.backup, "ComfyUI did not patch in place: the test does not test the backup"
+            assert fpmods.nodes.model_fingerprint(model) == base_fp
+            assert fpmods.nodes.model_fingerprint(patched) == lora_fp != base_fp
+        finally:
+            mm.unload_all_models()
+    assert fpmods.nodes.model_fingerprint(model) == base_fp and not model.backup
+
+
 def test_train_refiners_metadata_records_the_models_fingerprint(tr, fpmods, pair):
     _, model, _ = pair
     kind = tr.bridge.model_kind(model)
