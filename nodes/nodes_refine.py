@@ -30,6 +30,11 @@ Choices where the issue was silent:
 * Strength: 0 is off (the input NOISE itself is returned, no model call); the accepted range is
   ``noisecraft.refine``'s [0, 2]. The residual uses the model's ``sigma_max`` (the start of every
   full-denoise schedule), also for img2img latents: the refiner was trained on pure noise.
+* Base model (:mod:`nodes.fingerprint`): a refiner file records a fingerprint of the weights it was trained on
+  (``noisecraft.base_fingerprint``); Refine Noise logs whether its MODEL is that base, another model of the
+  architecture (a warning naming the base: a refiner transfers to fine-tunes best when the base refines and the
+  fine-tune samples, ``benchmarks/bench_transfer.py``) or cannot tell (a file without one: one info line).
+  Another architecture is refused by the key mapping, as before.
 * Guidance (guidance-scale control, :mod:`noisecraft.guidance_embed`): a refiner file with a
   ``noisecraft_guidance.proj.weight`` tensor was trained with the CFG scale as an input; the optional
   ``guidance`` input (default 0 = not given, so old graphs run exactly as before) is the CFG scale its
@@ -55,6 +60,7 @@ from ..noisecraft.sigmas import ModelKind
 from . import bridge
 from .comfy_lora import RefinerSwitch, Target, map_refiner  # noqa: F401 - public here (Train Refiner, benchmarks)
 from .common import REFINER_FOLDER as FOLDER, FileCache, register_folders
+from .fingerprint import report_base
 from .noise import NoiseTransform
 
 log = logging.getLogger(__name__)
@@ -297,8 +303,9 @@ class LoadRefiner(io.ComfyNode):
             inputs=[
                 io.Combo.Input(
                     "refiner_name", options=refiner_files(),
-                    tooltip="The refiner LoRA trained for your checkpoint (models/noise_refiners, then models/loras). "
-                    "Always used; to turn refinement off, set strength to 0 on Refine Noise.",
+                    tooltip="The refiner LoRA trained for your checkpoint, or for the base model your fine-tune was "
+                    "made from (then feed Refine Noise that base model). From models/noise_refiners, then "
+                    "models/loras. Always used; to turn refinement off, set strength to 0 on Refine Noise.",
                 ),
             ],
             outputs=[RefinerType.Output(display_name="refiner", tooltip="The loaded refiner LoRA.")],
@@ -331,10 +338,13 @@ class RefineNoise(io.ComfyNode):
             "SamplerCustomAdvanced's noise, and use a CFGGuider with cfg 1.0.",
             inputs=[
                 io.Noise.Input("noise", tooltip="The noise to refine, e.g. RandomNoise; its seed is kept. Always used."),
-                io.Model.Input("model", tooltip="The model you sample with (the refiner's base model). Not modified. "
-                               "Unused when strength is 0."),
-                RefinerType.Input("refiner", tooltip="From Load Refiner; trained for this model. Unused when strength "
-                                  "is 0."),
+                io.Model.Input("model", tooltip="The base model the refiner was trained on (e.g. the SDXL base "
+                               "checkpoint), also when you sample with a fine-tune of it: refining with the base and "
+                               "sampling the refined noise with the fine-tune transfers best (README, 'Refiners on "
+                               "fine-tunes'). The log says whether this is the refiner's base. Not modified. Unused when "
+                               "strength is 0."),
+                RefinerType.Input("refiner", tooltip="From Load Refiner; trained on this model (the base of your "
+                                  "fine-tune). Unused when strength is 0."),
                 io.Conditioning.Input("positive", tooltip="Your positive prompt (the same as the sampler's). Unused "
                                       "when strength is 0."),
                 io.Float.Input(
@@ -369,6 +379,7 @@ class RefineNoise(io.ComfyNode):
         kind = bridge.model_kind(model)
         check_kind(refiner, kind, model)
         targets = map_refiner(refiner, model)
+        report_base(refiner, model)  # logs: its base, or another model of the architecture (a fine-tune?)
         scale = _guidance_for(refiner, guidance)
         return io.NodeOutput(RefinedNoise(noise, model, refiner, targets, positive, strength, kind, scale))
 

@@ -89,6 +89,7 @@ from . import bridge
 from .comfy_lora import TrainableLoRA, lora_keys, lora_targets  # noqa: F401 - lora_keys: public here (tests, tools)
 from .common import (check_combo, check_int, check_number, file_list_changed, node_id,
                      run_folder as common_run_folder, sampling_inputs, save_path, scheduler_input, seed_input)
+from .fingerprint import model_fingerprint
 from .nodes_refine import FOLDER as REFINER_FOLDER, LORA_FOLDER, Refiner, RefinerType
 
 log = logging.getLogger(__name__)
@@ -279,10 +280,12 @@ def run_folder(resume_from, node: str = TRAIN_NAME) -> Optional[Path]:
 
 def _metadata(pairs: dict, model, kind, smax: float, training: dict, targets: tuple) -> dict:
     """The refiner's metadata: the core's (:func:`noisecraft.lora.refiner_metadata`) with this model and run."""
-    return core_lora.refiner_metadata(pairs, {"noisecraft.model_kind": kind.value,
-                                              "noisecraft.base_model": bridge.model_name(model),
-                                              "noisecraft.sigma_max": repr(smax), "noisecraft.training": training},
-                                      targets=targets)
+    extra = {"noisecraft.model_kind": kind.value, "noisecraft.base_model": bridge.model_name(model),
+             "noisecraft.sigma_max": repr(smax), "noisecraft.training": training}
+    base_fp = model_fingerprint(model)  # which weights it was trained on (nodes/fingerprint.py)
+    if base_fp is not None:
+        extra["noisecraft.base_fingerprint"] = base_fp
+    return core_lora.refiner_metadata(pairs, extra, targets=targets)
 
 
 def check_cache_fits(model, cache: NodeTeacherCache) -> None:

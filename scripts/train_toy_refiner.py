@@ -42,23 +42,35 @@ ASSET = ROOT / "noisecraft" / "assets" / "toy_refiner.safetensors"
 
 
 @torch.no_grad()
-def evaluate(model, lora, n: int, seed_base: int, steps: int = 20, cfg: float = 3.0) -> dict:
-    """Unguided, CFG and refined-unguided on held-out seeds: accuracy, confidence, MSE to CFG x0."""
+def evaluate(model, lora, n: int, seed_base: int, steps: int = 20, cfg: float = 3.0, *, sample_model=None,
+             refined_cfg: bool = True, baseline: dict | None = None) -> dict:
+    """Unguided, CFG and refined-unguided on held-out seeds: accuracy, confidence, MSE to CFG x0.
+
+    ``lora`` is on ``model``, which refines; ``sample_model`` (default ``model``) samples the noises (a
+    fine-tune sampling noise that its base model refined: ``benchmarks/bench_transfer.py``). ``baseline``:
+    a dict this function fills with the unguided and CFG x0 on the first call and reuses on later ones with
+    the same ``sample_model`` (they do not depend on the refiner). ``refined_cfg`` adds the refined + CFG row."""
+    sample_model = model if sample_model is None else sample_model
     labels = torch.arange(n) % model.num_classes
     e = torch.cat([seeded_noise(seed_base + i, (1, *model.latent_shape)) for i in range(n)])
     sigmas = get_sigmas(model.table, "normal", steps)
     kind, smax = model.table.kind, float(sigmas[0])
-    unguided, guided = model.denoiser(labels), model.denoiser(labels, cfg=cfg)
-    with lora.disabled():
-        x_u = ode.sample(unguided, noise_to_x(e, kind, smax), sigmas)
-        x_c = ode.sample(guided, noise_to_x(e, kind, smax), sigmas)
-    d_base, d_lora = lora.base_and_lora(unguided)
+    unguided, guided = sample_model.denoiser(labels), sample_model.denoiser(labels, cfg=cfg)
+    baseline = {} if baseline is None else baseline
+    if not baseline:
+        with lora.disabled():
+            baseline["unguided"] = ode.sample(unguided, noise_to_x(e, kind, smax), sigmas)
+            baseline["cfg"] = ode.sample(guided, noise_to_x(e, kind, smax), sigmas)
+    x_u, x_c = baseline["unguided"], baseline["cfg"]
+    d_base, d_lora = lora.base_and_lora(model.denoiser(labels))
     e_hat = refine_noise(e, d_base, d_lora, kind, smax)
+    rows = [("unguided", x_u), ("cfg", x_c)]
     with lora.disabled():
-        x_r = ode.sample(unguided, noise_to_x(e_hat, kind, smax), sigmas)
-        x_rc = ode.sample(guided, noise_to_x(e_hat, kind, smax), sigmas)
+        rows.append(("refined", ode.sample(unguided, noise_to_x(e_hat, kind, smax), sigmas)))
+        if refined_cfg:
+            rows.append(("refined_cfg", ode.sample(guided, noise_to_x(e_hat, kind, smax), sigmas)))
     out = {}
-    for name, x in (("unguided", x_u), ("cfg", x_c), ("refined", x_r), ("refined_cfg", x_rc)):
+    for name, x in rows:
         s = toy.score_digits(x, labels)
         out[name] = {**s, "mse_to_cfg": float((x - x_c).pow(2).mean())}
     gap_acc = out["cfg"]["accuracy"] - out["unguided"]["accuracy"]

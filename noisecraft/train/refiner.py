@@ -71,6 +71,7 @@ from typing import Any, Callable, Mapping, Optional
 import torch
 
 from ..hosts.diffusers import RefinerHost
+from ..fingerprint import module_fingerprint
 from ..guidance_embed import GuidanceEmbedding, check_guidance_range
 from ..hosts.adapters import LoRASet, attach_lora
 from ..lora import CONVENTION, DEFAULT_TARGETS
@@ -290,7 +291,11 @@ class RefinerMethod:
         training = {**self.config.to_json(), "teacher": self.cache.meta, "cache_samples": self.cache.total,
                     "optimizer": "AdamW", "loss": "MSD latent MSE (noisecraft.msd)", **dict(meta)}
         full = {"base_model": self.host.base_model, "model_kind": self.kind_of_model.value,
-                "sigma_max": repr(self.sigma_max), "convention": CONVENTION, "training": training, **self.extra}
+                "sigma_max": repr(self.sigma_max), "convention": CONVENTION, "training": training}
+        base_fp = module_fingerprint(self.host.unet)  # which weights it was trained on (noisecraft/fingerprint.py)
+        if base_fp is not None:
+            full["base_fingerprint"] = base_fp
+        full.update(self.extra)
         return save_refiner(self.module, Path(out_dir) / REFINER_NAME, full)
 
 

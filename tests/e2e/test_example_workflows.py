@@ -36,7 +36,8 @@ NC_NODES = {"NC_InversionStabilitySelect", "NC_OptimizeNoise", "NC_NoiseToLatent
             "NC_TrainRefiner", "NC_SaveRefiner", "NC_FilterTeacherCache", "NC_LoadPrompts"}
 REPORTING_NODES = {"NC_InversionStabilitySelect", "NC_OptimizeNoise"}  # the nodes that send UI data
 NPNET_FILES = {"sdxl.safetensors": "sdxl"}  # file name in the examples -> preset of the random stand-in
-REFINER_FILES = {"sd15_refiner.safetensors": "sd15"}  # file name in the examples -> tiny model family
+# file name in the examples -> tiny model family (its refiner records the fingerprint of that tiny model, seed 0)
+REFINER_FILES = {"sd15_refiner.safetensors": "sd15", "sdxl_base_refiner.safetensors": "sdxl"}
 HEADLESS = {"train_refiner", "train_refiner_pag"}  # training workflows: they save a model file, not images (tested below)
 IMAGE_WORKFLOWS = [p for p in WORKFLOWS if p.stem not in HEADLESS]
 # Tiny step counts for the training example (its own values are for real use).
@@ -80,7 +81,7 @@ def _ui_values(entry: dict, key: str) -> list:
 def test_there_is_one_example_workflow_per_node_with_a_thumbnail():
     names = {p.stem for p in WORKFLOWS}
     assert {"stability_select", "optimize_noise", "noise_to_latent", "npnet_golden_noise",
-            "refined_guidance_free"} <= names
+            "refined_guidance_free", "refined_finetune"} <= names
     for p in WORKFLOWS:
         assert p.with_suffix(".png").is_file(), f"{p.name} has no same-name thumbnail"
 
@@ -138,10 +139,25 @@ def refiner_files(server):
         if (folder / name).is_file():
             continue
         tiny = _tiny_models()
-        state = tiny.random_refiner_lora(tiny.build(family, seed=0), rank=2, seed=0)
+        model = tiny.build(family, seed=0)
+        state = tiny.random_refiner_lora(model, rank=2, seed=0)
         save_file(state, str(folder / name), metadata={"noisecraft.kind": "refiner", "noisecraft.model_kind": "eps",
-                                                         "noisecraft.base_model": f"nc-test-tiny-{family}"})
+                                                         "noisecraft.base_model": f"nc-test-tiny-{family}",
+                                                         "noisecraft.base_fingerprint": _fingerprint(model)})
     return folder
+
+
+def _fingerprint(model) -> str:
+    """The base fingerprint (noisecraft/fingerprint.py) of a tiny UNet ModelPatcher, its weights named through
+    ComfyUI's ``unet_to_diffusers`` table (as Train Refiner records it)."""
+    import comfy.utils
+
+    from noisecraft import fingerprint as fp
+
+    table = comfy.utils.unet_to_diffusers(model.model.model_config.unet_config)
+    params = dict(model.model.named_parameters())
+    weights = [(m, params["diffusion_model." + table[m + ".weight"]]) for m in fp.UNET_MODULES if m + ".weight" in table]
+    return json.dumps(fp.fingerprint(weights), sort_keys=True)
 
 
 def _npnet_names(ui: dict) -> set:
@@ -212,6 +228,37 @@ def test_a_refiner_for_another_model_fails_with_a_clear_error(server, object_inf
     assert errors and errors[0]["node_type"] == "NC_RefineNoise"
     msg = errors[0]["exception_message"]
     assert "sd15_refiner.safetensors (for nc-test-tiny-sd15" in msg and "does not fit this MODEL (SDXL)" in msg
+
+
+def test_finetune_example_refines_with_the_base_and_samples_with_the_fine_tune(server, object_info, refiner_files):
+    """refined_finetune.json: Refine Noise gets the base checkpoint's MODEL (and its CLIP's prompt), both samplers the
+    fine-tune's (the stand-in gives a name with 'finetune' other weights); Refine Noise logs that it was fed the
+    refiner's base, and fed the fine-tune instead (the other wiring) that this MODEL is not its base."""
+    ui = json.loads((REPO / "example_workflows" / "refined_finetune.json").read_text())
+    prompt = _prompt(ui, object_info)
+    loaders = {n["inputs"]["ckpt_name"]: key for key, n in prompt.items() if n["class_type"] == "NC_Test_TinyCheckpoint"}
+    base, tuned = loaders["sd_xl_base_1.0.safetensors"], loaders["my_sdxl_finetune.safetensors"]
+    refine = next(n for n in prompt.values() if n["class_type"] == "NC_RefineNoise")
+    assert refine["inputs"]["model"][0] == base
+    assert prompt[refine["inputs"]["positive"][0]]["inputs"]["clip"][0] == base
+    for key, n in prompt.items():
+        if n["class_type"] in ("CFGGuider", "BasicScheduler"):
+            assert n["inputs"]["model"][0] == tuned, (key, n)
+        if n["class_type"] == "NC_Test_VAEDecode":
+            assert n["inputs"]["vae"][0] == tuned
+    assert sorted(n["inputs"]["cfg"] for n in prompt.values() if n["class_type"] == "CFGGuider") == [1.0, 7.0]
+    start = len(server.log_path.read_text(errors="replace"))
+    entry = _run_ok(server, prompt, ui)
+    assert len([i for out in entry["outputs"].values() for i in out.get("images", [])]) == 2
+    log = server.log_path.read_text(errors="replace")[start:]
+    assert "Refine Noise: fed the base model the refiner sdxl_base_refiner.safetensors" in log, log[-3000:]
+
+    refine["inputs"]["model"] = [tuned, 0]  # wiring (b): the refiner on the fine-tune
+    start = len(server.log_path.read_text(errors="replace"))
+    _run_ok(server, prompt, ui)
+    log = server.log_path.read_text(errors="replace")[start:]
+    assert "is not the base model the refiner sdxl_base_refiner.safetensors was trained on (nc-test-tiny-sdxl)" \
+        in log, log[-3000:]
 
 
 def test_training_example_trains_saves_and_the_saved_refiner_runs_in_the_refined_example(server, object_info,

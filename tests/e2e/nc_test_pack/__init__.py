@@ -60,7 +60,8 @@ class TinyCheckpoint(io.ComfyNode):
             node_id="NC_Test_TinyCheckpoint", display_name="NC Test Tiny Checkpoint", category="noisecraft/test",
             inputs=[io.String.Input("ckpt_name", default="tiny",
                                     tooltip="Stands in for a checkpoint name: names with 'xl' give a tiny SDXL-shaped "
-                                    "model (2048-wide text), others a tiny SD1.5-shaped one.")],
+                                    "model (2048-wide text), others a tiny SD1.5-shaped one; names with 'finetune' "
+                                    "other random weights of that architecture (a fine-tune).")],
             outputs=[io.Model.Output(display_name="MODEL"), io.Clip.Output(display_name="CLIP"),
                      io.Vae.Output(display_name="VAE")],
         )
@@ -68,9 +69,10 @@ class TinyCheckpoint(io.ComfyNode):
     @classmethod
     def execute(cls, ckpt_name) -> io.NodeOutput:
         family = family_for(ckpt_name)
-        if family not in _MODEL_CACHE:
-            _MODEL_CACHE[family] = build(family, seed=0)
-        return io.NodeOutput(_MODEL_CACHE[family], TinyClip(family), TinyVae())
+        seed = 1 if "finetune" in ckpt_name.lower() else 0  # a "fine-tune": same architecture, other weights
+        if (family, seed) not in _MODEL_CACHE:
+            _MODEL_CACHE[(family, seed)] = build(family, seed=seed)
+        return io.NodeOutput(_MODEL_CACHE[(family, seed)], TinyClip(family), TinyVae())
 
 
 class TinyTextEncode(io.ComfyNode):
