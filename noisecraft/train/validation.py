@@ -119,13 +119,14 @@ class Validator:
     """Validation and tracker logging of one run: the loop calls it (the method's ``monitor``) on the main
     process at the start and after every step: ``validator(step, total, record)``.
 
-    ``every``: validate at step 0, every ``every`` steps and at the last step (0: only at 0 and the last);
+    ``vset``: the held-out set (None: no validation, the trackers only); ``every``: validate at step 0, every
+    ``every`` steps and at the last step (0: only at 0 and the last);
     ``trackers``: accelerate trackers (:func:`noisecraft.train.trackers.make_trackers`) that get every
     step's loss, lr and gradient norm and every validation's figures and grid; ``on_result(record, grid
     path)``: called after each validation (the ComfyUI node shows the grid); ``grid_rows``: at most this many
     prompts in the grid (the first seed of each)."""
 
-    vset: ValidationSet
+    vset: Optional[ValidationSet]
     every: int = 50
     trackers: Sequence[Any] = ()
     on_result: Optional[Callable[[dict, Optional[Path]], None]] = None
@@ -160,13 +161,15 @@ class Validator:
             for t in self.trackers:
                 t.log(scalars, step=step)
         due = step == 0 or step == total or (self.every and step % self.every == 0)
-        if due and not any(r["step"] == step for r in self.records):
+        if due and self.vset is not None and not any(r["step"] == step for r in self.records):
             self.validate(step)
         if step == total:
             self.close()
 
     def _start(self, step: int) -> None:
         self._started = True
+        if self.vset is None:
+            return
         log = self.out_dir / VALIDATION_LOG
         # a resume forgets what came after its checkpoint; a new run (step 0) what an earlier one left
         self.records = read_log(log, upto_step=step) if step > 0 else []
