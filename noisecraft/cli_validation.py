@@ -45,13 +45,38 @@ def add_validation_args(tr: argparse.ArgumentParser) -> None:
 
 
 def check_preset(args: argparse.Namespace, log: logging.Logger) -> None:
-    """Fill the flags of --preset (a given flag wins; each value logged with its source); --toy has none."""
+    """Before any work: fill the flags of --preset (a given flag wins; each value logged with its source; --toy
+    has none), then check the validation and tracker flags."""
     from .presets import apply_preset
+    from .train.trackers import check_report_to
+    from .train.validation import check_held_out, held_out_seeds
 
     if getattr(args, "preset", None) and args.toy:
         raise Refused(f"--preset {args.preset} is the paper's SD2.1 / SDXL recipe: leave it out with --toy, or give "
                       "--model DIR")
     apply_preset(args, log)
+    try:
+        check_report_to(args.report_to)
+    except (ValueError, ImportError) as exc:
+        raise Refused(str(exc)) from None
+    if not args.validate_every:
+        return
+    if args.guidance_range is not None:
+        raise Refused("--validate-every: validation of a guidance-conditioned refiner (--guidance-range) is not "
+                      "supported yet: leave --validate-every out with --guidance-range")
+    if not args.toy and not args.prompt_validation:
+        raise Refused("--validate-every with --model validates on held-out prompts: give --prompt-validation N (N "
+                      "prompts of --prompts kept out of training)")
+    _, seeds = held_out_seeds(10 if args.toy else args.prompt_validation, _seeds_per_prompt(args),
+                              args.validation_seed_base)
+    try:
+        check_held_out(seeds, args.seed_base, args.samples)
+    except ValueError as exc:
+        raise Refused(f"--validation-seed-base {args.validation_seed_base}: {exc}") from None
+
+
+def _seeds_per_prompt(args: argparse.Namespace) -> int:
+    return args.validation_seeds or (10 if args.toy else 2)
 
 
 def encoded_host(host, texts: list[str]):
@@ -84,24 +109,14 @@ def validation_for(args: argparse.Namespace, host, teacher_for, shape, out: Path
     if not acc.is_main_process or (not args.validate_every and args.report_to == "none"):
         return None
     vset = None
-    if args.validate_every:
-        if args.guidance_range is not None:
-            raise Refused("--validate-every: validation of a guidance-conditioned refiner (--guidance-range) is not "
-                          "supported yet: leave --validate-every out with --guidance-range")
-        k = args.validation_seeds or (10 if args.toy else 2)
+    if args.validate_every:  # (the flags were checked by check_preset before any work)
         if args.toy:
             vhost, texts = host, [f"digit {i}" for i in range(host.conds.shape[0])]
         else:
             texts = list(getattr(args, "validation_prompts", None) or [])
-            if not texts:
-                raise Refused("--validate-every with --model validates on held-out prompts: give --prompt-validation "
-                              "N (N prompts of --prompts kept out of training)")
             vhost = encoded_host(host, texts)
-        idx, seeds = held_out_seeds(len(texts), k, args.validation_seed_base)
-        try:
-            check_held_out(seeds, args.seed_base, args.samples)
-        except ValueError as exc:
-            raise Refused(f"--validation-seed-base {args.validation_seed_base}: {exc}") from None
+        idx, seeds = held_out_seeds(len(texts), _seeds_per_prompt(args), args.validation_seed_base)
+        check_held_out(seeds, args.seed_base, args.samples)
         decode = None if args.toy else diffusers_vae_decoder(args.model, device=device)
         name = args.scorer or ("toy-classifier" if args.toy else None)
         vset = ValidationSet(vhost.denoiser, teacher_for(vhost), torch.tensor(idx), seeds, tuple(shape),

@@ -22,7 +22,7 @@ import time
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
-__all__ = ["REPORT_TO", "make_trackers", "log_image", "flat_config"]
+__all__ = ["REPORT_TO", "check_report_to", "make_trackers", "log_image", "flat_config"]
 
 logger = logging.getLogger(__name__)
 
@@ -49,10 +49,8 @@ def flat_config(config: Mapping[str, Any], prefix: str = "") -> dict:
     return out
 
 
-def make_trackers(report_to: str, logging_dir: str | os.PathLike, *, project: str = "noisecraft",
-                  run_name: str = "", config: Mapping[str, Any] | None = None) -> list:
-    """Started accelerate trackers for ``report_to`` (none | tensorboard | wandb | all; all = the installed
-    ones of the two), with ``config`` stored as the run's settings. ``run_name``: default the time."""
+def check_report_to(report_to: str) -> list[str]:
+    """The tracker names of ``report_to``; refuses an unknown value or a tracker whose package is missing."""
     if report_to not in REPORT_TO:
         raise ValueError(f"report_to must be one of {', '.join(REPORT_TO)}, got {report_to!r}: --report-to "
                          f"{' | '.join(REPORT_TO)}")
@@ -63,6 +61,16 @@ def make_trackers(report_to: str, logging_dir: str | os.PathLike, *, project: st
         if not _installed(n):
             raise ImportError(f"--report-to {n} needs the {_PACKAGES[n]} package: pip install {_PACKAGES[n]} "
                               f"(or --report-to none)")
+    return names
+
+
+def make_trackers(report_to: str, logging_dir: str | os.PathLike, *, project: str = "noisecraft",
+                  run_name: str = "", config: Mapping[str, Any] | None = None) -> list:
+    """Started accelerate trackers for ``report_to`` (none | tensorboard | wandb | all; all = the installed
+    ones of the two), with ``config`` stored as the run's settings. ``run_name``: default the time."""
+    names = check_report_to(report_to)
+    if not names:
+        return []
     from accelerate.tracking import TensorBoardTracker, WandBTracker
 
     run_name = run_name or time.strftime("run-%Y%m%d-%H%M%S")
