@@ -110,7 +110,7 @@ def apply_preset(args: argparse.Namespace, log_to: logging.Logger = log) -> list
         lines.append(f"  {_flag(dest)} {s.value}: {'paper, ' if s.paper else ''}{s.source}")
     if settings:
         lines.append("  teacher filter: the paper keeps the top N by the LAION aesthetic score (App. D.2.1): give "
-                     "--keep N --scorer NAME to filter (see README, teacher filter)")
+                     "--keep N --scorer aesthetic to filter (its weights in $NOISECRAFT_AESTHETIC; see README)")
     for line in lines:
         log_to.info("%s", line)
     return lines

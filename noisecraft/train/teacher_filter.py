@@ -255,6 +255,17 @@ register_scorer("colorfulness", colorfulness_scorer,
                 "Hasler-Suesstrunk colourfulness of RGB images: colour spread (not aesthetics)")
 
 
+def aesthetic_scorer() -> Callable:
+    """The LAION aesthetic score, the paper's AES (:mod:`noisecraft.train.aesthetic`; transformers + local weights)."""
+    from .aesthetic import load_aesthetic_scorer
+
+    return load_aesthetic_scorer(device="cuda" if torch.cuda.is_available() else "cpu")
+
+
+register_scorer("aesthetic", aesthetic_scorer, "the LAION aesthetic score (CLIP ViT-L/14 + MLP: the paper's AES); "
+                "needs transformers and its weights in $NOISECRAFT_AESTHETIC")
+
+
 # -- scoring and keeping -----------------------------------------------------------------------------
 
 

@@ -261,3 +261,52 @@ def test_cli_model_validates_on_held_out_prompts(tmp_path):
     assert Image.open(out / recs[-1]["grid"]).mode == "RGB"  # decoded by the folder's vae/
     refusal = fam.train_args(tmp_path / "sd1", prompts, tmp_path / "run2", "--validate-every", 1)
     assert fam.run_cli(*refusal) == 2
+
+
+# -- the aesthetic scorer ---------------------------------------------------------------------------
+
+
+def _aesthetic_folder(root: Path) -> Path:
+    """openai/clip-vit-large-patch14's vision classes, built small from a config with random weights (768-wide
+    projection, as ViT-L/14's), and a random LAION head, in the folder layout the scorer reads."""
+    transformers = pytest.importorskip("transformers")
+    from safetensors.torch import save_file
+
+    from noisecraft.train.aesthetic import AestheticHead
+
+    cfg = transformers.CLIPVisionConfig(hidden_size=32, intermediate_size=37, num_attention_heads=4,
+                                        num_hidden_layers=2, image_size=32, patch_size=8, projection_dim=768)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        transformers.CLIPVisionModelWithProjection(cfg).save_pretrained(str(root / "clip"))
+        head = AestheticHead(768)
+    save_file({k: v.contiguous() for k, v in head.state_dict().items()}, str(root / "head.safetensors"))
+    return root
+
+
+def test_aesthetic_scorer_is_clip_embeddings_through_the_laion_head(tmp_path, monkeypatch):
+    from noisecraft.train.aesthetic import CLIP_MEAN, CLIP_STD
+    from noisecraft.train.teacher_filter import resolve_scorer
+
+    root = _aesthetic_folder(tmp_path / "aes")
+    monkeypatch.setenv("NOISECRAFT_AESTHETIC", str(root))
+    scorer = resolve_scorer("aesthetic")
+    images = torch.rand(3, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    scores = scorer(images, torch.zeros(3, dtype=torch.long))
+    assert scores.shape == (3,) and torch.isfinite(scores).all() and scores.unique().numel() == 3
+    # by hand: 32x32 is already the CLIP size (the resize is exact), normalise, embed, L2-normalise, the head
+    inner = scorer.fn
+    pixels = (images - torch.tensor(CLIP_MEAN).view(1, 3, 1, 1)) / torch.tensor(CLIP_STD).view(1, 3, 1, 1)
+    with torch.no_grad():
+        emb = torch.nn.functional.normalize(inner.clip(pixel_values=pixels).image_embeds, dim=-1)
+        expected = inner.head(emb).reshape(-1)
+    assert torch.allclose(scores, expected, atol=1e-5)
+
+
+def test_aesthetic_scorer_without_its_weights_is_refused_in_one_line(tmp_path, monkeypatch):
+    from noisecraft.train.teacher_filter import resolve_scorer
+
+    monkeypatch.setenv("NOISECRAFT_AESTHETIC", str(tmp_path / "nothing"))
+    with pytest.raises(ValueError, match=r"not in .*nothing.*clip-vit-large-patch14.*NOISECRAFT_AESTHETIC") as e:
+        resolve_scorer("aesthetic")
+    assert "\n" not in str(e.value)
