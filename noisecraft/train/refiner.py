@@ -398,5 +398,8 @@ def train_refiner(
     except BaseException:
         lora.remove()
         raise
+    finally:
+        if validation is not None:
+            validation.close()  # the trackers (also after an interrupt or a stop)
     return TrainResult(lora=lora, refiner_path=Path(out_dir) / REFINER_NAME, step=res.step, losses=res.losses,
                        wall_s=res.wall_s, stopped_early=res.stopped_early)

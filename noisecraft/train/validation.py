@@ -185,6 +185,17 @@ class Validator:
         self.trackers = ()
 
     # -- sampling ----------------------------------------------------------------------------------
+    def _autocast(self):
+        """The training's autocast (a bf16 network with an fp32 LoRA runs as it does in training)."""
+        import contextlib
+
+        from .loop import resolve_precision
+
+        precision = getattr(getattr(self.method, "config", None), "precision", "fp32")
+        device = torch.device(self.method.device)
+        dtype = resolve_precision(precision, device)
+        return torch.autocast(device.type, dtype=dtype) if dtype is not None else contextlib.nullcontext()
+
     def _batches(self):
         b = max(1, int(self.vset.batch_size))
         for i in range(0, len(self.vset), b):
@@ -232,9 +243,10 @@ class Validator:
     def validate(self, step: int) -> dict:
         """One validation at ``step``: figures to ``validation.jsonl`` and the trackers, the grid, the best refiner."""
         t0 = time.perf_counter()
-        if self._fixed is None:
-            self._fixed = self._prepare()
-        x_r = self._refined()
+        with self._autocast():
+            if self._fixed is None:
+                self._fixed = self._prepare()
+            x_r = self._refined()
         fx = self._fixed
         mse_u = float((fx["unguided"] - fx["teacher"]).double().pow(2).mean())
         mse_r = float((x_r - fx["teacher"]).double().pow(2).mean())

@@ -310,3 +310,13 @@ def test_aesthetic_scorer_without_its_weights_is_refused_in_one_line(tmp_path, m
     with pytest.raises(ValueError, match=r"not in .*nothing.*clip-vit-large-patch14.*NOISECRAFT_AESTHETIC") as e:
         resolve_scorer("aesthetic")
     assert "\n" not in str(e.value)
+
+
+def test_validation_runs_under_the_trainings_autocast(host, cache, tmp_path):
+    config = RefinerTrainConfig(**{**CONFIG, "steps": 2, "precision": "bf16"})
+    val = _validator(host, every=1)
+    result = train_refiner(host, cache, tmp_path / "bf16", config, validation=val)
+    result.lora.remove()
+    recs = _records(tmp_path / "bf16")
+    assert [r["step"] for r in recs] == [0, 1, 2] and recs[0]["gap_closed"] == 0.0
+    assert all(r["gap_closed"] == r["gap_closed"] for r in recs)  # finite under bf16 autocast
