@@ -158,8 +158,8 @@ def _teacher_scorer(args: argparse.Namespace):
                       f"{args.samples}, or raise --samples")
     name = args.scorer or ("toy-classifier" if args.toy else None)
     if name is None:
-        raise Refused("--keep needs --scorer with --model: sharpness, colorfulness (generic, not aesthetic) or "
-                      "your own package.module:function (e.g. an aesthetic predictor); see README")
+        raise Refused("--keep needs --scorer with --model: aesthetic (the paper's), sharpness, colorfulness (generic) "
+                      "or your own package.module:function; see README")
     if name == "toy-classifier" and not args.toy:
         raise Refused("--scorer toy-classifier scores toy digits: use it with --toy, or choose another scorer")
     return resolve_scorer(name)
@@ -537,8 +537,9 @@ def add_train_commands(sub) -> None:
                     help="teacher filter: train on the top N samples of the cache (or that fraction of --samples) by "
                          "--scorer (the paper keeps the top N by an aesthetic score); default: every sample")
     tr.add_argument("--scorer", metavar="NAME|MODULE:FUNCTION",
-                    help="teacher filter scorer: toy-classifier (--toy; the default there), sharpness or colorfulness "
-                         "(generic, no download, not aesthetic), or package.module:function, a function "
+                    help="teacher filter scorer: toy-classifier (--toy; the default there), aesthetic (the paper's LAION "
+                         "score; weights in $NOISECRAFT_AESTHETIC), sharpness or colorfulness (generic, not aesthetic), "
+                         "or package.module:function, a function "
                          "score(images [n,3,H,W] in [0,1], cond_ids [n]) -> [n] (higher is better); images are "
                          "decoded with the --model folder's vae/ (without one, and for --toy, it gets the latents)")
     add_validation_args(tr)  # --validate-every, --report-to, --preset, ... (noisecraft/cli_validation.py)

@@ -37,6 +37,8 @@ without any download:
   observers' colourfulness ratings closely): spread and mean of the opponent colour channels rg, yb.
   It drops greyish, desaturated samples; it rewards over-saturation just as much, and it marks every
   intentionally monochrome image as poor.
+* ``aesthetic``: the LAION aesthetic score the paper filters by (:mod:`noisecraft.train.aesthetic`; needs
+  ``transformers`` and its weights in ``$NOISECRAFT_AESTHETIC``, nothing is downloaded).
 * ``toy-classifier`` (registered by the command line, :mod:`noisecraft.cli_train`, never imported by
   this package): the shipped toy digit classifier's probability of the target digit
   (:func:`noisecraft.hosts.toy.toy_confidence_scorer`), on the toy's x0.
