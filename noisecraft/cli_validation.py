@@ -64,6 +64,9 @@ def check_preset(args: argparse.Namespace, log: logging.Logger) -> None:
     if args.guidance_range is not None:
         raise Refused("--validate-every: validation of a guidance-conditioned refiner (--guidance-range) is not "
                       "supported yet: leave --validate-every out with --guidance-range")
+    if not args.toy and args.prompt_embeds:
+        raise Refused("--validate-every with --prompt-embeds: the held-out prompts need the model's text encoders; "
+                      "leave --prompt-embeds out, or give --validate-every 0")
     if not args.toy and not args.prompt_validation:
         raise Refused("--validate-every with --model validates on held-out prompts: give --prompt-validation N (N "
                       "prompts of --prompts kept out of training)")

@@ -47,6 +47,8 @@ _SHARED = (
             paper=False),
     Setting("validate_every", 500, "ours: held-out validation (noisecraft.train.validation) every 500 steps",
             paper=False),
+    Setting("prompt_validation", 16, "ours: 16 prompts of --prompts held out for the validation (the paper evaluates "
+                                     "on prompts disjoint from training, Sec. 4.1)", paper=False),
 )
 
 PRESETS: dict[str, tuple[Setting, ...]] = {
@@ -55,7 +57,8 @@ PRESETS: dict[str, tuple[Setting, ...]] = {
         Setting("samples", 50_000, "App. D.2.1 / App. A: 20K MS COCO + 30K Pick-a-Pic prompts, M = 50K samples"),
         Setting("batch", 8, "ours: the batch is not stated; 8 fits SD2.1 at rank 128 on a 24 GB card (the paper "
                             "used RTX 3090s)", paper=False),
-        Setting("steps", 37_500, "App. A: E = 6 epochs of M = 50K, at our batch 8 (6 x 50,000 / 8)", paper=False),
+        Setting("steps", 37_500, "ours: App. A's E = 6 epochs of M = 50K at our batch 8 (6 x 50,000 / 8)",
+                paper=False),
     ),
     "paper-sdxl": _SHARED + (
         Setting("rank", 256, "App. D.1: SDXL uses SD2.1's configs except the LoRA rank, 256"),

@@ -207,12 +207,14 @@ def test_preset_fills_the_papers_values_and_a_given_flag_wins(caplog):
     assert "--cfg 7.0: paper, App. D.2.1" in text and "--pag-scale 3.0: paper, App. D.2.1" in text
     assert "--student-steps 10: paper, App. D.1" in text and "--teacher-steps 20: paper, App. D.1" in text
     assert "--batch 2: ours:" in text and "--steps 135750: ours:" in text  # not stated by the paper: ours
+    assert args.prompt_validation == 16 and "--prompt-validation 16: ours:" in text
     assert "aesthetic" in text
     assert all(line in caplog.text for line in lines)  # logged at the start
 
     sd21 = _parse("--model", "m", "--preset", "paper-sd21")
     apply_preset(sd21)
     assert (sd21.rank, sd21.samples, sd21.batch) == (128, 50_000, 8)
+    assert plain.prompt_validation == 0 and sd21.steps == 37_500
 
 
 def test_cli_refusals_are_one_line(tmp_path, capsys):
