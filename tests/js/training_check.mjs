@@ -68,7 +68,7 @@ try {
     ckpt.connect(2, train, train.inputs.findIndex((i) => i.name === "vae"));
     train.setSize([Math.max(train.size[0], 420), Math.max(train.size[1], 640)]);
     const c = window.app.canvas;
-    c.ds.scale = 1;
+    c.ds.scale = 0.75; // the whole node (widgets, curves, grid) in the 1600 x 1000 view
     c.ds.offset[0] = -train.pos[0] + 80;
     c.ds.offset[1] = -train.pos[1] + 60;
     c.setDirty(true, true);
