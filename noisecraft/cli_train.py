@@ -18,7 +18,7 @@ from pathlib import Path
 from .cli_args import (Refused, add_prompt_args, check_out, every_5s, every_10_steps, finite_float, interrupted_resume,
                        margin_float, non_negative_float, non_negative_int, one_writer, positive_float, positive_int,
                        read_prompt_flags, two_or_more_int)
-from .cli_validation import add_validation_args, check_preset, validation_for
+from .cli_validation import add_validation_args, check_preset, validation_for, validation_line
 
 __all__ = ["add_train_commands"]
 
@@ -303,6 +303,7 @@ def _train_refiner_run(args: argparse.Namespace, device: str, acc, log: logging.
     sys.stdout.write(f"{result.refiner_path}\n")
     sys.stdout.write(f"({result.step} steps, final loss {result.losses[-1]:.5f}; loss log {out / 'loss.jsonl'}, "
                      f"plot {out / 'loss.png'}, {time.perf_counter() - t0:.0f} s in all)\n")
+    sys.stdout.write(validation_line(validation, out))
     return 0
 
 

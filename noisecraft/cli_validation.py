@@ -18,7 +18,7 @@ from pathlib import Path
 
 from .cli_args import Refused, non_negative_int, positive_int
 
-__all__ = ["add_validation_args", "check_preset", "validation_for", "encoded_host"]
+__all__ = ["add_validation_args", "check_preset", "validation_for", "encoded_host", "validation_line"]
 
 
 def add_validation_args(tr: argparse.ArgumentParser) -> None:
@@ -133,3 +133,14 @@ def validation_for(args: argparse.Namespace, host, teacher_for, shape, out: Path
     except ImportError as exc:
         raise Refused(str(exc)) from None
     return Validator(vset, every=args.validate_every, trackers=trackers)
+
+
+def validation_line(validation, out: Path) -> str:
+    """train-refiner's last output line about the validation ('' without one)."""
+    summary = validation.summary() if validation is not None else None
+    if not summary:
+        return ""
+    last, best = summary["last"], summary["best"]
+    return (f"(held-out validation: {100 * last['gap_closed']:.1f}% of the latent-MSE gap closed at step {last['step']}, "
+            f"best {100 * best['gap_closed']:.1f}% at step {best['step']}: {out / 'refiner_best.safetensors'}; grids "
+            f"in {out / 'validation'}, figures in {out / 'validation.jsonl'})\n")

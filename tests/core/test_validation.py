@@ -229,7 +229,7 @@ def test_cli_refusals_are_one_line(tmp_path, capsys):
     assert rc == 2 and "--validation-seed-base 10004" in err and "outside the teacher cache's seeds" in err
 
 
-def test_cli_toy_run_with_validation_and_tensorboard(tmp_path):
+def test_cli_toy_run_with_validation_and_tensorboard(tmp_path, capsys):
     pytest.importorskip("tensorboard")
     from noisecraft.__main__ import main
 
@@ -241,6 +241,8 @@ def test_cli_toy_run_with_validation_and_tensorboard(tmp_path):
     assert [r["step"] for r in recs] == [0, 2, 4] and recs[0]["gap_closed"] == 0.0
     assert "score_teacher" in recs[0]  # the toy's digit classifier scores the validation by default
     assert (out / BEST_NAME).is_file() and list((out / "logs" / "noisecraft" / "cli").glob("events.out.tfevents.*"))
+    said = capsys.readouterr().out.strip().splitlines()[-1]
+    assert said.startswith(f"(held-out validation: {100 * recs[-1]['gap_closed']:.1f}% of the latent-MSE gap closed")
 
 
 def test_cli_model_validates_on_held_out_prompts(tmp_path):
