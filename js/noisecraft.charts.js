@@ -2,14 +2,19 @@
 //
 // NC_InversionStabilitySelect: one bar per candidate seed (batch item 0), the chosen seed highlighted.
 // NC_OptimizeNoise: stability per optimization step, one line per batch item (up to 4).
+// NC_TrainRefiner: the MSD loss per step (log scale, left) and, with validate_every, the held-out share of the
+//   unguided -> teacher latent-MSE gap closed (0..100%, right, blue points); the grid is the node's image.
 // The data comes from the node's UI output (see nodes/nodes_stability.py):
 //   Select:   noisecraft_scores [[K floats] per item], noisecraft_seeds [[K ints]], noisecraft_best_seeds [int per item]
 //   Optimize: noisecraft_history [[steps+1 floats] per item], noisecraft_best [float per item]
+//   Train:    noisecraft_losses [float per step], noisecraft_validation [[step, gap closed] per validation]
 // Nothing is drawn until the node has run. No external libraries.
 import { app } from "../../scripts/app.js";
 
 const SELECT = "NC_InversionStabilitySelect";
 const OPTIMIZE = "NC_OptimizeNoise";
+const TRAIN = "NC_TrainRefiner";
+const GAP_COLOR = "#5fb3f3";
 const CHART_H = 110; // chart height in canvas units, below the widgets
 const PAD = 8;
 const MAX_LINES = 4;
@@ -37,6 +42,15 @@ function optimizeChart(message) {
     .filter((h) => h.length);
   if (!history.length) return null;
   return { kind: "lines", history: history.slice(0, MAX_LINES), items: history.length };
+}
+
+function trainChart(message) {
+  const losses = finiteList(message?.noisecraft_losses).filter((v) => v > 0);
+  if (!losses.length) return null;
+  const gaps = (Array.isArray(message.noisecraft_validation) ? message.noisecraft_validation : [])
+    .map((p) => [Number(p?.[0]), Number(p?.[1])])
+    .filter(([s, g]) => Number.isFinite(s) && Number.isFinite(g));
+  return { kind: "train", losses, gaps };
 }
 
 function range(values) {
@@ -120,18 +134,99 @@ function drawLines(ctx, c, x, y, w, h) {
   ctx.lineWidth = 1;
 }
 
+function drawTrain(ctx, c, x, y, w, h) {
+  const logs = c.losses.map((v) => Math.log10(v));
+  const [lo, hi] = range(logs);
+  const n = c.losses.length;
+  const last = c.gaps.length ? c.gaps[c.gaps.length - 1][1] : null;
+  const title = `MSD loss, ${n} steps` + (last !== null ? ` - held-out gap closed ${(100 * last).toFixed(1)}%` : "");
+  drawFrame(ctx, x, y, w, h, title, 10 ** lo, 10 ** hi);
+  const left = x + 6;
+  const top = y + 16;
+  const pw = w - 12;
+  const ph = h - 16 - 12;
+  const steps = Math.max(n, ...c.gaps.map(([s]) => s));
+  const px = (s) => left + (steps > 0 ? (s / steps) * pw : pw / 2);
+  ctx.strokeStyle = "#ddd";
+  ctx.lineWidth = 1.2;
+  ctx.beginPath();
+  logs.forEach((v, i) => {
+    const yy = top + ph - ((v - lo) / (hi - lo)) * ph;
+    if (i) ctx.lineTo(px(i + 1), yy);
+    else ctx.moveTo(px(i + 1), yy);
+  });
+  ctx.stroke();
+  if (!c.gaps.length) return;
+  const gy = (g) => top + ph - Math.min(1, Math.max(0, g)) * ph; // 0% at the bottom, 100% at the top
+  ctx.strokeStyle = GAP_COLOR;
+  ctx.fillStyle = GAP_COLOR;
+  ctx.lineWidth = 2;
+  ctx.beginPath();
+  c.gaps.forEach(([s, g], i) => (i ? ctx.lineTo(px(s), gy(g)) : ctx.moveTo(px(s), gy(g))));
+  ctx.stroke();
+  c.gaps.forEach(([s, g]) => {
+    ctx.beginPath();
+    ctx.arc(px(s), gy(g), 3, 0, Math.PI * 2);
+    ctx.fill();
+  });
+  ctx.font = "10px sans-serif";
+  ctx.textAlign = "left";
+  ctx.textBaseline = "bottom";
+  ctx.fillText("gap closed 0-100%", x + 4, y + h - 2);
+  ctx.lineWidth = 1;
+}
+
+// Train Refiner's chart is a widget (drawn in the widget pass, not serialized) placed before ComfyUI's image
+// preview, which fills the node down to its bottom: the validation grid then sits below the curves.
+const CHART_WIDGET = "noisecraft_train_chart";
+
+function placeChartWidget(node) {
+  let w = node.widgets?.find((x) => x.name === CHART_WIDGET);
+  if (!w) {
+    w = node.addCustomWidget({
+      name: CHART_WIDGET,
+      type: "noisecraft_chart",
+      value: "",
+      serialize: false,
+      options: { serialize: false },
+      computeSize: (width) => [width, CHART_H + PAD],
+      draw(ctx, n, width, y) {
+        if (!n.noisecraftChart) return;
+        ctx.save();
+        try {
+          drawTrain(ctx, n.noisecraftChart, PAD, y + PAD / 2, width - 2 * PAD, CHART_H);
+        } finally {
+          ctx.restore();
+        }
+      },
+    });
+    w.serialize = false;
+  }
+  const i = node.widgets.indexOf(w);
+  const preview = node.widgets.findIndex((x) => typeof x.name === "string" && x.name.startsWith("$$"));
+  if (preview >= 0 && preview < i) {
+    node.widgets.splice(i, 1);
+    node.widgets.splice(preview, 0, w);
+  }
+}
+
 app.registerExtension({
   name: "noisecraft.charts",
   async beforeRegisterNodeDef(nodeType, nodeData) {
-    if (nodeData?.name !== SELECT && nodeData?.name !== OPTIMIZE) return;
-    const toChart = nodeData.name === SELECT ? selectChart : optimizeChart;
+    const charts = { [SELECT]: selectChart, [OPTIMIZE]: optimizeChart, [TRAIN]: trainChart };
+    const toChart = charts[nodeData?.name];
+    if (!toChart) return;
 
     const onExecuted = nodeType.prototype.onExecuted;
     nodeType.prototype.onExecuted = function (message) {
       const r = onExecuted?.apply(this, arguments);
       const chart = toChart(message);
       this.noisecraftChart = chart;
-      if (chart) {
+      if (chart?.kind === "train") {
+        placeChartWidget(this);
+        const need = this.computeSize()[1] + 240; // the curves, and room for the grid below them
+        if (this.size[1] < need) this.setSize([Math.max(this.size[0], 360), need]);
+      } else if (chart) {
         // room for the chart below the widgets; never shrink what the user sized
         const need = this.computeSize()[1] + CHART_H + PAD;
         if (this.size[1] < need) this.setSize([Math.max(this.size[0], 240), need]);
@@ -144,6 +239,10 @@ app.registerExtension({
     nodeType.prototype.onDrawForeground = function (ctx) {
       const r = onDrawForeground?.apply(this, arguments);
       const chart = this.noisecraftChart;
+      if (chart?.kind === "train") {
+        placeChartWidget(this); // (the image preview widget may have been added since)
+        return r;
+      }
       if (!chart || this.flags?.collapsed) return r;
       const x = PAD;
       const w = this.size[0] - 2 * PAD;

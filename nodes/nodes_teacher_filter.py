@@ -114,8 +114,9 @@ class FilterTeacherCache(io.ComfyNode):
                 io.Combo.Input("scorer", options=names, default="sharpness" if "sharpness" in names else names[0],
                                tooltip="What ranks the samples. sharpness: variance of the Laplacian (detail / "
                                "focus; also rewards noise). colorfulness: Hasler-Suesstrunk colour spread (also "
-                               "rewards over-saturation; RGB, needs the VAE). Neither is an aesthetic model. "
-                               "Ignored when custom_scorer is set."),
+                               "rewards over-saturation; RGB, needs the VAE). Neither is an aesthetic model. aesthetic: the "
+                               "LAION aesthetic score the paper filters by (needs the VAE, transformers and its weights "
+                               "in $NOISECRAFT_AESTHETIC). Ignored when custom_scorer is set."),
                 io.Vae.Input("vae", optional=True,
                              tooltip="Decodes the teacher's latents so the scorer sees images in [0, 1] (connect the "
                              "model too). Not connected: the scorer gets the latents themselves."),

@@ -67,6 +67,7 @@ Choices where the issue was silent:
 
 from __future__ import annotations
 
+import json
 import logging
 import tempfile
 from pathlib import Path
@@ -86,6 +87,7 @@ from ..noisecraft.train.loop import CHECKPOINT_NAME, PRECISIONS, SCHEDULES, run
 from ..noisecraft.train.refiner import RefinerMethod, RefinerTrainConfig
 from ..noisecraft.train.teacher_cache import TeacherCache
 from . import bridge
+from .train_validation import NodeValidation, validation_inputs
 from .comfy_lora import TrainableLoRA, lora_keys, lora_targets  # noqa: F401 - lora_keys: public here (tests, tools)
 from .common import (check_combo, check_int, check_number, file_list_changed, node_id,
                      run_folder as common_run_folder, sampling_inputs, save_path, scheduler_input, seed_input)
@@ -265,7 +267,13 @@ class _ComfyRefinerMethod(RefinerMethod):
         self.file_metadata = metadata
 
     def finalize(self, out_dir: Path, records: list, meta) -> Path:
-        return write_refiner(self.module.pairs(), Path(out_dir) / self.result_name, self.file_metadata)
+        summary = self.monitor.summary() if self.monitor is not None else None  # held-out validation's figures
+        extra = {"noisecraft.validation": json.dumps(summary, sort_keys=True)} if summary else {}
+        return write_refiner(self.module.pairs(), Path(out_dir) / self.result_name, {**self.file_metadata, **extra})
+
+    def save_best(self, path: Path, figures: dict) -> Path:
+        best = json.dumps({"best": dict(figures)}, sort_keys=True)
+        return write_refiner(self.module.pairs(), path, {**self.file_metadata, "noisecraft.validation": best})
 
 
 def write_refiner(pairs: dict, path: Path, metadata: dict) -> Path:
@@ -318,7 +326,7 @@ def check_cache_fits(model, cache: NodeTeacherCache) -> None:
 def train(model, cache: NodeTeacherCache, *, steps: int, student_steps: int, batch_size: int, learning_rate: float,
           rank: int, alpha: float, seed: int, resume_from: str = "", precision: str = "fp32",
           lr_schedule: str = "constant", warmup: int = 0, max_grad_norm: float = 0.0, grad_accum: int = 1,
-          scheduler: Optional[str] = None, node_id=None):
+          scheduler: Optional[str] = None, node_id=None, validation: Optional[NodeValidation] = None):
     """Train a refiner LoRA on ``cache``; returns ``(Refiner, losses)``. ``model`` is not modified."""
     if not isinstance(cache, NodeTeacherCache):
         raise ValueError(f"{TRAIN_NAME}: expected a TEACHER_CACHE from {CACHE_NAME}, got {type(cache).__name__}")
@@ -367,7 +375,7 @@ def train(model, cache: NodeTeacherCache, *, steps: int, student_steps: int, bat
         lora = TrainableLoRA(model, rank, alpha, seed)
         meta = _metadata(lora.pairs(), model, kind, smax, training, targets)
         prompts = [clone_conditioning(p) for p in cache.prompts]
-        positive = [entry for p in prompts for entry in p]
+        positive = [entry for p in prompts for entry in p] + (validation.entries(cache) if validation else [])
         patcher = model.clone()
         lora.register(patcher)
         tmp = tempfile.TemporaryDirectory(prefix="noisecraft_train_") if out is None else None
@@ -376,8 +384,10 @@ def train(model, cache: NodeTeacherCache, *, steps: int, student_steps: int, bat
 
         def fn(ctx: bridge.BridgeContext):
             lora.check_attached(patcher.model)  # loaded now: newer ComfyUI's dynamic VRAM may skip small layers
-            host = _ComfyHost(ctx, len(prompts), bridge.model_name(model), patcher.model)
+            host = _ComfyHost(ctx, len(positive), bridge.model_name(model), patcher.model)
             method = _ComfyRefinerMethod(host, data, config, lora, sigmas=sigmas, device=ctx.device, metadata=meta)
+            if validation is not None:  # held-out validation (nodes/train_validation.py)
+                validation.bind(model, cache, host, method, out_dir, steps, node_id)
             return run(method, data, out_dir, config.loop(), resume=resume, device=ctx.device, progress=progress,
                        interrupt=comfy.model_management.processing_interrupted)
 
@@ -408,7 +418,7 @@ def train(model, cache: NodeTeacherCache, *, steps: int, student_steps: int, bat
     losses = [float(v) for v in result.losses]
     training.update(final_loss=losses[-1], wall_s=round(result.wall_s, 3))
     pairs = lora.pairs()
-    meta = _metadata(pairs, model, kind, smax, training, targets)
+    meta = {**_metadata(pairs, model, kind, smax, training, targets), **(validation.summary() if validation else {})}
     refiner = Refiner(pairs, meta, f"trained refiner ({steps} steps)")
     log.info("%s: %d steps in %.1f s, loss %.5g -> %.5g", TRAIN_NAME, steps, result.wall_s, losses[0], losses[-1])
     return refiner, losses
@@ -529,6 +539,7 @@ class TrainRefiner(io.ComfyNode):
                 io.Int.Input("grad_accum", default=1, min=1, max=1024, optional=True,
                              tooltip="Micro-batches of batch_size accumulated per optimizer step (a step sees "
                              "batch_size x grad_accum samples). 1 turns accumulation off."),
+                *validation_inputs(),  # validate_every, validation_seeds, validation_prompts, vae
             ],
             outputs=[
                 RefinerType.Output(display_name="refiner", tooltip="The trained refiner, for Refine Noise and Save "
@@ -540,14 +551,17 @@ class TrainRefiner(io.ComfyNode):
 
     @classmethod
     def execute(cls, model, teacher_cache, steps, student_steps, batch_size, learning_rate, rank, alpha, seed,
-                resume_from="", precision="fp32", lr_schedule="constant", warmup=0, max_grad_norm=0.0, grad_accum=1):
+                resume_from="", precision="fp32", lr_schedule="constant", warmup=0, max_grad_norm=0.0, grad_accum=1,
+                **validation):
+        shown = NodeValidation(**validation)  # validate_every, ... (nodes/train_validation.py)
         refiner, losses = train(model, teacher_cache, steps=steps, student_steps=student_steps, batch_size=batch_size,
                                 learning_rate=learning_rate, rank=rank, alpha=alpha, seed=seed,
                                 resume_from=resume_from, precision=precision, lr_schedule=lr_schedule, warmup=warmup,
-                                max_grad_norm=max_grad_norm, grad_accum=grad_accum, node_id=node_id(cls))
+                                max_grad_norm=max_grad_norm, grad_accum=grad_accum, node_id=node_id(cls),
+                                validation=shown)
         text = (f"MSD loss {losses[0]:.5g} -> {losses[-1]:.5g} in {len(losses)} steps\n"
                 + ", ".join(f"{v:.5g}" for v in losses))
-        return io.NodeOutput(refiner, losses, ui={"text": [text], "noisecraft_losses": losses})
+        return io.NodeOutput(refiner, losses, ui={"text": [text], "noisecraft_losses": losses, **shown.ui()})
 
 
 class SaveRefiner(io.ComfyNode):

@@ -72,7 +72,7 @@ margin_float = float_in("a number in [-1, 1) (the filter's scores are probabilit
 # -- the prompt flags (train-refiner, collect-pairs) ------------------------------------------------
 
 # how noisecraft.prompts names its options in messages: the flags that set them
-PROMPT_FLAGS = {"column": "--prompt-column", "format": "--prompts-format"}
+PROMPT_FLAGS = {"column": "--prompt-column", "format": "--prompts-format", "validation": "--prompt-validation"}
 
 
 def add_prompt_args(group) -> None:
@@ -94,19 +94,25 @@ def add_prompt_args(group) -> None:
                        help="shuffle the prompts with this seed (a torch.Generator; default: the file's order)")
     group.add_argument("--prompt-dedupe", action="store_true",
                        help="drop repeated prompts (exact match after trimming spaces; the first is kept)")
+    group.add_argument("--prompt-validation", type=non_negative_int, default=0, metavar="N",
+                       help="hold N prompts out of training (the split of noisecraft.prompts); train-refiner "
+                            "--validate-every validates on them (default 0: none held out)")
 
 
 def read_prompt_flags(args: argparse.Namespace) -> list[str]:
-    """The training prompts of ``args.prompts`` read with the prompt flags; a bad file raises Refused (one line
-    naming --prompts, the file, the line or record, and the fix)."""
+    """The training prompts of ``args.prompts`` read with the prompt flags (the held-out ones go to
+    ``args.validation_prompts``); a bad file raises Refused (one line naming --prompts, the file, the line or
+    record, and the fix)."""
     from .prompts import PromptFileError, read_prompts
 
     try:
         prompt_set = read_prompts(args.prompts, format=args.prompts_format, column=args.prompt_column,
                                   limit=args.prompt_limit, shuffle_seed=args.prompt_shuffle,
-                                  dedupe=args.prompt_dedupe, option_names=PROMPT_FLAGS)
+                                  dedupe=args.prompt_dedupe, option_names=PROMPT_FLAGS,
+                                  validation=getattr(args, "prompt_validation", 0))
     except PromptFileError as exc:
         raise Refused(f"--prompts {exc}") from None
+    args.validation_prompts = prompt_set.validation  # the held-out prompts (--prompt-validation)
     return prompt_set.train
 
 

@@ -20,6 +20,7 @@ from pathlib import Path
 from .cli_args import (Refused, add_prompt_args, check_out, every_5s, every_10_steps, finite_float, interrupted_resume,
                        margin_float, non_negative_float, non_negative_int, one_writer, positive_float, positive_int,
                        read_prompt_flags, two_or_more_int)
+from .cli_validation import add_validation_args, check_preset, validation_for, validation_line
 
 __all__ = ["add_train_commands"]
 
@@ -88,6 +89,7 @@ def _train_refiner(args: argparse.Namespace) -> int:
         sys.stderr.write("noisecraft train-refiner: give either --toy or --model DIR (a local diffusers folder)\n")
         return 2
     _check_toy_prompts(args)
+    check_preset(args, log)  # --preset fills the flags not given (noisecraft/presets.py)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     # several processes (accelerate launch): the Accelerator joins the launcher's group (gloo for the toy
     # model, which trains on CPU; nccl for a --model on CUDA, each process on cuda:LOCAL_RANK)
@@ -149,7 +151,7 @@ def _teacher_scorer(args: argparse.Namespace):
     register_scorer("toy-classifier", toy_confidence_scorer,
                     "the toy digit classifier's probability of the target digit (toy model only)")
     if args.keep is None:
-        if args.scorer:
+        if args.scorer and not args.validate_every:  # (--validate-every: --scorer scores the validation)
             raise Refused(f"--scorer {args.scorer} ranks the teacher samples for --keep: give --keep N (or a fraction) "
                           "with it, or leave --scorer out to train on every sample")
         return None
@@ -158,8 +160,8 @@ def _teacher_scorer(args: argparse.Namespace):
                       f"{args.samples}, or raise --samples")
     name = args.scorer or ("toy-classifier" if args.toy else None)
     if name is None:
-        raise Refused("--keep needs --scorer with --model: sharpness, colorfulness (generic, not aesthetic) or "
-                      "your own package.module:function (e.g. an aesthetic predictor); see README")
+        raise Refused("--keep needs --scorer with --model: aesthetic (the paper's), sharpness, colorfulness (generic) "
+                      "or your own package.module:function; see README")
     if name == "toy-classifier" and not args.toy:
         raise Refused("--scorer toy-classifier scores toy digits: use it with --toy, or choose another scorer")
     return resolve_scorer(name)
@@ -291,7 +293,10 @@ def _train_refiner_run(args: argparse.Namespace, device: str, acc, log: logging.
             gradient_checkpointing=args.gradient_checkpointing,
             guidance_range=tuple(args.guidance_range) if args.guidance_range is not None else None)
         progress = every_10_steps(log, "step %d/%d  loss %.5f  residual rms %.4f  %.0f s", "residual_rms")
-        result = train_refiner(host, cache, out, config, resume=args.resume, progress=progress, accelerator=acc)
+        validation = validation_for(args, host, lambda h: _refiner_teacher(args, h, cfg_scale)[0], shape, out, device,
+                                    acc, log)  # held-out validation, trackers (noisecraft/cli_validation.py)
+        result = train_refiner(host, cache, out, config, resume=args.resume, progress=progress, accelerator=acc,
+                               validation=validation)
     except KeyboardInterrupt:
         return interrupted_resume("train-refiner", out)
     result.lora.remove()
@@ -300,6 +305,7 @@ def _train_refiner_run(args: argparse.Namespace, device: str, acc, log: logging.
     sys.stdout.write(f"{result.refiner_path}\n")
     sys.stdout.write(f"({result.step} steps, final loss {result.losses[-1]:.5f}; loss log {out / 'loss.jsonl'}, "
                      f"plot {out / 'loss.png'}, {time.perf_counter() - t0:.0f} s in all)\n")
+    sys.stdout.write(validation_line(validation, out))
     return 0
 
 
@@ -550,10 +556,12 @@ def add_train_commands(sub) -> None:
                     help="teacher filter: train on the top N samples of the cache (or that fraction of --samples) by "
                          "--scorer (the paper keeps the top N by an aesthetic score); default: every sample")
     tr.add_argument("--scorer", metavar="NAME|MODULE:FUNCTION",
-                    help="teacher filter scorer: toy-classifier (--toy; the default there), sharpness or colorfulness "
-                         "(generic, no download, not aesthetic), or package.module:function, a function "
+                    help="teacher filter scorer: toy-classifier (--toy; the default there), aesthetic (the paper's LAION "
+                         "score; weights in $NOISECRAFT_AESTHETIC), sharpness or colorfulness (generic, not aesthetic), "
+                         "or package.module:function, a function "
                          "score(images [n,3,H,W] in [0,1], cond_ids [n]) -> [n] (higher is better); images are "
                          "decoded with the --model folder's vae/ (without one, and for --toy, it gets the latents)")
+    add_validation_args(tr)  # --validate-every, --report-to, --preset, ... (noisecraft/cli_validation.py)
     tr.set_defaults(func=_train_refiner)
     cp = sub.add_parser(
         "collect-pairs", help="collect NPNet training pairs (re-denoise sampling) on the toy or a local diffusers model",

@@ -32,12 +32,11 @@ module and its loss on one micro-batch; the loop owns everything else, once:
   other data, or with fewer ``steps`` than the checkpoint is refused with the fix. Resuming truncates
   the loss log to the checkpoint's step, so a run killed at any moment and resumed equals the
   uninterrupted run (bit for bit on CPU: tested).
-* Log and plot: ``loss.jsonl`` (one record per step: loss and the method's statistics, lr, grad norm,
-  samples, wall time) and ``loss.png`` (:mod:`noisecraft.train.losslog`).
-* Control: ``progress(step, total, record)`` after every step; ``interrupt()`` checked before every
-  step: when it returns True the loop writes a checkpoint at the last finished step and returns
-  (``result.interrupted``); the same call with ``resume=True`` continues. Exceptions raised by either
-  leave the last checkpoint valid.
+* Log and plot: ``loss.jsonl`` (one record per step: loss and the method's statistics, lr, grad norm, samples, wall
+  time) and ``loss.png`` (:mod:`noisecraft.train.losslog`); held-out validation is the method's ``monitor``.
+* Control: ``progress(step, total, record)`` after every step; ``interrupt()`` checked before every step: when
+  it returns True the loop writes a checkpoint at the last finished step and returns (``result.interrupted``);
+  the same call with ``resume=True`` continues. Exceptions raised by either leave the last checkpoint valid.
 
 Several processes (data parallel) run on accelerate's :class:`accelerate.Accelerator`, which replaces
 the hand-written process group, gradient all-reduce and barriers: every process calls :func:`run` with
@@ -205,19 +204,19 @@ class DataSource(Protocol):
 class Method(Protocol):
     """A training method: its trainable weights and its loss on one micro-batch.
 
-    ``module``: the trainable weights (only they go into the checkpoint, under ``state_prefix``; only
-    parameters with ``requires_grad`` are optimised). ``loss(batch)``: ``(loss tensor, stats)`` with
-    the loss a per-sample mean over the micro-batch and ``stats`` floats for the log (``"loss"``
-    included; keys ending in ``_rms`` are combined over processes as root-mean-squares, the others as
-    means). ``kind``: names the checkpoint (``"<kind>_checkpoint"``). ``settings()``: this run's
-    settings (JSON), stored in the checkpoint; ``settings_from(saved)``: a stored copy completed with
-    defaults; ``resume_keys``: which of them must match to resume. ``identity()``: what the data and
-    shapes must be to resume (JSON, stored in the checkpoint's state), refused with
-    ``identity_error(saved_state)`` when they differ. ``record()``:
-    extra log entries after each step (may be empty). Optional ``find_unused_parameters = True``: the
-    loss leaves some trainable parameters unused (DDP then looks for them). ``finalize(out_dir, records, meta)``: write the
-    final artifact (on the main process, after the last step) and return its path; ``meta`` holds the
-    loop's facts (``processes`` when several). ``result_name``: the artifact's file name.
+    ``module``: the trainable weights (only they go into the checkpoint, under ``state_prefix``; only parameters with
+    ``requires_grad`` are optimised). ``loss(batch)``: ``(loss tensor, stats)`` with the loss a per-sample mean over
+    the micro-batch and ``stats`` floats for the log (``"loss"`` included; keys ending in ``_rms`` are combined over
+    processes as root-mean-squares, the others as means). ``kind``: names the checkpoint (``"<kind>_checkpoint"``).
+    ``settings()``: this run's settings (JSON), stored in the checkpoint; ``settings_from(saved)``: a stored copy
+    completed with defaults; ``resume_keys``: which of them must match to resume. ``identity()``: what the data and
+    shapes must be to resume (JSON, stored in the checkpoint's state), refused with ``identity_error(saved_state)``
+    when they differ. ``record()``: extra log entries after each step (may be empty). Optional
+    ``find_unused_parameters = True``: the loss leaves some trainable parameters unused (DDP then looks for them).
+    Optional ``monitor``: called on the main process as ``monitor(step, total, record or None)`` at the start and
+    after every step (validation, trackers: :mod:`noisecraft.train.validation`); its ``curve()`` goes in loss.png.
+    ``finalize(out_dir, records, meta)``: write the final artifact (on the main process, after the last step) and
+    return its path; ``meta`` holds the loop's facts (``processes`` when several). ``result_name``: its file name.
     """
 
     kind: str
@@ -456,7 +455,7 @@ def _run(method: Method, data: DataSource, out: Path, config: LoopConfig, *, res
         atomic_write_text(log_path, "".join(json.dumps(r, sort_keys=True) + "\n" for r in records))
 
     model = acc.prepare(_Step(method))
-    t0 = time.perf_counter()
+    t0, monitor = time.perf_counter(), getattr(method, "monitor", None) if is_main else None
 
     def checkpoint(at_step: int, position) -> None:
         if is_main:
@@ -472,6 +471,8 @@ def _run(method: Method, data: DataSource, out: Path, config: LoopConfig, *, res
     autocast = (lambda: torch.autocast(device.type, dtype=amp_dtype)) if amp_dtype is not None else contextlib.nullcontext
     log_file = open(log_path, "a", encoding="utf-8") if is_main else contextlib.nullcontext()
     with torch.inference_mode(False), torch.enable_grad(), log_file as log:
+        if monitor is not None:
+            monitor(step, config.steps, None)
         while step < config.steps:
             if interrupt is not None and interrupt():
                 if step > last_ckpt:
@@ -517,11 +518,13 @@ def _run(method: Method, data: DataSource, out: Path, config: LoopConfig, *, res
             if step % config.checkpoint_every == 0 or step == config.steps:
                 checkpoint(step, position)
                 last_ckpt = step
+            if monitor is not None:
+                monitor(step, config.steps, rec)
     wall = wall_prev + time.perf_counter() - t0
     artifact = None
     if is_main:
         plot_losses([r["step"] for r in records], [r["loss"] for r in records], out / PLOT_NAME,
-                    title=method.plot_title)
+                    title=method.plot_title, validation=monitor.curve() if monitor is not None else None)
         if not stopped:
             artifact = method.finalize(out, records, {"processes": world} if world > 1 else {})
     acc.wait_for_everyone()

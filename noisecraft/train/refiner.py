@@ -251,6 +251,7 @@ class RefinerMethod:
     state_prefix = "lora"
     result_name = REFINER_NAME
     resume_keys = _RESUME_KEYS
+    monitor = None  # a noisecraft.train.validation.Validator (held-out validation, trackers), or None
 
     def __init__(self, host: RefinerHost, cache: TeacherCache, config: RefinerTrainConfig, lora: LoRASet,
                  metadata: Optional[Mapping[str, Any]] = None, sigmas: Optional[torch.Tensor] = None):
@@ -287,7 +288,7 @@ class RefinerMethod:
     def record(self) -> dict:
         return {}
 
-    def finalize(self, out_dir: Path, records: list, meta: Mapping[str, Any]) -> Path:
+    def _file_metadata(self, meta: Mapping[str, Any]) -> dict:
         training = {**self.config.to_json(), "teacher": self.cache.meta, "cache_samples": self.cache.total,
                     "optimizer": "AdamW", "loss": "MSD latent MSE (noisecraft.msd)", **dict(meta)}
         full = {"base_model": self.host.base_model, "model_kind": self.kind_of_model.value,
@@ -296,7 +297,18 @@ class RefinerMethod:
         if base_fp is not None:
             full["base_fingerprint"] = base_fp
         full.update(self.extra)
+        return full
+
+    def finalize(self, out_dir: Path, records: list, meta: Mapping[str, Any]) -> Path:
+        full = self._file_metadata(meta)
+        summary = self.monitor.summary() if self.monitor is not None else None
+        if summary is not None:  # the held-out validation's figures (noisecraft.train.validation)
+            full["validation"] = summary
         return save_refiner(self.module, Path(out_dir) / REFINER_NAME, full)
+
+    def save_best(self, path: Path, figures: Mapping[str, Any]) -> Path:
+        """The refiner as it is now, as the best by held-out validation (``figures``: that validation's)."""
+        return save_refiner(self.module, path, {**self._file_metadata({}), "validation": {"best": dict(figures)}})
 
 
 def _check_guidance_cache(config: RefinerTrainConfig, cache: TeacherCache) -> None:
@@ -326,6 +338,7 @@ def train_refiner(
     interrupt: Optional[Callable[[], bool]] = None,
     metadata: Optional[Mapping[str, Any]] = None,
     accelerator=None,
+    validation=None,
 ) -> TrainResult:
     """Train a refiner LoRA on ``host`` from a teacher cache with :func:`noisecraft.train.loop.run`.
 
@@ -344,6 +357,8 @@ def train_refiner(
         interrupt: checked before each step; True stops with a checkpoint (``result.stopped_early``).
         metadata: extra refiner metadata (merged over the trainer's own).
         accelerator: the :class:`accelerate.Accelerator` of the run (default: a new one; see the loop).
+        validation: a :class:`noisecraft.train.validation.Validator` (held-out validation at step 0, every
+            ``every`` steps and the last, ``refiner_best.safetensors``, trackers), run on the main process; None: off.
 
     Under ``accelerate launch`` (several processes) every process calls this with the same arguments;
     see :mod:`noisecraft.train.loop` (data parallel, only the main process writes files; ``progress`` is
@@ -382,10 +397,15 @@ def train_refiner(
         if config.guidance_range is not None:
             lora.add_guidance(GuidanceEmbedding.for_model(host.unet, train_range=config.guidance_range))
         method = RefinerMethod(host, cache, config, lora, metadata)
+        if validation is not None:
+            method.monitor = validation.bind(method, out_dir)
         res = run(method, cache, out_dir, config.loop(), resume=resume, accelerator=accelerator,
                   device=method.device, progress=progress, interrupt=interrupt, stop_after=stop_after)
     except BaseException:
         lora.remove()
         raise
+    finally:
+        if validation is not None:
+            validation.close()  # the trackers (also after an interrupt or a stop)
     return TrainResult(lora=lora, refiner_path=Path(out_dir) / REFINER_NAME, step=res.step, losses=res.losses,
                        wall_s=res.wall_s, stopped_early=res.stopped_early)

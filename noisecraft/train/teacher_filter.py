@@ -37,6 +37,8 @@ without any download:
   observers' colourfulness ratings closely): spread and mean of the opponent colour channels rg, yb.
   It drops greyish, desaturated samples; it rewards over-saturation just as much, and it marks every
   intentionally monochrome image as poor.
+* ``aesthetic``: the LAION aesthetic score the paper filters by (:mod:`noisecraft.train.aesthetic`; needs
+  ``transformers`` and its weights in ``$NOISECRAFT_AESTHETIC``, nothing is downloaded).
 * ``toy-classifier`` (registered by the command line, :mod:`noisecraft.cli_train`, never imported by
   this package): the shipped toy digit classifier's probability of the target digit
   (:func:`noisecraft.hosts.toy.toy_confidence_scorer`), on the toy's x0.
@@ -253,6 +255,17 @@ def colorfulness_scorer() -> Callable:
 register_scorer("sharpness", sharpness_scorer, "variance of the Laplacian of the luma: detail / focus (not aesthetics)")
 register_scorer("colorfulness", colorfulness_scorer,
                 "Hasler-Suesstrunk colourfulness of RGB images: colour spread (not aesthetics)")
+
+
+def aesthetic_scorer() -> Callable:
+    """The LAION aesthetic score, the paper's AES (:mod:`noisecraft.train.aesthetic`; transformers + local weights)."""
+    from .aesthetic import load_aesthetic_scorer
+
+    return load_aesthetic_scorer(device="cuda" if torch.cuda.is_available() else "cpu")
+
+
+register_scorer("aesthetic", aesthetic_scorer, "the LAION aesthetic score (CLIP ViT-L/14 + MLP: the paper's AES); "
+                "needs transformers and its weights in $NOISECRAFT_AESTHETIC")
 
 
 # -- scoring and keeping -----------------------------------------------------------------------------

@@ -181,7 +181,7 @@ def test_bad_inputs_are_refused_with_the_fix(tmp_path, monkeypatch):
     with pytest.raises(ValueError, match=r"NaN/inf for samples \[0\]"):
         filter_teacher_cache(cache, "nc_user_scorers2:with_nan", 2, save_scores=False)
     with pytest.raises(ValueError, match="known scorers are .*colorfulness.*sharpness"):
-        filter_teacher_cache(cache, "aesthetic", 2)
+        filter_teacher_cache(cache, "no-such-scorer", 2)
     with pytest.raises(ValueError, match="cannot import module 'no_such_module_xyz'"):
         resolve_scorer("no_such_module_xyz:score")
     with pytest.raises(ValueError, match="no callable 'not_callable'"):

@@ -109,9 +109,9 @@ def test_schema_registration_and_a_tooltip_on_every_input(tf, nc):
 @pytest.mark.parametrize("kw, match", [
     (dict(keep=7), r"keep 7: must lie in 1\.\.6"),
     (dict(keep=0), "keep must be an integer"),
-    (dict(keep=2, scorer="aesthetic"), "scorer: expected one of"),
+    (dict(keep=2, scorer="no-such-scorer"), "scorer: expected one of"),
     (dict(keep=2, custom_scorer="no_such_module_q:score"), "cannot import module"),
-    (dict(keep=2, custom_scorer="aesthetic"), "known scorers are"),
+    (dict(keep=2, custom_scorer="no-such-scorer"), "known scorers are"),
     (dict(keep=2, vae="VAE", model=None), "needs the model input"),
 ])
 def test_bad_inputs_name_the_input_and_the_fix(tf, cache, vae, kw, match):
