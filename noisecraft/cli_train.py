@@ -20,6 +20,7 @@ from pathlib import Path
 from .cli_args import (Refused, add_prompt_args, check_out, every_5s, every_10_steps, finite_float, interrupted_resume,
                        margin_float, non_negative_float, non_negative_int, one_writer, positive_float, positive_int,
                        read_prompt_flags, two_or_more_int)
+from .cli_filter import filter_teacher, keep_value, teacher_scorer
 from .cli_validation import add_validation_args, check_preset, validation_for, validation_line
 
 __all__ = ["add_train_commands"]
@@ -127,75 +128,6 @@ def _refiner_teacher(args: argparse.Namespace, host, cfg_scale: float):
     return (lambda c: PAGDenoiser(host.denoiser(c, cfg=cfg_scale), scale, layers)), meta
 
 
-def _keep_value(text: str):
-    """--keep: a whole number of samples (>= 1) or a fraction in (0, 1] (written with a point: 0.5, 1.0)."""
-    try:
-        value = int(text, 10)
-    except ValueError:
-        try:
-            value = float(text)
-        except ValueError:
-            value = None
-    ok = value is not None and (value >= 1 if isinstance(value, int) else 0.0 < value <= 1.0)
-    if not ok:
-        raise argparse.ArgumentTypeError(f"expected a whole number of samples >= 1 or a fraction in (0, 1], "
-                                         f"got {text!r}")
-    return value
-
-
-def _teacher_scorer(args: argparse.Namespace):
-    """train-refiner's teacher filter (--keep, --scorer), checked before any work: the scorer, or None."""
-    from .hosts.toy import toy_confidence_scorer
-    from .train.teacher_filter import register_scorer, resolve_scorer
-
-    register_scorer("toy-classifier", toy_confidence_scorer,
-                    "the toy digit classifier's probability of the target digit (toy model only)")
-    if args.keep is None:
-        if args.scorer and not args.validate_every:  # (--validate-every: --scorer scores the validation)
-            raise Refused(f"--scorer {args.scorer} ranks the teacher samples for --keep: give --keep N (or a fraction) "
-                          "with it, or leave --scorer out to train on every sample")
-        return None
-    if isinstance(args.keep, int) and args.keep > args.samples:
-        raise Refused(f"--keep {args.keep} is more than the teacher cache's --samples {args.samples}: keep at most "
-                      f"{args.samples}, or raise --samples")
-    name = args.scorer or ("toy-classifier" if args.toy else None)
-    if name is None:
-        raise Refused("--keep needs --scorer with --model: aesthetic (the paper's), sharpness, colorfulness (generic) "
-                      "or your own package.module:function; see README")
-    if name == "toy-classifier" and not args.toy:
-        raise Refused("--scorer toy-classifier scores toy digits: use it with --toy, or choose another scorer")
-    return resolve_scorer(name)
-
-
-def _filter_teacher(args: argparse.Namespace, cache, scorer, device: str, acc, log: logging.Logger):
-    """The top --keep samples of ``cache`` by ``scorer`` (decoded by the --model folder's vae/ when it has one):
-    a view of the same folder. The main process scores and saves the scores; the others reuse them."""
-    from .train.teacher_filter import diffusers_vae_decoder, filter_teacher_cache
-
-    if scorer is None:
-        return cache
-    decode, decode_name = None, "none (latents)"
-    if args.model and not args.toy:
-        decode = diffusers_vae_decoder(args.model, device=device)
-        if decode is None:
-            log.info("teacher filter: %s has no vae/ folder: the scorer gets the latents", args.model)
-        else:
-            decode_name = f"vae ({Path(args.model).name}/vae)"
-    progress = every_5s(log, "teacher filter: scored %d / %d samples")
-
-    def run():
-        return filter_teacher_cache(cache, scorer, args.keep, decode=decode, decode_name=decode_name,
-                                    batch_size=args.batch, progress=progress)
-
-    if acc.num_processes > 1:  # the main process writes the scores file; the others read it after the barrier
-        view = run() if acc.is_main_process else None
-        acc.wait_for_everyone()
-        view = view if view is not None else run()
-    else:
-        view = run()
-    return view
-
-
 def _guidance_teacher(args: argparse.Namespace, host):
     """train-refiner --guidance-range LO HI: the teacher guides each sample with its own CFG scale
     (:mod:`noisecraft.guidance_embed`; the refiner learns the scale as an input)."""
@@ -229,7 +161,7 @@ def _train_refiner_run(args: argparse.Namespace, device: str, acc, log: logging.
     cache_dir = check_out(args.cache, "--cache") if args.cache else out / "teacher_cache"
     _check_resume(out, args, "refiner.safetensors")
     try:
-        scorer = _teacher_scorer(args)  # --keep / --scorer refused before the model loads
+        scorer = teacher_scorer(args)  # --keep / --scorer refused before the model loads
         if args.toy:
             host = toy_host()
             cfg_scale = 3.0 if args.cfg is None else args.cfg
@@ -283,7 +215,7 @@ def _train_refiner_run(args: argparse.Namespace, device: str, acc, log: logging.
         else:
             cache = build()
         log.info("teacher cache ready: %s (%d samples, %.0f s)", cache.root, cache.total, time.perf_counter() - t0)
-        cache = _filter_teacher(args, cache, scorer, device, acc, log)
+        cache = filter_teacher(args, cache, scorer, device, acc, log)
         check_run_filter(out, cache, resume=args.resume, write=acc.is_main_process)
         config = RefinerTrainConfig(
             steps=args.steps, rank=args.rank, alpha=args.alpha, lr=args.lr, batch_size=args.batch,
@@ -552,7 +484,7 @@ def add_train_commands(sub) -> None:
                     help="dtype the frozen --model network is loaded in (default fp32; bf16 halves its memory: with "
                          "--precision bf16 for SDXL on 24 GB); the LoRA and AdamW state stay fp32")
     tr.add_argument("--checkpoint-every", type=positive_int, default=50)
-    tr.add_argument("--keep", type=_keep_value, metavar="N|FRACTION",
+    tr.add_argument("--keep", type=keep_value, metavar="N|FRACTION",
                     help="teacher filter: train on the top N samples of the cache (or that fraction of --samples) by "
                          "--scorer (the paper keeps the top N by an aesthetic score); default: every sample")
     tr.add_argument("--scorer", metavar="NAME|MODULE:FUNCTION",

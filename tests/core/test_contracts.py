@@ -104,7 +104,7 @@ def test_pack_entry_imports_without_comfyui():
 ROOT = CORE.parent
 TOY_MODULES = {"noisecraft.hosts.toy", "noisecraft.toy"}
 # the toy model's users inside the pack: the demo and the CLI's --toy / --filter toy-classifier
-TOY_USERS = {"noisecraft.demo", "noisecraft.cli_train", "noisecraft.hosts.toy"}
+TOY_USERS = {"noisecraft.demo", "noisecraft.cli_train", "noisecraft.cli_filter", "noisecraft.hosts.toy"}
 
 
 def _imports(path: Path) -> set[str]:
@@ -143,7 +143,7 @@ def test_layers_point_one_way():
     assert uses(TOY_MODULES, "noisecraft.demo") and uses(TOY_MODULES, "noisecraft.cli_train")  # the check can see them
     # the algorithm files never import the trainers or the hosts; the hosts never import the trainers
     upper = {"noisecraft.train", "noisecraft.hosts", "noisecraft.demo", "noisecraft.__main__", "noisecraft.cli_train",
-             "noisecraft.cli_validation"}  # (the CLI: train-refiner's validation set-up)
+             "noisecraft.cli_validation", "noisecraft.cli_filter"}  # (the CLI: train-refiner's validation set-up)
     algorithms = [m for m in graph if m.startswith("noisecraft") and not any(m == u or m.startswith(u + ".") for u in upper)]
     assert {m: uses(upper, m) for m in algorithms if uses(upper, m)} == {}
     hosts = [m for m in graph if m.startswith("noisecraft.hosts")]
