@@ -150,7 +150,8 @@ class NodeTeacherCache:
         self.sigma_max = float(meta["sigma_max"])
         self.channels = int(data.shape[0])
         self.model_name = meta.get("model_name", "unknown")
-        self.settings = {k: meta[k] for k in ("cfg", "steps", "scheduler", "seed", "samples_per_prompt") if k in meta}
+        self.settings = {k: meta[k] for k in ("cfg", "steps", "scheduler", "sampler", "seed", "samples_per_prompt")
+                         if k in meta}
 
     def __len__(self) -> int:
         return self.data.total
@@ -173,7 +174,7 @@ class NodeTeacherCache:
 
 
 def build_teacher_cache(model, positive, negative, latent, *, samples_per_prompt: int, seed: int, cfg: float,
-                        steps: int, scheduler: str, node_id=None) -> NodeTeacherCache:
+                        steps: int, scheduler: str, node_id=None, sampler=None) -> NodeTeacherCache:
     prompts = split_prompts(positive, CACHE_NAME)
     lora_targets(model, CACHE_NAME)  # before the teacher runs: a model Train Refiner cannot train
     bridge.check_conditioning(positive, "positive", CACHE_NAME, model)
@@ -183,6 +184,7 @@ def build_teacher_cache(model, positive, negative, latent, *, samples_per_prompt
                       hint="the teacher needs at least one guided step (the paper uses 20)")
     cfg = check_number(CACHE_NAME, "cfg", cfg, above=0.0)
     check_combo(CACHE_NAME, "scheduler", scheduler, bridge.scheduler_names())
+    sampler_name = "euler" if sampler is None else bridge.sampler_name(sampler, CACHE_NAME)  # refuses ancestral/SDE
     kind = bridge.model_kind(model)
     lat = bridge.prepare_latent(model, latent, CACHE_NAME)["samples"]
     shape = tuple(lat.shape[1:])
@@ -198,11 +200,14 @@ def build_teacher_cache(model, positive, negative, latent, *, samples_per_prompt
             return teacher_x0(ctx.denoiser, e.to(ctx.device), ctx.sigmas, ctx.kind).float().cpu()
 
         x0s.append(bridge.run_core(model, cond, negative, torch.zeros((n, *shape)), fn, sigmas=sigmas, cfg=cfg,
-                                   seed=int(seed), progress=progress))
+                                   seed=int(seed), progress=progress) if sampler is None else
+                   bridge.run_sampler(model, cond, negative, e, sampler, sigmas=sigmas, cfg=cfg, seed=int(seed),
+                                      progress=progress))
     x0 = torch.cat(x0s)
     if not torch.isfinite(x0).all():
         raise ValueError(f"{CACHE_NAME}: the teacher's samples contain NaN/inf; check the model, cfg and scheduler")
-    meta = {"cfg": cfg, "steps": steps, "teacher_steps": steps, "scheduler": scheduler, "seed": int(seed),
+    meta = {"cfg": cfg, "steps": steps, "teacher_steps": steps, "scheduler": scheduler, "sampler": sampler_name,
+            "seed": int(seed),
             "samples_per_prompt": n, "kind": kind.value, "sigma_max": float(sigmas[0]),
             "model_name": bridge.model_name(model), "host": "comfyui"}
     with torch.inference_mode(False):  # normal tensors: the trainer's autograd may save them
@@ -461,6 +466,9 @@ class BuildTeacherCache(io.ComfyNode):
                              tooltip="Teacher sampling steps (the paper uses 20). Minimum 1."),
                 scheduler_input("ComfyUI scheduler of the teacher's (and, by default, the student's) schedule.",
                                 bridge.scheduler_names()),
+                io.Sampler.Input("sampler", optional=True, tooltip="The teacher's sampler (e.g. KSamplerSelect: the "
+                                 "look your own sampler gives); deterministic only, ancestral/SDE are refused. Not "
+                                 "connected: Euler (= DDIM, the paper's)."),
             ],
             outputs=[TeacherCacheType.Output(display_name="teacher_cache",
                                              tooltip="Noises, prompts and guided results, for Train Refiner.")],
@@ -468,9 +476,10 @@ class BuildTeacherCache(io.ComfyNode):
         )
 
     @classmethod
-    def execute(cls, model, positive, negative, latent, samples_per_prompt, seed, cfg, steps, scheduler):
+    def execute(cls, model, positive, negative, latent, samples_per_prompt, seed, cfg, steps, scheduler, sampler=None):
         cache = build_teacher_cache(model, positive, negative, latent, samples_per_prompt=samples_per_prompt,
-                                    seed=seed, cfg=cfg, steps=steps, scheduler=scheduler, node_id=node_id(cls))
+                                    seed=seed, cfg=cfg, steps=steps, scheduler=scheduler, node_id=node_id(cls),
+                                    sampler=sampler)
         log.info("%s: %r", CACHE_NAME, cache)
         return io.NodeOutput(cache, ui={"text": [f"{len(cache)} teacher samples ({len(cache.prompts)} prompts)"]})
 
