@@ -154,3 +154,20 @@ def test_teacher_cache_records_a_non_default_sampler(tmp_path):
     with pytest.raises(ValueError, match="stochastic"):
         build_teacher_cache(tmp_path / "anc", lambda c: D, sampler="dpmpp_2m_sde", **kw)
     assert not (tmp_path / "anc").exists()  # refused before any work
+
+
+def test_cli_teacher_sampler_reaches_the_cache(tmp_path):
+    """`train-refiner --teacher-sampler dpmpp_2m`: the cache is sampled with it and says so (the smallest toy run)."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    argv = ["train-refiner", "--toy", "--samples", "4", "--batch", "4", "--student-steps", "1", "--teacher-steps", "3",
+            "--rank", "1", "--shard-size", "4", "--steps", "1", "--teacher-sampler", "dpmpp_2m", "--out", "r"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, "-m", "noisecraft", *argv], cwd=str(tmp_path), env=env, capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    index = json.loads((tmp_path / "r" / "teacher_cache" / "index.json").read_text())
+    assert index["meta"]["teacher_sampler"] == "dpmpp_2m" and index["meta"]["teacher_steps"] == 3
