@@ -1,6 +1,6 @@
 """Benchmark: the teacher's sampler and step count, and the student sampler a refiner is used with.
 
-Run: ``OMP_NUM_THREADS=1 python benchmarks/bench_teacher.py`` (the shipped toy model, CPU; about 15 minutes on 2
+Run: ``OMP_NUM_THREADS=1 python benchmarks/bench_teacher.py`` (the shipped toy model, CPU; about 25 minutes on 2
 busy cores with the defaults; ``--train-steps`` / ``--samples`` / ``--eval-samples`` trade time for precision).
 
 Paper: Ahn, Kang et al., "A Noise is Worth Diffusion Guidance" (arXiv:2412.03895), App. D: the teacher is 20 DDIM
@@ -154,7 +154,8 @@ def _unguided(model, labels, e, sampler="euler", steps=20, scheduler="normal"):
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--teachers", nargs="+", default=["euler-20", "euler-15", "euler-10", "dpmpp_2m-15", "dpmpp_2m-10"],
+    ap.add_argument("--teachers", nargs="+", default=["euler-20", "euler-15", "euler-10", "dpmpp_2m-15", "dpmpp_2m-10",
+                                                "dpmpp_2m-10-karras"],
                     help="sampler-steps[-scheduler] of each refiner's teacher; the first is the baseline")
     ap.add_argument("--error-rows", nargs="+",
                     default=["euler-10", "euler-15", "euler-20", "euler-40", "dpmpp_2m-8", "dpmpp_2m-10",
@@ -163,7 +164,7 @@ def main() -> None:
     ap.add_argument("--ref-sampler", default="heun")
     ap.add_argument("--ref-steps", type=int, default=40)
     ap.add_argument("--samples", type=int, default=512, help="teacher-cache size per refiner (default 512)")
-    ap.add_argument("--train-steps", type=int, default=100, help="optimizer steps per refiner (default 100)")
+    ap.add_argument("--train-steps", type=int, default=150, help="optimizer steps per refiner (default 150)")
     ap.add_argument("--eval-samples", type=int, default=500)
     ap.add_argument("--error-samples", type=int, default=100)
     ap.add_argument("--robust-samples", type=int, default=200)
