@@ -206,9 +206,8 @@ def build_teacher_cache(model, positive, negative, latent, *, samples_per_prompt
     x0 = torch.cat(x0s)
     if not torch.isfinite(x0).all():
         raise ValueError(f"{CACHE_NAME}: the teacher's samples contain NaN/inf; check the model, cfg and scheduler")
-    meta = {"cfg": cfg, "steps": steps, "teacher_steps": steps, "scheduler": scheduler, "sampler": sampler_name,
-            "seed": int(seed),
-            "samples_per_prompt": n, "kind": kind.value, "sigma_max": float(sigmas[0]),
+    meta = {"cfg": cfg, "steps": steps, "teacher_steps": steps, "scheduler": scheduler, "seed": int(seed),
+            "samples_per_prompt": n, "sampler": sampler_name, "kind": kind.value, "sigma_max": float(sigmas[0]),
             "model_name": bridge.model_name(model), "host": "comfyui"}
     with torch.inference_mode(False):  # normal tensors: the trainer's autograd may save them
         data = TeacherCache.in_memory(noise.clone(), x0.clone(), torch.arange(len(prompts)).repeat_interleave(n),
