@@ -22,7 +22,7 @@ Three tables, side by side in one run (toy: cfg 3, ``normal`` schedule unless a 
 3. **Student-sampler robustness**: the euler-20-teacher refiner (trained with a 10-step Euler student on
    ``normal``) sampled unguided with each sampler x steps x schedule, against the guided result of the *same*
    sampler, steps and schedule, on ``--robust-samples`` held-out noises; the last column is the change from
-   the trained setting (euler, 10, normal).
+   the trained setting (euler, 10, and the student's schedule, ``--student-scheduler``: normal by default).
 """
 
 from __future__ import annotations
@@ -123,7 +123,7 @@ def _train(host, model, work: Path, a, sampler, steps, scheduler, seed=0):
         kind="eps", base_seed=TRAIN_SEED_BASE, meta={"model": host.base_model, "cfg": CFG}, shard_size=a.samples,
         batch_size=256, sampler=sampler)
     config = RefinerTrainConfig(steps=a.train_steps, rank=4, lr=1e-3, batch_size=32, lr_schedule="cosine", warmup=10,
-                                student_steps=10, scheduler="normal", checkpoint_every=a.train_steps, seed=seed,
+                                student_steps=10, scheduler=a.student_scheduler, checkpoint_every=a.train_steps, seed=seed,
                                 lora_seed=seed)
     return train_refiner(host, cache, work / f"run-{name}-{seed}", config).lora
 
@@ -171,6 +171,7 @@ def main() -> None:
     ap.add_argument("--robust-samplers", nargs="+", default=["euler", "dpmpp_2m"])
     ap.add_argument("--robust-steps", nargs="+", type=int, default=[10, 20, 30])
     ap.add_argument("--robust-schedulers", nargs="+", default=["normal", "karras"])
+    ap.add_argument("--student-scheduler", default="normal", help="the refiners' 10-step Euler student's schedule")
     ap.add_argument("--no-seed-check", action="store_true", help="skip the baseline's second training seed")
     a = ap.parse_args()
 
@@ -249,8 +250,8 @@ def main() -> None:
                 u = _unguided(model, lr, er, sampler, steps, scheduler)
                 r = _unguided(model, lr, robust_noise, sampler, steps, scheduler)
                 rows.append((sampler, steps, scheduler, *_gaps(model, lr, u, r, g)))
-    trained = next((r for r in rows if r[:3] == ("euler", 10, "normal")), rows[0])
-    print(f"3. student-sampler robustness of the {results[0][0]} refiner (student: euler 10 normal), {nr} held-out "
+    trained = next((r for r in rows if r[:3] == ("euler", 10, a.student_scheduler)), rows[0])
+    print(f"3. student-sampler robustness of the {results[0][0]} refiner (student: euler 10 {a.student_scheduler}), {nr} held-out "
           f"noises, each against the guided x0 of the same sampler, steps and schedule [{time.perf_counter() - t0:.0f} s]")
     print(f"   {'sampler':<10} {'steps':>5} {'schedule':<8} {'MSE gap':>8} {'acc gap':>8} {'vs trained':>10}")
     for sampler, steps, scheduler, gm, ga in rows:
