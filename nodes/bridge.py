@@ -40,6 +40,7 @@ import comfy.utils
 
 from ..noisecraft.ode import Denoiser
 from ..noisecraft.sigmas import ModelKind
+from ..noisecraft.solvers import is_stochastic
 
 log = logging.getLogger(__name__)
 
@@ -56,6 +57,8 @@ __all__ = [
     "context_width",
     "check_conditioning",
     "run_core",
+    "sampler_name",
+    "run_sampler",
 ]
 
 
@@ -355,3 +358,61 @@ def run_core(
     if return_guider_output:
         return sampler.result, out
     return sampler.result
+
+
+# -- ComfyUI's own sampling with a SAMPLER (e.g. Build Teacher Cache's teacher) ---------------------------
+
+def sampler_name(sampler, node: Optional[str] = None) -> str:
+    """The name of a ComfyUI SAMPLER (a ``KSAMPLER``'s function without ``sample_``, e.g. ``dpmpp_2m``; another
+    ``Sampler`` class's name), refusing stochastic ones: ancestral / SDE samplers by name
+    (:func:`noisecraft.solvers.is_stochastic`) and any with ``eta`` or ``s_churn`` > 0 in its options. Where the
+    result must be a function of the noise (a teacher), the message names ComfyUI's deterministic samplers."""
+    at = _prefix(node)
+    if not isinstance(sampler, comfy.samplers.Sampler):
+        raise ValueError(f"{at}sampler: expected a SAMPLER (KSamplerSelect or another sampler node), got "
+                         f"{type(sampler).__name__}")
+    fn = getattr(sampler, "sampler_function", None)
+    name = getattr(fn, "__name__", None) or type(sampler).__name__
+    name = name.removeprefix("sample_").removesuffix("_function")
+    options = getattr(sampler, "extra_options", None) or {}
+    noisy = [k for k in ("eta", "s_churn") if isinstance(options.get(k), (int, float)) and options[k] > 0]
+    if is_stochastic(name) or noisy:
+        why = f"{name} with {', '.join(f'{k}={options[k]:g}' for k in noisy)}" if noisy and not is_stochastic(name) \
+            else f"{name!r} (ancestral/SDE)"
+        good = ", ".join(n for n in comfy.samplers.SAMPLER_NAMES if not is_stochastic(n))
+        raise ValueError(f"{at}sampler: {why} adds fresh noise at every step, but the result must be a function of "
+                         f"the noise: connect KSamplerSelect with a deterministic sampler ({good})")
+    if fn is None:
+        log.warning("%ssampler %s is not a KSAMPLER: NoiseCraft cannot check that it is deterministic", at, name)
+    return name
+
+
+class _Recording(comfy.samplers.Sampler):
+    """Runs ``sampler`` unchanged and keeps its output in the model's inner latent space (before the guider's
+    ``process_latent_out``), the space the core's denoisers and a teacher cache use."""
+
+    def __init__(self, sampler):
+        self.sampler, self.result = sampler, None
+
+    def max_denoise(self, model_wrap, sigmas):
+        return self.sampler.max_denoise(model_wrap, sigmas)
+
+    def sample(self, *args, **kwargs):
+        self.result = self.sampler.sample(*args, **kwargs)
+        return self.result
+
+
+def run_sampler(model, positive, negative, noise: torch.Tensor, sampler, *, sigmas: torch.Tensor, cfg: float,
+                seed: Optional[int] = None, progress: Optional[Progress] = None) -> torch.Tensor:
+    """ComfyUI's own sampling: ``CFGGuider(model)`` at ``cfg`` with ``sampler`` down ``sigmas`` from the unit
+    ``noise`` [B, C, H, W] on an empty latent, exactly as SamplerCustomAdvanced runs it (RandomNoise ->
+    ``noise``, Empty Latent -> zeros). Returns the x0 in the model's inner latent space (CPU float32), as
+    :func:`run_core`'s denoisers see latents. ``progress`` ticks once per step. The MODEL is not modified."""
+    guider = comfy.samplers.CFGGuider(model.clone())
+    guider.set_conds(positive, negative)
+    guider.set_cfg(float(cfg))
+    rec = _Recording(sampler)
+    callback = None if progress is None else (lambda step, x0, x, total: progress.tick())
+    guider.sample(noise.float().cpu(), torch.zeros_like(noise, dtype=torch.float32, device="cpu"), rec,
+                  sigmas.to(torch.float32), callback=callback, disable_pbar=True, seed=seed)
+    return rec.result.float().cpu()

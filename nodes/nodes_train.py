@@ -81,11 +81,8 @@ import comfy.model_management
 import comfy.utils
 
 from ..noisecraft import lora as core_lora
-from ..noisecraft.msd import teacher_x0
-from ..noisecraft.sigmas import ModelKind
 from ..noisecraft.train.loop import CHECKPOINT_NAME, PRECISIONS, SCHEDULES, run
 from ..noisecraft.train.refiner import RefinerMethod, RefinerTrainConfig
-from ..noisecraft.train.teacher_cache import TeacherCache
 from . import bridge
 from .train_validation import NodeValidation, validation_inputs
 from .comfy_lora import TrainableLoRA, lora_keys, lora_targets  # noqa: F401 - lora_keys: public here (tests, tools)
@@ -93,125 +90,17 @@ from .common import (check_combo, check_int, check_number, file_list_changed, no
                      run_folder as common_run_folder, sampling_inputs, save_path, scheduler_input, seed_input)
 from .fingerprint import model_fingerprint
 from .nodes_refine import FOLDER as REFINER_FOLDER, LORA_FOLDER, Refiner, RefinerType
+from .train_cache import (CACHE_NAME, NodeTeacherCache, build_teacher_cache, clone_conditioning,  # noqa: F401 - public
+                          split_prompts)
 
 log = logging.getLogger(__name__)
 
 CATEGORY = "noisecraft/train"
-CACHE_NAME = "Build Teacher Cache"
 TRAIN_NAME = "Train Refiner"
 SAVE_NAME = "Save Refiner"
 TeacherCacheType = io.Custom("TEACHER_CACHE")
 SAVE_FOLDERS = [LORA_FOLDER, REFINER_FOLDER]
 CHECKPOINT_EVERY = 50  # steps between checkpoints of a named run
-
-
-def _clone_value(v):
-    if torch.is_tensor(v):
-        return v.detach().to("cpu").clone()
-    if isinstance(v, dict):
-        return {k: _clone_value(x) for k, x in v.items()}
-    if isinstance(v, (list, tuple)):
-        return type(v)(_clone_value(x) for x in v)
-    return v
-
-
-def clone_conditioning(cond: list) -> list:
-    """A deep copy of a CONDITIONING with normal (non-inference) CPU tensors, for autograd."""
-    with torch.inference_mode(False):
-        return [[_clone_value(c[0]), _clone_value(c[1]) if len(c) > 1 else {}] for c in cond]
-
-
-def split_prompts(positive, node: str) -> list[list]:
-    """Each entry of a CONDITIONING as a one-entry CONDITIONING (one training prompt each)."""
-    if not isinstance(positive, list) or len(positive) == 0:
-        raise ValueError(
-            f"{node}: no prompts: expected a CONDITIONING with at least one prompt (a CLIP Text Encode output; join "
-            f"several prompts with Conditioning (Combine)), got "
-            f"{'an empty list' if isinstance(positive, list) else type(positive).__name__}"
-        )
-    out = []
-    for i, entry in enumerate(positive):
-        if not isinstance(entry, (list, tuple)) or len(entry) < 1 or not torch.is_tensor(entry[0]):
-            raise ValueError(f"{node}: prompt {i} of the positive CONDITIONING is not a [tensor, dict] entry; connect "
-                             f"CLIP Text Encode outputs")
-        out.append([[entry[0], dict(entry[1]) if len(entry) > 1 else {}]])
-    return out
-
-
-# -- the teacher cache -----------------------------------------------------------------------------
-
-class NodeTeacherCache:
-    """What travels on a TEACHER_CACHE socket: the core's in-memory :class:`TeacherCache` (``data``) and
-    the prompts' CONDITIONINGs (``prompts``: one one-entry CONDITIONING per condition id)."""
-
-    def __init__(self, data: TeacherCache, prompts: list, negative: list):
-        self.data = data
-        self.prompts = prompts
-        self.negative = negative
-        meta = data.meta
-        self.kind = ModelKind.parse(meta["kind"])
-        self.sigma_max = float(meta["sigma_max"])
-        self.channels = int(data.shape[0])
-        self.model_name = meta.get("model_name", "unknown")
-        self.settings = {k: meta[k] for k in ("cfg", "steps", "scheduler", "seed", "samples_per_prompt") if k in meta}
-
-    def __len__(self) -> int:
-        return self.data.total
-
-    @property
-    def noise(self) -> torch.Tensor:
-        return self.data.get(range(self.data.total)).e
-
-    @property
-    def x0(self) -> torch.Tensor:
-        return self.data.get(range(self.data.total)).x0
-
-    @property
-    def prompt_ids(self) -> torch.Tensor:
-        return self.data.get(range(self.data.total)).cond
-
-    def __repr__(self) -> str:
-        return (f"TeacherCache({len(self)} samples, {len(self.prompts)} prompts, latent {list(self.data.shape[1:])}, "
-                f"{self.kind.value}, {self.model_name}, {self.settings})")
-
-
-def build_teacher_cache(model, positive, negative, latent, *, samples_per_prompt: int, seed: int, cfg: float,
-                        steps: int, scheduler: str, node_id=None) -> NodeTeacherCache:
-    prompts = split_prompts(positive, CACHE_NAME)
-    lora_targets(model, CACHE_NAME)  # before the teacher runs: a model Train Refiner cannot train
-    bridge.check_conditioning(positive, "positive", CACHE_NAME, model)
-    bridge.check_conditioning(negative, "negative", CACHE_NAME, model)
-    n = check_int(CACHE_NAME, "samples_per_prompt", samples_per_prompt, 1, hint="set it to 1 or more")
-    steps = check_int(CACHE_NAME, "steps", steps, 1,
-                      hint="the teacher needs at least one guided step (the paper uses 20)")
-    cfg = check_number(CACHE_NAME, "cfg", cfg, above=0.0)
-    check_combo(CACHE_NAME, "scheduler", scheduler, bridge.scheduler_names())
-    kind = bridge.model_kind(model)
-    lat = bridge.prepare_latent(model, latent, CACHE_NAME)["samples"]
-    shape = tuple(lat.shape[1:])
-    sigmas = bridge.get_sigmas(model, scheduler, steps)
-    g = torch.Generator().manual_seed(int(seed))
-    noise = torch.randn((len(prompts) * n, *shape), generator=g, dtype=torch.float32)
-    progress = bridge.Progress(len(prompts) * (len(sigmas) - 1), node_id=node_id)
-    x0s = []
-    for p, cond in enumerate(prompts):
-        e = noise[p * n:(p + 1) * n]
-
-        def fn(ctx: bridge.BridgeContext, e=e):
-            return teacher_x0(ctx.denoiser, e.to(ctx.device), ctx.sigmas, ctx.kind).float().cpu()
-
-        x0s.append(bridge.run_core(model, cond, negative, torch.zeros((n, *shape)), fn, sigmas=sigmas, cfg=cfg,
-                                   seed=int(seed), progress=progress))
-    x0 = torch.cat(x0s)
-    if not torch.isfinite(x0).all():
-        raise ValueError(f"{CACHE_NAME}: the teacher's samples contain NaN/inf; check the model, cfg and scheduler")
-    meta = {"cfg": cfg, "steps": steps, "teacher_steps": steps, "scheduler": scheduler, "seed": int(seed),
-            "samples_per_prompt": n, "kind": kind.value, "sigma_max": float(sigmas[0]),
-            "model_name": bridge.model_name(model), "host": "comfyui"}
-    with torch.inference_mode(False):  # normal tensors: the trainer's autograd may save them
-        data = TeacherCache.in_memory(noise.clone(), x0.clone(), torch.arange(len(prompts)).repeat_interleave(n),
-                                      conds=[f"prompt {p}" for p in range(len(prompts))], meta=meta)
-    return NodeTeacherCache(data, [clone_conditioning(p) for p in prompts], clone_conditioning(negative))
 
 
 # -- training: the core's method and loop on a ComfyUI model -----------------------------------------
@@ -475,6 +364,9 @@ class BuildTeacherCache(io.ComfyNode):
                              tooltip="Teacher sampling steps (the paper uses 20). Minimum 1."),
                 scheduler_input("ComfyUI scheduler of the teacher's (and, by default, the student's) schedule.",
                                 bridge.scheduler_names()),
+                io.Sampler.Input("sampler", optional=True, tooltip="The teacher's sampler (e.g. KSamplerSelect: the "
+                                 "look your own sampler gives); deterministic only, ancestral/SDE are refused. Not "
+                                 "connected: Euler (= DDIM, the paper's)."),
             ],
             outputs=[TeacherCacheType.Output(display_name="teacher_cache",
                                              tooltip="Noises, prompts and guided results, for Train Refiner.")],
@@ -482,9 +374,10 @@ class BuildTeacherCache(io.ComfyNode):
         )
 
     @classmethod
-    def execute(cls, model, positive, negative, latent, samples_per_prompt, seed, cfg, steps, scheduler):
+    def execute(cls, model, positive, negative, latent, samples_per_prompt, seed, cfg, steps, scheduler, sampler=None):
         cache = build_teacher_cache(model, positive, negative, latent, samples_per_prompt=samples_per_prompt,
-                                    seed=seed, cfg=cfg, steps=steps, scheduler=scheduler, node_id=node_id(cls))
+                                    seed=seed, cfg=cfg, steps=steps, scheduler=scheduler, node_id=node_id(cls),
+                                    sampler=sampler)
         log.info("%s: %r", CACHE_NAME, cache)
         return io.NodeOutput(cache, ui={"text": [f"{len(cache)} teacher samples ({len(cache.prompts)} prompts)"]})
 

@@ -58,6 +58,16 @@ def _check_resume(out: Path, args: argparse.Namespace, result_name: str) -> None
                        "if that run finished")
 
 
+def _teacher_sampler(text: str) -> str:
+    """--teacher-sampler: a deterministic sampler of :mod:`noisecraft.solvers` (the message names them)."""
+    from .solvers import check_sampler
+
+    try:
+        return check_sampler(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
 def _read_prompts(args: argparse.Namespace) -> list[str]:
     """The training prompts of --prompts FILE and its --prompts-format / --prompt-* flags (noisecraft.prompts)."""
     return read_prompt_flags(args)
@@ -195,7 +205,7 @@ def _train_refiner_run(args: argparse.Namespace, device: str, acc, log: logging.
                 base_seed=args.seed_base, meta={"model": host.base_model, "cfg": cfg_scale,
                                                 "scheduler": args.scheduler, **teacher_meta},
                 shard_size=args.shard_size, batch_size=args.batch, progress=cache_progress, shards=shards,
-                guidance_range=args.guidance_range)
+                guidance_range=args.guidance_range, sampler=args.teacher_sampler)
 
         if acc.num_processes > 1:
             # the main process defines the cache, every process samples its share of the shards, the main
@@ -457,6 +467,9 @@ def add_train_commands(sub) -> None:
     tr.add_argument("--grad-accum", type=positive_int, default=1, help="micro-batches per optimizer step (default 1)")
     tr.add_argument("--student-steps", type=positive_int, default=10, help="N, unguided student steps (default 10)")
     tr.add_argument("--teacher-steps", type=positive_int, default=20, help="N', guided teacher steps (default 20)")
+    tr.add_argument("--teacher-sampler", type=_teacher_sampler, default="euler",
+                    help="the teacher's deterministic sampler: euler (= DDIM, the paper's; default), heun or dpmpp_2m "
+                         "(ancestral/SDE samplers are refused: the teacher must be a function of its noise)")
     tr.add_argument("--cfg", type=finite_float, help="teacher CFG scale (default 3 for --toy, 7 otherwise)")
     tr.add_argument("--guidance-range", type=non_negative_float, nargs=2, metavar=("LO", "HI"),
                     help="guidance-scale control: each teacher sample gets its own CFG scale in LO..HI and the refiner "

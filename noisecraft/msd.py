@@ -48,6 +48,7 @@ import torch.nn.functional as F
 from . import ode
 from .ode import Denoiser, StepCallback, check_latent
 from .sigmas import ModelKind, start_factor
+from .solvers import DEFAULT_SAMPLER, solve
 
 __all__ = ["msd_loss", "teacher_x0", "check_schedule"]
 
@@ -85,17 +86,20 @@ def teacher_x0(
     sigmas,
     kind: ModelKind | str,
     callback: Optional[StepCallback] = None,
+    sampler: str = DEFAULT_SAMPLER,
 ) -> torch.Tensor:
     """The teacher's x0: guided sampling from ``x_T = noise_to_x(e)`` down ``sigmas`` (N' steps).
 
-    ``guided_denoiser`` closes over the prompt and the guidance (CFG, + PAG, ...). Runs without
-    gradients; cost: N' guided calls (2N' model passes with CFG). The result is what a teacher
-    cache stores per (seed, prompt).
+    ``guided_denoiser`` closes over the prompt and the guidance (CFG, + PAG, ...). ``sampler`` is a
+    deterministic solver of :mod:`noisecraft.solvers` (euler, the paper's DDIM, by default; heun,
+    dpmpp_2m; ancestral/SDE ones are refused). Runs without gradients; cost: N' guided calls (2N'
+    model passes with CFG; heun about twice that). The result is what a teacher cache stores per
+    (seed, prompt).
     """
     s = check_schedule(sigmas, "teacher")
     check_latent(e, "teacher_x0 e (the teacher's start noise)")
     x_t = e.detach() * start_factor(kind, float(s[0]))
-    return ode.sample(guided_denoiser, x_t, s, callback=callback)
+    return solve(sampler, guided_denoiser, x_t, s, callback=callback)
 
 
 def msd_loss(

@@ -60,6 +60,7 @@ import torch
 
 from ..locks import folder_lock
 from ..msd import check_schedule, teacher_x0
+from ..solvers import DEFAULT_SAMPLER, check_sampler
 from .shards import INDEX_NAME, ShardedStore, check_split, epoch_generator, positioned_batches, write_safetensors
 
 __all__ = ["TeacherCache", "TeacherBatch", "build_teacher_cache", "per_sample_teacher", "write_safetensors", "INDEX_NAME",
@@ -359,6 +360,7 @@ def build_teacher_cache(
     shards: Optional[Sequence[int]] = None,
     progress: Optional[Callable[[int, int], None]] = None,
     guidance_range: Optional[Sequence[float]] = None,
+    sampler: str = DEFAULT_SAMPLER,
 ) -> TeacherCache:
     """Produce the teacher cache: guided sampling (``teacher_x0``) of every missing shard.
 
@@ -373,11 +375,18 @@ def build_teacher_cache(
     ``guidance_range`` ``(lo, hi)`` (guidance-scale control): each sample gets its own teacher CFG scale
     (:meth:`TeacherCache.sample_guidance`, stored per shard) and ``guided_denoiser_for(cond_ids, scales)``
     is called with the scales [n] as well (:func:`per_sample_teacher` makes one for a host).
+
+    ``sampler``: the teacher's deterministic solver (:data:`noisecraft.solvers.TEACHER_SAMPLERS`); other than
+    euler it is recorded as ``meta["teacher_sampler"]`` (a cache without that key was sampled with euler, so
+    caches built before the choice existed keep their definition and resume).
     """
     from ..guidance_embed import check_guidance_range
 
     s = check_schedule(sigmas, "teacher")
     meta = {**dict(meta or {}), "teacher_steps": int(len(s) - 1), "sigma_max": float(s[0]), "kind": str(kind)}
+    sampler = check_sampler(sampler)
+    if sampler != DEFAULT_SAMPLER:
+        meta["teacher_sampler"] = sampler
     guidance_range = check_guidance_range(guidance_range)
     if guidance_range is not None:
         meta["guidance_range"] = list(guidance_range)
@@ -406,7 +415,7 @@ def build_teacher_cache(
             for a in range(0, len(idx), int(batch_size)):
                 e, c = noise[a: a + batch_size], cond[a: a + batch_size]
                 guided = guided_denoiser_for(c) if scales is None else guided_denoiser_for(c, scales[a: a + batch_size])
-                outs.append(teacher_x0(guided, e, s, kind).detach().float().cpu())
+                outs.append(teacher_x0(guided, e, s, kind, sampler=sampler).detach().float().cpu())
                 done += e.shape[0]
                 if progress is not None:
                     progress(done, work)
