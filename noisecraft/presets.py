@@ -17,6 +17,8 @@ import logging
 from dataclasses import dataclass
 from typing import Any, Mapping
 
+from .solvers import CHEAPEST_TEACHER
+
 __all__ = ["Setting", "PRESETS", "PRESET_FLAGS", "add_preset_arg", "apply_preset", "describe_preset"]
 
 log = logging.getLogger(__name__)
@@ -33,13 +35,24 @@ class Setting:
     paper: bool = True
 
 
+# The teacher: the paper's is DDIM (= Euler in sigma space) with N' = 20 steps on the model's schedule (App. D.1).
+# Ours is the cheapest teacher measured to keep the refiner within 2 points of that one (noisecraft.solvers.
+# CHEAPEST_TEACHER, benchmarks/bench_teacher.py): half the teacher passes. Give --teacher-sampler euler
+# --teacher-steps 20 --scheduler normal for the paper's own.
+_TEACHER, _T_STEPS, _T_SCHEDULE = CHEAPEST_TEACHER
+_WHY = ("ours: the paper's teacher is DDIM with N' = 20 steps (App. D.1); DPM-Solver++(2M) with 10 steps on karras "
+        "kept the toy refiner within 0.3 points of it at half the passes (benchmarks/bench_teacher.py, README "
+        "'Teacher sampler'); --teacher-sampler euler --teacher-steps 20 --scheduler normal gives the paper's")
 _SHARED = (
-    Setting("teacher_steps", 20, "App. D.1: the guided image from N' = 20 denoising steps"),
+    Setting("teacher_sampler", _TEACHER, _WHY, paper=False),
+    Setting("teacher_steps", _T_STEPS, _WHY, paper=False),
     Setting("student_steps", 10, "App. D.1: the default denoising step N is set to 10"),
     Setting("cfg", 7.0, "App. D.2.1: CFG scale 7.0 for all generated images"),
     Setting("pag_scale", 3.0, "App. D.2.1: PAG scale 3.0 (SDXL: 'the same CFG and PAG scales as for SD 2.1')"),
-    Setting("scheduler", "normal", "App. D.1: DDIM with the pre-trained model's settings, refinement at T = 999; "
-                                   "Euler in sigma space is DDIM (eta 0) and 'normal' starts at t = 999"),
+    Setting("scheduler", _T_SCHEDULE, "ours: the teacher's schedule, which the student shares (the paper: DDIM's "
+                                      "uniform timesteps from T = 999, App. D.1); a karras student held too "
+                                      "(+0.1 points, benchmarks/bench_teacher.py --student-scheduler karras)",
+            paper=False),
     Setting("lr", 1e-4, "ours: the paper states no learning rate; 1e-4 is the usual LoRA rate of diffusers' "
                         "training scripts", paper=False),
     Setting("lr_schedule", "constant", "ours: no schedule is stated", paper=False),
@@ -84,8 +97,9 @@ def add_preset_arg(parser: argparse.ArgumentParser) -> None:
     (which wins) from a default (which the preset replaces); their own defaults are kept for it."""
     parser.add_argument("--preset", choices=sorted(PRESETS),
                         help="the paper's recipe (arXiv:2412.03895, App. D): paper-sd21 (LoRA rank 128) or paper-sdxl "
-                             "(rank 256), CFG 7 + PAG 3, 20 teacher / 10 student steps; values the paper does not "
-                             "state (lr, batch, steps) are ours; each is logged with its source at the start; a flag "
+                             "(rank 256), CFG 7 + PAG 3, 10 student steps; values the paper does not state (lr, "
+                             "batch, steps) are ours, and so is the teacher (dpmpp_2m, 10 steps, karras: within 0.3 "
+                             "points of the paper's Euler-20 at half the passes, README 'Teacher sampler'); each is logged with its source at the start; a flag "
                              "you give wins. Flow models: no preset (the paper trained none); see noisecraft/presets.py")
     own = {d: parser.get_default(d) for d in PRESET_FLAGS}
     parser.set_defaults(_preset_defaults=own, **{d: None for d in PRESET_FLAGS})

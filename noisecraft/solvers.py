@@ -119,7 +119,7 @@ def sample_dpmpp_2m(denoiser: Denoiser, x: torch.Tensor, sigmas,
 # within 2 points of it (share of the unguided -> guided latent-MSE gap closed on 500 held-out toy samples, against
 # a converged guided result; benchmarks/bench_teacher.py, README "Teacher sampler"): DPM-Solver++(2M), 10 steps on
 # karras (-0.3 points at the toy's full recipe, half the passes). Euler 15 (-1.0) held too; Euler 10 (-3.0) did not;
-# dpmpp_2m on `normal` is worse than Euler there. (sampler, steps, scheduler), for the --preset flags.
+# dpmpp_2m on `normal` is worse than Euler there. (sampler, steps, scheduler); noisecraft.presets uses it.
 PAPER_TEACHER = ("euler", 20, "normal")
 CHEAPEST_TEACHER = ("dpmpp_2m", 10, "karras")
 
