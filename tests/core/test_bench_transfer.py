@@ -18,11 +18,17 @@ REPO = Path(__file__).resolve().parents[2]
 def _bench():
     spec = importlib.util.spec_from_file_location("nc_bench_transfer", REPO / "benchmarks" / "bench_transfer.py")
     mod = importlib.util.module_from_spec(spec)
+    # scripts/ and benchmarks/ each have a `_common` module: the benchmark imports the scripts' one; whatever
+    # another test imported under that name is put back afterwards (and the scripts' one is not left behind)
+    saved = sys.modules.pop("_common", None)
     try:
         spec.loader.exec_module(mod)
     finally:
         if str(REPO / "scripts") in sys.path:
             sys.path.remove(str(REPO / "scripts"))
+        sys.modules.pop("_common", None)
+        if saved is not None:
+            sys.modules["_common"] = saved
     return mod
 
 
