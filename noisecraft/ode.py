@@ -208,6 +208,20 @@ def _sigma_batch(x: torch.Tensor, sigma: float) -> torch.Tensor:
     return torch.full((x.shape[0],), float(sigma), device=x.device, dtype=torch.float32)
 
 
+def descending_steps(s: torch.Tensor):
+    """``(i, n, sigma, next sigma)`` for each step of the descending schedule ``s`` (``n`` steps in all): a
+    repeated sigma is skipped and a step from sigma 0 ends the walk. The samplers of this module and of
+    :mod:`noisecraft.solvers` share it."""
+    n = len(s) - 1
+    for i in range(n):
+        sig, nxt = float(s[i]), float(s[i + 1])
+        if sig == nxt:
+            continue
+        if sig == 0.0:
+            break
+        yield i, n, sig, nxt
+
+
 def sample(
     denoiser: Denoiser,
     x: torch.Tensor,
@@ -228,13 +242,7 @@ def sample(
             f"invert() to go up"
         )
     check_latent(x, "sample() x (the start latent)", finite=False)
-    n = len(s) - 1
-    for i in range(n):
-        sig, nxt = float(s[i]), float(s[i + 1])
-        if sig == nxt:
-            continue
-        if sig == 0.0:
-            break
+    for i, n, sig, nxt in descending_steps(s):
         denoised = denoiser(x, _sigma_batch(x, sig))
         if nxt == 0.0:
             x = denoised

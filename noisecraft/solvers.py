@@ -32,7 +32,7 @@ from typing import Callable, Optional
 import torch
 
 from . import ode
-from .ode import Denoiser, StepCallback, _sigma_batch, _show, as_sigmas, check_latent
+from .ode import Denoiser, StepCallback, _sigma_batch, _show, as_sigmas, check_latent, descending_steps
 
 __all__ = ["TEACHER_SAMPLERS", "DEFAULT_SAMPLER", "PAPER_TEACHER", "CHEAPEST_TEACHER", "check_sampler", "is_stochastic", "solve", "sample_heun",
            "sample_dpmpp_2m"]
@@ -64,13 +64,7 @@ def sample_heun(denoiser: Denoiser, x: torch.Tensor, sigmas, callback: Optional[
     calls per step, 1 for a step to sigma 0 (an Euler step, which lands on ``D``)."""
     s = _descending(sigmas, "sample_heun()")
     check_latent(x, "sample_heun() x (the start latent)", finite=False)
-    n = len(s) - 1
-    for i in range(n):
-        sig, nxt = float(s[i]), float(s[i + 1])
-        if sig == nxt:
-            continue
-        if sig == 0.0:
-            break
+    for i, n, sig, nxt in descending_steps(s):
         denoised = denoiser(x, _sigma_batch(x, sig))
         d = (x - denoised) / sig
         if nxt == 0.0:
@@ -90,14 +84,8 @@ def sample_dpmpp_2m(denoiser: Denoiser, x: torch.Tensor, sigmas,
     (formula in the module docstring); 1 denoiser call per step."""
     s = _descending(sigmas, "sample_dpmpp_2m()")
     check_latent(x, "sample_dpmpp_2m() x (the start latent)", finite=False)
-    n = len(s) - 1
     old, h_last = None, None
-    for i in range(n):
-        sig, nxt = float(s[i]), float(s[i + 1])
-        if sig == nxt:
-            continue
-        if sig == 0.0:
-            break
+    for i, n, sig, nxt in descending_steps(s):
         denoised = denoiser(x, _sigma_batch(x, sig))
         if nxt == 0.0:
             x = denoised
