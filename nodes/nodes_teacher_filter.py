@@ -90,7 +90,7 @@ def filter_cache(cache, keep, scorer: str, vae=None, model=None, custom_scorer: 
                                     progress=lambda done, _: bar.update_absolute(done, total))
     except ValueError as e:
         raise ValueError(f"{FILTER_NAME}: {e}") from None
-    out = NodeTeacherCache(data, cache.prompts, cache.negative)
+    out = cache.with_data(data)
     out.settings["filter"] = data.filter  # Train Refiner writes the teacher settings into the refiner
     return out
 

@@ -89,9 +89,11 @@ from .comfy_lora import TrainableLoRA, lora_keys, lora_targets  # noqa: F401 - l
 from .common import (check_combo, check_int, check_number, file_list_changed, node_id,
                      run_folder as common_run_folder, sampling_inputs, save_path, scheduler_input, seed_input)
 from .fingerprint import model_fingerprint
+from .nodes_prompts import PromptsType
 from .nodes_refine import FOLDER as REFINER_FOLDER, LORA_FOLDER, Refiner, RefinerType
 from .train_cache import (CACHE_NAME, NodeTeacherCache, build_teacher_cache, clone_conditioning,  # noqa: F401 - public
                           split_prompts)
+from .train_store import LoadTeacherCache, stored_denoiser
 
 log = logging.getLogger(__name__)
 
@@ -109,9 +111,13 @@ class _ComfyHost:
     """The host :class:`RefinerMethod` trains on, inside the sampler run: ``denoiser(cond_ids)`` is the
     cfg-1 model call with each sample's prompt (its entry of the guider's prepared conditioning)."""
 
-    def __init__(self, ctx: bridge.BridgeContext, prompts: int, base_model: str, unet: torch.nn.Module):
+    def __init__(self, ctx: bridge.BridgeContext, prompts: int, base_model: str, unet: torch.nn.Module,
+                 store=None, offset: int = 0):
         self.table = SimpleNamespace(kind=ctx.kind)  # the student schedule comes from ComfyUI (sigmas=)
         self.base_model, self.unet, self._ctx = base_model, unet, ctx
+        # a cache on disk: ids below ``offset`` are its prompts (a batch's rows read and prepared per call); the
+        # prepared entries (the negative and held-out prompts of validation) are ids ``offset`` and up
+        self._store, self._offset = store, int(offset)
         self._entries = list(ctx.model_wrap.conds["positive"])
         if len(self._entries) != prompts:
             raise ValueError(f"{TRAIN_NAME}: ComfyUI prepared {len(self._entries)} conditioning entries for "
@@ -128,6 +134,9 @@ class _ComfyHost:
 
     def denoiser(self, cond_ids: torch.Tensor):
         ids = torch.as_tensor(cond_ids, dtype=torch.long).reshape(-1).cpu()
+        if self._store is not None and int(ids.max()) < self._offset:
+            return stored_denoiser(self._ctx, self._store, ids, cfg1=True)
+        ids = ids - self._offset
         groups = sorted(set(ids.tolist()))
 
         def d(x, sigma):
@@ -234,6 +243,12 @@ def train(model, cache: NodeTeacherCache, *, steps: int, student_steps: int, bat
     out = run_folder(resume_from)
     targets = lora_targets(model)  # a model the trainer cannot handle: the supported families
     check_cache_fits(model, cache)
+    if cache.data.guidance_range is not None:
+        lo, hi = cache.data.guidance_range
+        raise ValueError(f"{TRAIN_NAME}: this teacher cache's samples each have their own CFG scale ({lo:g}..{hi:g}, "
+                         f"guidance_min/guidance_max): Train Refiner trains one-scale refiners; train it from the "
+                         f"shell, `python -m noisecraft train-refiner --model <this checkpoint> --cache "
+                         f"{cache.folder} --guidance-range {lo:g} {hi:g} ...`, or build the cache with both set to 0")
     kind = bridge.model_kind(model)
     smax = bridge.sigma_max(model)
     scheduler = scheduler or cache.settings["scheduler"]
@@ -251,7 +266,7 @@ def train(model, cache: NodeTeacherCache, *, steps: int, student_steps: int, bat
         raise ValueError(f"{TRAIN_NAME}: {e}") from None
     training = {"steps": steps, "student_steps": student_steps, "batch_size": batch_size, "learning_rate": lr,
                 "seed": int(seed), "scheduler": scheduler, "optimizer": "AdamW", "teacher": cache.settings,
-                "prompts": len(cache.prompts), "samples": len(cache), "host": "comfyui", "precision": precision,
+                "prompts": cache.prompt_count, "samples": len(cache), "host": "comfyui", "precision": precision,
                 "lr_schedule": lr_schedule, "warmup": warmup, "max_grad_norm": max_grad_norm,
                 "grad_accum": grad_accum, "loss": "MSD latent MSE (noisecraft.msd)"}
     bar = comfy.utils.ProgressBar(steps, node_id=node_id)
@@ -263,8 +278,12 @@ def train(model, cache: NodeTeacherCache, *, steps: int, student_steps: int, bat
     with torch.inference_mode(False):
         lora = TrainableLoRA(model, rank, alpha, seed)
         meta = _metadata(lora.pairs(), model, kind, smax, training, targets)
-        prompts = [clone_conditioning(p) for p in cache.prompts]
-        positive = [entry for p in prompts for entry in p] + (validation.entries(cache) if validation else [])
+        extra = validation.entries(cache) if validation else []  # the negative and held-out prompts
+        if cache.store is None:  # in memory: every prompt prepared once, ids 0..P-1
+            prompts = [clone_conditioning(p) for p in cache.prompts]
+            positive, offset = [entry for p in prompts for entry in p] + extra, 0
+        else:  # on disk: a batch's prompts read and prepared per call (nodes/train_store.py), others from id P
+            positive, offset = clone_conditioning(extra or cache.negative[:1]), cache.prompt_count
         patcher = model.clone()
         lora.register(patcher)
         tmp = tempfile.TemporaryDirectory(prefix="noisecraft_train_") if out is None else None
@@ -273,7 +292,7 @@ def train(model, cache: NodeTeacherCache, *, steps: int, student_steps: int, bat
 
         def fn(ctx: bridge.BridgeContext):
             lora.check_attached(patcher.model)  # loaded now: newer ComfyUI's dynamic VRAM may skip small layers
-            host = _ComfyHost(ctx, len(positive), bridge.model_name(model), patcher.model)
+            host = _ComfyHost(ctx, len(positive), bridge.model_name(model), patcher.model, cache.store, offset)
             method = _ComfyRefinerMethod(host, data, config, lora, sigmas=sigmas, device=ctx.device, metadata=meta)
             if validation is not None:  # held-out validation (nodes/train_validation.py)
                 validation.bind(model, cache, host, method, out_dir, steps, node_id)
@@ -345,15 +364,18 @@ class BuildTeacherCache(io.ComfyNode):
             "in memory: the teacher for Train Refiner (NoiseRefine, Ahn, Kang et al., arXiv:2412.03895). Costs "
             "2 x steps model passes per sample.",
             inputs=[
-                *sampling_inputs(
+                *[io.Conditioning.Input("positive", optional=True, tooltip=i.tooltip) if i.id == "positive" else i
+                  for i in sampling_inputs(
                     model="The model to train a refiner for (the refiner only fits this model). Not modified. "
                     "Always used.",
                     positive="The training prompts: one CLIP Text Encode per prompt, joined with Conditioning "
-                    "(Combine); every entry is one prompt. Always used.",
+                    "(Combine); every entry is one prompt. Or connect prompts (Load Prompts) instead: one of the "
+                    "two.",
                     negative="The negative prompt of the guided teacher (often empty). Always used.",
-                    latent="Gives the training size and channels (e.g. Empty Latent Image); its batch and content "
-                    "are ignored. Always used.",
-                ),
+                    latent="Gives the training size and channels (e.g. Empty Latent Image); its content is ignored. "
+                    "Its batch size is ignored too, except with a cache_name: then it is how many samples the "
+                    "teacher samples at once. Always used.",
+                )],
                 io.Int.Input("samples_per_prompt", default=8, min=1, max=4096,
                              tooltip="Seeded noises per prompt (training samples = prompts x this). Minimum 1."),
                 seed_input("Seed of the noises (one torch.Generator for all of them)."),
@@ -367,19 +389,40 @@ class BuildTeacherCache(io.ComfyNode):
                 io.Sampler.Input("sampler", optional=True, tooltip="The teacher's sampler (e.g. KSamplerSelect: the "
                                  "look your own sampler gives); deterministic only, ancestral/SDE are refused. Not "
                                  "connected: Euler (= DDIM, the paper's)."),
+                PromptsType.Input("prompts", optional=True, tooltip="The training prompts from Load Prompts (a "
+                                  "file: any number of prompts), encoded by the clip input; replaces positive."),
+                io.Clip.Input("clip", optional=True, tooltip="Encodes the prompts input with ComfyUI's own encoding "
+                              "(as CLIP Text Encode does): the checkpoint's CLIP. Used only with prompts."),
+                io.String.Input("cache_name", default="", optional=True,
+                                tooltip="A name: the cache is written to output/noisecraft_caches/<name>/ (the CLI's "
+                                "format: train-refiner --cache trains from it), prompt encodings included; queuing the "
+                                "graph again after a crash, a restart or an interrupt continues with the next "
+                                "unfinished shard (a changed model, prompt set or setting is refused). Empty: the "
+                                "cache lives in memory (off)."),
+                io.Float.Input("guidance_min", default=0.0, min=0.0, max=100.0, step=0.1, round=0.01, optional=True,
+                               tooltip="With guidance_max: each sample's teacher CFG scale is drawn from this range "
+                               "(the CLI's --guidance-range; needs a cache_name; such a cache trains a "
+                               "guidance-conditioned refiner from the shell). Both 0 turn it off (cfg is used)."),
+                io.Float.Input("guidance_max", default=0.0, min=0.0, max=100.0, step=0.1, round=0.01, optional=True,
+                               tooltip="Upper end of the guidance range; both 0 turn it off."),
             ],
             outputs=[TeacherCacheType.Output(display_name="teacher_cache",
-                                             tooltip="Noises, prompts and guided results, for Train Refiner.")],
+                                             tooltip="Noises, prompts and guided results, for Train Refiner (in "
+                                             "memory, or on disk with a cache_name).")],
             hidden=[io.Hidden.unique_id],
         )
 
     @classmethod
-    def execute(cls, model, positive, negative, latent, samples_per_prompt, seed, cfg, steps, scheduler, sampler=None):
+    def execute(cls, model, positive=None, negative=None, latent=None, samples_per_prompt=8, seed=0, cfg=7.5, steps=20,
+                scheduler="normal", sampler=None, prompts=None, clip=None, cache_name="", guidance_min=0.0,
+                guidance_max=0.0):  # (positive is optional now: prompts may replace it; old callers pass it 2nd)
         cache = build_teacher_cache(model, positive, negative, latent, samples_per_prompt=samples_per_prompt,
                                     seed=seed, cfg=cfg, steps=steps, scheduler=scheduler, node_id=node_id(cls),
-                                    sampler=sampler)
+                                    sampler=sampler, prompts=prompts, clip=clip, cache_name=cache_name,
+                                    guidance_min=guidance_min, guidance_max=guidance_max)
         log.info("%s: %r", CACHE_NAME, cache)
-        return io.NodeOutput(cache, ui={"text": [f"{len(cache)} teacher samples ({len(cache.prompts)} prompts)"]})
+        where = f" in {cache.folder}" if cache.folder is not None else ""
+        return io.NodeOutput(cache, ui={"text": [f"{len(cache)} teacher samples ({cache.prompt_count} prompts){where}"]})
 
 
 class TrainRefiner(io.ComfyNode):
@@ -490,4 +533,4 @@ class SaveRefiner(io.ComfyNode):
         return io.NodeOutput(path.name, ui={"text": [str(path)], "noisecraft_saved": [path.name]})
 
 
-NODES = [BuildTeacherCache, TrainRefiner, SaveRefiner]
+NODES = [BuildTeacherCache, TrainRefiner, SaveRefiner, LoadTeacherCache]

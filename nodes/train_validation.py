@@ -88,7 +88,7 @@ class NodeValidation:
         on the method."""
         if not self.on:
             return
-        p = len(cache.prompts)
+        p = cache.prompt_count
         neg = p
         ids = list(range(p + 1, p + 1 + len(self.held_out))) if self.held_out else list(range(p))
         idx, seeds = held_out_seeds(len(ids), self.seeds)

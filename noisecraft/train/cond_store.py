@@ -31,7 +31,8 @@ import torch
 from ..io import (ChecksumError, atomic_write_json, ensure_dir, read_json, verify_json, verify_safetensors,
                   write_safetensors)
 
-__all__ = ["CondStore", "build_conds", "conds_for", "prompts_digest", "CONDS_INDEX"]
+__all__ = ["CondStore", "build_conds", "conds_for", "prompts_digest", "CONDS_INDEX", "same_token_count",
+           "rows_from_conditioning", "conditioning_from_rows"]
 
 CONDS_INDEX = "conds.json"
 CONDS_VERSION = 1
@@ -97,24 +98,29 @@ class CondStore:
 
     def rows(self, ids: Sequence[int] | torch.Tensor) -> dict[str, torch.Tensor]:
         """``{key: [len(ids), ...]}`` for the prompts ``ids`` (in that order), read from the memory-mapped
-        shards: only these rows are read."""
+        shards: only these rows are read. Chunks written by ComfyUI may hold "cond" rows of other token counts
+        (a prompt over 75 tokens is 154 tokens there): a batch mixing them gets every row repeated to the least
+        common multiple of its token counts, as ComfyUI batches such prompts itself (``CONDCrossAttn.concat``)."""
         from safetensors import safe_open
 
         idx = torch.as_tensor(ids, dtype=torch.long).reshape(-1)
         if idx.numel() and (int(idx.min()) < 0 or int(idx.max()) >= self.count):
             raise IndexError(f"prompt ids must lie in 0..{self.count - 1}, got {idx.tolist()[:8]}")
-        out = {k: torch.empty((idx.numel(), *shape), dtype=self.dtype) for k, shape in self.keys.items()}
+        got: dict[str, list] = {k: [None] * idx.numel() for k in self.keys}
         chunk_of = idx // self.chunk
         for j in torch.unique(chunk_of).tolist():
             sel = (chunk_of == j).nonzero().flatten().tolist()
             path = self._checked_file(int(j), self.chunk_path(int(j)))
             with safe_open(str(path), framework="pt", device="cpu") as f:
-                for k in out:
+                for k in got:
                     sl = f.get_slice(k)
                     for pos in sel:
                         r = int(idx[pos]) - int(j) * self.chunk
-                        out[k][pos] = sl[r: r + 1][0]
-        return out
+                        got[k][pos] = sl[r: r + 1]
+        if not idx.numel():
+            return {k: torch.empty((0, *shape), dtype=self.dtype) for k, shape in self.keys.items()}
+        got["cond"] = same_token_count(got["cond"])
+        return {k: torch.cat(v).to(self.dtype) for k, v in got.items()}
 
     def uncond(self) -> dict[str, torch.Tensor]:
         """``{key: [1, ...]}``: the unconditional prompt's encoding."""
@@ -174,11 +180,11 @@ def build_conds(root: str | os.PathLike, prompts: Sequence[str], encode: Encoder
                 path.unlink()
         texts = list(prompts[j * chunk: (j + 1) * chunk])
         enc, first_rows = (first_rows if j == 0 and first_rows is not None else encode(texts)[0]), None
-        bad = {k: tuple(enc[k].shape) for k in keys if k not in enc or tuple(enc[k].shape[1:]) != keys[k]
-               or enc[k].shape[0] != len(texts)}
+        bad = {k: tuple(enc[k].shape) for k in keys if k not in enc or enc[k].shape[0] != len(texts)
+               or tuple(enc[k].shape[2 if k == "cond" else 1:]) != keys[k][1 if k == "cond" else 0:]}
         if bad or set(enc) != set(keys):
             raise ValueError(f"the encoder returned {({k: tuple(v.shape) for k, v in enc.items()})} for {len(texts)} "
-                             f"prompts; expected the keys and row shapes {keys}")
+                             f"prompts; expected the keys and row shapes {keys} (any token count for 'cond')")
         write_safetensors({k: v.detach().to("cpu", dtype) for k, v in enc.items()}, path,
                           {"noisecraft.kind": "conds_chunk", "start": str(j * chunk), "count": str(len(texts))},
                           digest=True)
@@ -214,3 +220,77 @@ def conds_for(root: str | os.PathLike, prompts: Sequence[str], encode: Encoder, 
                                                      "runs can train from the cache at the same time), or give "
                                                      "another cache folder"):
         return build_conds(root, prompts, encode, chunk=chunk, dtype=dtype, progress=progress)
+
+
+def same_token_count(conds: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+    """Token-state rows ``[n, L_i, D]`` brought to one token count, the least common multiple of the ``L_i``, by
+    repeating each row's tokens whole (ComfyUI's ``CONDCrossAttn.concat`` batches prompts of other lengths so:
+    cross-attention over a prompt repeated k times gives the same result as over the prompt)."""
+    import math
+
+    lengths = {int(c.shape[1]) for c in conds}
+    if len(lengths) < 2:
+        return list(conds)
+    target = math.lcm(*lengths)
+    return [c.repeat(1, target // int(c.shape[1]), 1) for c in conds]
+
+
+# -- ComfyUI's CONDITIONING <-> stored rows ----------------------------------------------------------------
+# The store names the family's extra inputs as the diffusers networks do (the CLI's host passes them as they
+# are); ComfyUI's conditioning dict names them its own way. These two functions are the one mapping, used by
+# the nodes (nodes/train_store.py) to write and read a cache, and by the tests without ComfyUI.
+
+SDXL_SIZE_KEYS = ("height", "width", "crop_h", "crop_w", "target_height", "target_width")  # = diffusers' time_ids
+
+
+def rows_from_conditioning(entries: Sequence, family: str, latent_hw: Sequence[int]) -> dict[str, torch.Tensor]:
+    """The stored rows of ComfyUI CONDITIONING entries (one ``[cond [1, L, D], dict]`` per prompt): ``"cond"``
+    (repeated to one token count, :func:`same_token_count`) and, by ``family``, SDXL's ``"text_embeds"`` (the
+    ``pooled_output``) and ``"time_ids"`` (the size keys in diffusers' order, with the defaults ComfyUI's
+    sampling gives an entry without them: the latent's size x 8, crop 0, target = size), SD3's
+    ``"pooled_projections"``; ``"sd"`` (SD1.x/SD2.x) keeps only ``"cond"``. ``latent_hw``: the latent's H, W."""
+    conds = same_token_count([torch.as_tensor(e[0]).reshape(1, *e[0].shape[-2:]) for e in entries])
+    rows = {"cond": torch.cat(conds)}
+    extras = [dict(e[1]) if len(e) > 1 else {} for e in entries]
+    if family in ("sdxl", "sd3"):
+        missing = [i for i, d in enumerate(extras) if not torch.is_tensor(d.get("pooled_output"))]
+        if missing:
+            raise ValueError(f"prompt {missing[0]}'s conditioning has no pooled_output, which {family} needs: encode "
+                             f"the prompts with this model's CLIP (CLIP Text Encode / the clip input)")
+        pooled = torch.cat([d["pooled_output"].reshape(1, -1) for d in extras])
+        rows["text_embeds" if family == "sdxl" else "pooled_projections"] = pooled
+    if family == "sdxl":
+        h, w = int(latent_hw[0]) * 8, int(latent_hw[1]) * 8
+
+        def ids(d):
+            height, width = d.get("height", h), d.get("width", w)
+            return [height, width, d.get("crop_h", 0), d.get("crop_w", 0), d.get("target_height", height),
+                    d.get("target_width", width)]
+
+        rows["time_ids"] = torch.tensor([ids(d) for d in extras], dtype=torch.float32)
+    elif family not in ("sd", "sd3"):
+        raise ValueError(f"prompt encodings are stored for the families sd, sdxl and sd3, got {family!r}")
+    return rows
+
+
+def conditioning_from_rows(rows: dict[str, torch.Tensor]) -> list:
+    """ONE ComfyUI CONDITIONING entry for a batch of stored rows (``[cond [n, L, D], dict]``: ComfyUI gives row
+    ``i`` to sample ``i`` of a batch of n), the inverse of :func:`rows_from_conditioning`, whichever host wrote
+    the rows: ``text_embeds`` / ``pooled_projections`` become ``pooled_output``, ``time_ids`` the six size keys
+    (one value for the batch: rows with other sizes need batches of their own)."""
+    rows = dict(rows)
+    cond = rows.pop("cond")
+    extra: dict = {}
+    pooled = rows.pop("text_embeds", None)
+    pooled = rows.pop("pooled_projections", pooled)
+    if pooled is not None:
+        extra["pooled_output"] = pooled
+    ids = rows.pop("time_ids", None)
+    if ids is not None:
+        if not bool((ids == ids[:1]).all()):
+            raise ValueError("a batch of SDXL rows with different size conditioning (time_ids) cannot share one "
+                             "ComfyUI conditioning entry: group the rows by their time_ids")
+        extra.update({k: int(round(float(v))) for k, v in zip(SDXL_SIZE_KEYS, ids[0].tolist())})
+    if rows:
+        raise ValueError(f"stored prompt encodings with inputs {sorted(rows)} have no ComfyUI equivalent here")
+    return [cond, extra]

@@ -163,11 +163,8 @@ class ShardedStore:
         old = cls._read_index(root)
         mismatch = [k for k in definition if old.get(k) != definition[k]]
         if mismatch:
-            raise ValueError(
-                f"{root} already holds {cls._HOLDS} with different {mismatch} (e.g. {mismatch[0]}: "
-                f"{old.get(mismatch[0])!r} there, {definition[mismatch[0]]!r} asked): use another folder "
-                "or delete that one"
-            )
+            raise ValueError(f"{root} already holds {cls._HOLDS} with different {mismatch} ({_differs(old, definition, mismatch[0])}): "
+                             "use another folder or delete that one")
         return cls(root)
 
     @classmethod
@@ -349,3 +346,18 @@ class ShardedStore:
             for key in out:
                 out[key][sel] = data[key][local]
         return out
+
+
+def _differs(old: Mapping[str, Any], new: Mapping[str, Any], key: str) -> str:
+    """What differs in ``key`` between a store's definition and the one asked, in words: the keys of a dict that
+    differ (a teacher's settings), the first differing item of a list (a prompt set), else both values."""
+    a, b = old.get(key), new[key]
+    if isinstance(a, dict) and isinstance(b, dict):
+        keys = sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k))
+        return "; ".join(f"{key}.{k}: {a.get(k)!r} there, {b.get(k)!r} asked" for k in keys[:4])
+    if isinstance(a, list) and isinstance(b, list):
+        first = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
+        what = (f"item {first}: {a[first]!r} there, {b[first]!r} asked" if first < min(len(a), len(b))
+                else "the same items")
+        return f"{key}: {len(a)} there, {len(b)} asked; {what}"
+    return f"e.g. {key}: {a!r} there, {b!r} asked"
