@@ -126,3 +126,53 @@ def random_refiner_lora(model, rank: int, seed: int, scale: float = 0.05) -> dic
         state[f"{key}.lora_up.weight"] = torch.randn((w.shape[0], rank, *([1] * (w.ndim - 2))), generator=g) * scale
         state[f"{key}.alpha"] = torch.tensor(float(rank))
     return state
+
+
+def _tiny_text_config(width: int) -> dict:
+    """A CLIP text model of ``width`` (the UNet's text width), 3 layers (SDXL reads the penultimate): the real vocabulary and 77 positions, so
+    ComfyUI's own CLIP tokenizer and encoding run unchanged."""
+    return {"architectures": ["CLIPTextModel"], "attention_dropout": 0.0, "bos_token_id": 0, "dropout": 0.0,
+            "eos_token_id": 49407, "hidden_act": "quick_gelu", "hidden_size": width, "initializer_factor": 1.0,
+            "initializer_range": 0.02, "intermediate_size": 64, "layer_norm_eps": 1e-05,
+            "max_position_embeddings": 77, "model_type": "clip_text_model", "num_attention_heads": 2,
+            "num_hidden_layers": 3, "pad_token_id": 1, "projection_dim": width, "torch_dtype": "float32",
+            "vocab_size": 49408}
+
+
+def tiny_clip(family: str, seed: int = 0):
+    """A real ComfyUI ``comfy.sd.CLIP`` for ``family`` ("sd15" or "sdxl") with tiny random text models of the
+    widths the tiny UNets read (SD1.5: CLIP-L 768; SDXL: CLIP-L 768 + CLIP-G 1280 with its projected pooled
+    output), built from ComfyUI's own classes (SD1ClipModel / SDClipModel, SD1Tokenizer / SDXLTokenizer), so
+    CLIP Text Encode and ``clip.tokenize`` + ``encode_from_tokens_scheduled`` run ComfyUI's code."""
+    import functools
+    from types import SimpleNamespace
+
+    import comfy.sd
+    import comfy.sd1_clip as sd1
+    import comfy.sdxl_clip as sdxl
+
+    if family == "sd15":
+        model = functools.partial(sd1.SD1ClipModel, clip_model=functools.partial(
+            sd1.SDClipModel, textmodel_json_config=_tiny_text_config(768), return_projected_pooled=False))
+        tokenizer = sd1.SD1Tokenizer
+    elif family == "sdxl":
+        class TinySDXLClip(sdxl.SDXLClipModel):
+            def __init__(self, device="cpu", dtype=None, model_options={}):
+                torch.nn.Module.__init__(self)
+                self.clip_l = sd1.SDClipModel(layer="hidden", layer_idx=-2, device=device, dtype=dtype,
+                                              layer_norm_hidden_state=False, model_options=model_options,
+                                              textmodel_json_config=_tiny_text_config(768))
+                self.clip_g = sd1.SDClipModel(layer="hidden", layer_idx=-2, device=device, dtype=dtype,
+                                              textmodel_json_config=_tiny_text_config(1280),
+                                              special_tokens={"start": 49406, "end": 49407, "pad": 0},
+                                              layer_norm_hidden_state=False, return_projected_pooled=True,
+                                              model_options={**model_options, "model_name": "clip_g"})
+                self.dtypes = {dtype}
+
+        model, tokenizer = TinySDXLClip, sdxl.SDXLTokenizer
+    else:
+        raise ValueError(f"tiny_clip: no tiny CLIP for {family!r}: expected sd15 or sdxl")
+    clip = comfy.sd.CLIP(SimpleNamespace(clip=model, tokenizer=tokenizer, params={}),
+                         model_options={"dtype": torch.float32})
+    _init(clip.cond_stage_model, seed)
+    return clip
