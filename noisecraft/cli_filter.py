@@ -62,11 +62,11 @@ def filter_teacher(args: argparse.Namespace, cache, scorer, device: str, acc, lo
         return cache
     decode, decode_name = None, "none (latents)"
     if args.model and not args.toy:
-        decode = diffusers_vae_decoder(args.model, device=device)
+        decode = diffusers_vae_decoder(args.model, device=device, config=args.config)
         if decode is None:
             log.info("teacher filter: %s has no vae/ folder: the scorer gets the latents", args.model)
         else:
-            decode_name = f"vae ({Path(args.model).name}/vae)"
+            decode_name = f"vae ({Path(args.model).name}{'' if Path(args.model).is_file() else '/vae'})"
     progress = every_5s(log, "teacher filter: scored %d / %d samples")
 
     def run():

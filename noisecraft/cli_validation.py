@@ -120,7 +120,7 @@ def validation_for(args: argparse.Namespace, host, teacher_for, shape, out: Path
             vhost = encoded_host(host, texts)
         idx, seeds = held_out_seeds(len(texts), _seeds_per_prompt(args), args.validation_seed_base)
         check_held_out(seeds, args.seed_base, args.samples)
-        decode = None if args.toy else diffusers_vae_decoder(args.model, device=device)
+        decode = None if args.toy else diffusers_vae_decoder(args.model, device=device, config=args.config)
         name = args.scorer or ("toy-classifier" if args.toy else None)
         vset = ValidationSet(vhost.denoiser, teacher_for(vhost), torch.tensor(idx), seeds, tuple(shape),
                              get_sigmas(host.table, args.scheduler, args.teacher_steps), names=[texts[i] for i in idx],

@@ -431,14 +431,39 @@ def check_run_filter(out_dir, cache: TeacherCache, *, resume: bool, write: bool 
 
 
 def diffusers_vae_decoder(model_dir, *, device: Union[str, torch.device] = "cpu",
-                          dtype: torch.dtype = torch.float32) -> Optional[Decoder]:
-    """A :data:`Decoder` from a diffusers folder's ``vae/`` (AutoencoderKL), or None when it has none."""
-    vae_dir = Path(model_dir) / "vae"
-    if not (vae_dir / "config.json").is_file():
-        return None
+                          dtype: torch.dtype = torch.float32, config=None) -> Optional[Decoder]:
+    """A :data:`Decoder` from a diffusers folder's ``vae/`` (AutoencoderKL), or None when it has none. A
+    single-file checkpoint (``--model FILE``) decodes with the VAE inside it (diffusers' ``from_single_file``),
+    its config from ``config`` (``--config``) or the one the file's architecture names
+    (:func:`noisecraft.hosts.single_file.single_file_config`); None when the file holds no VAE."""
     from diffusers import AutoencoderKL
 
-    vae = AutoencoderKL.from_pretrained(str(vae_dir), torch_dtype=dtype).to(device).eval().requires_grad_(False)
+    if Path(model_dir).is_file():
+        import contextlib
+
+        from ..hosts.single_file import single_file_config
+
+        from safetensors import safe_open
+
+        with safe_open(str(model_dir), framework="pt") as f:  # the LDM layout of a checkpoint's VAE
+            if not any(k.startswith(("first_stage_model.", "vae.")) for k in f.keys()):
+                return None
+        with contextlib.ExitStack() as stack:
+            folder = Path(config) if config is not None else stack.enter_context(single_file_config(model_dir))[1]
+            if not (folder / "vae" / "config.json").is_file():
+                return None
+            try:
+                vae = AutoencoderKL.from_single_file(str(model_dir), config=str(folder), subfolder="vae",
+                                                     torch_dtype=dtype)
+            except (ValueError, KeyError, OSError) as exc:  # a network-only file: no VAE keys in it
+                logger.info("%s: no VAE decoded from the file (%s): the scorer gets the latents", model_dir, exc)
+                return None
+        vae = vae.to(device).eval().requires_grad_(False)
+    else:
+        vae_dir = Path(model_dir) / "vae"
+        if not (vae_dir / "config.json").is_file():
+            return None
+        vae = AutoencoderKL.from_pretrained(str(vae_dir), torch_dtype=dtype).to(device).eval().requires_grad_(False)
     scale = float(getattr(vae.config, "scaling_factor", 1.0) or 1.0)
     shift = float(getattr(vae.config, "shift_factor", None) or 0.0)
 

@@ -557,3 +557,13 @@ def test_sd3_t5_in_the_file_is_its_t5(models, hub, tmp_path):
     torch.testing.assert_close(host.conds, cond, **tol)
     torch.testing.assert_close(host.uncond, uncond[:1], **tol)
     torch.testing.assert_close(host.added["pooled_projections"], pooled, **tol)
+
+
+def test_a_network_only_single_file_has_no_vae_to_decode_with(models, hub):
+    """The teacher filter and validation decode with the VAE inside ``--model FILE``; a file without VAE keys (as
+    these test files are) gives no decoder (the scorer gets the latents, logged), never a randomly initialised VAE."""
+    from noisecraft.train.teacher_filter import diffusers_vae_decoder
+
+    m = models("sd1")
+    assert diffusers_vae_decoder(m.ckpt) is None
+    assert diffusers_vae_decoder(m.root) is not None  # the diffusers folder's vae/
