@@ -431,6 +431,14 @@ class TrainableLoRA(nn.Module):
         self._objects: dict = {}  # object-patch key -> (the model's inference tensor, our copy)
 
     # -- the switch (the core's LoRASet interface, used by noisecraft.train.refiner.RefinerMethod) ------
+    @property
+    def enabled(self) -> bool:
+        return self.switch.enabled
+
+    @enabled.setter
+    def enabled(self, on: bool) -> None:
+        self.switch.enabled = bool(on)
+
     @contextmanager
     def disabled(self) -> Iterator[None]:
         prev, self.switch.enabled = self.switch.enabled, False
