@@ -232,7 +232,7 @@ def train(model, cache: NodeTeacherCache, *, steps: int, student_steps: int, bat
           rank: int, alpha: float, seed: int, resume_from: str = "", precision: str = "fp32",
           lr_schedule: str = "constant", warmup: int = 0, max_grad_norm: float = 0.0, grad_accum: int = 1,
           scheduler: Optional[str] = None, node_id=None, validation: Optional[NodeValidation] = None,
-          gradient_checkpointing: bool = False):
+          gradient_checkpointing: bool = False, checkpoint_every: int = CHECKPOINT_EVERY):
     """Train a refiner LoRA on ``cache``; returns ``(Refiner, losses)``. ``model`` is not modified."""
     if not isinstance(cache, NodeTeacherCache):
         raise ValueError(f"{TRAIN_NAME}: expected a TEACHER_CACHE from {CACHE_NAME}, got {type(cache).__name__}")
@@ -266,7 +266,9 @@ def train(model, cache: NodeTeacherCache, *, steps: int, student_steps: int, bat
     config = RefinerTrainConfig(
         steps=steps, lr=lr, weight_decay=0.0, warmup=warmup, lr_schedule=lr_schedule, batch_size=batch,
         grad_accum=grad_accum, max_grad_norm=max_grad_norm or None, precision=precision,
-        checkpoint_every=CHECKPOINT_EVERY, log_every=1, seed=int(seed), rank=rank, alpha=alpha,
+        checkpoint_every=check_int(TRAIN_NAME, "checkpoint_every", checkpoint_every, 1,
+                                   hint=f"steps between checkpoints of a named run ({CHECKPOINT_EVERY} before)"),
+        log_every=1, seed=int(seed), rank=rank, alpha=alpha,
         targets=targets, student_steps=student_steps, scheduler=scheduler, lora_seed=int(seed),
         gradient_checkpointing=bool(gradient_checkpointing))
     checkpointing = ComfyCheckpointing(model.model, TRAIN_NAME) if gradient_checkpointing else None
@@ -492,6 +494,10 @@ class TrainRefiner(io.ComfyNode):
                                  tooltip="Recompute the refiner pass block by block in backward instead of keeping its "
                                  "activations: much less memory (SDXL rank 256 batch 2 fits 24 GB with it), about one "
                                  "more forward pass of time; same loss and gradients. Off: as before."),
+                io.Int.Input("checkpoint_every", default=CHECKPOINT_EVERY, min=1, max=1000000, optional=True,
+                             tooltip="Steps between the checkpoints of a named run (resume_from); an interrupt writes "
+                             "one too. A checkpoint holds the LoRA and its two AdamW moments (9 GB at SDXL rank 256): "
+                             "raise it for large ranks."),
             ],
             outputs=[
                 RefinerType.Output(display_name="refiner", tooltip="The trained refiner, for Refine Noise and Save "
@@ -504,13 +510,14 @@ class TrainRefiner(io.ComfyNode):
     @classmethod
     def execute(cls, model, teacher_cache, steps, student_steps, batch_size, learning_rate, rank, alpha, seed,
                 resume_from="", precision="fp32", lr_schedule="constant", warmup=0, max_grad_norm=0.0, grad_accum=1,
-                gradient_checkpointing=False, **validation):
+                gradient_checkpointing=False, checkpoint_every=CHECKPOINT_EVERY, **validation):
         shown = NodeValidation(**validation)  # validate_every, ... (nodes/train_validation.py)
         refiner, losses = train(model, teacher_cache, steps=steps, student_steps=student_steps, batch_size=batch_size,
                                 learning_rate=learning_rate, rank=rank, alpha=alpha, seed=seed,
                                 resume_from=resume_from, precision=precision, lr_schedule=lr_schedule, warmup=warmup,
                                 max_grad_norm=max_grad_norm, grad_accum=grad_accum, node_id=node_id(cls),
-                                validation=shown, gradient_checkpointing=gradient_checkpointing)
+                                validation=shown, gradient_checkpointing=gradient_checkpointing,
+                                checkpoint_every=checkpoint_every)
         text = (f"MSD loss {losses[0]:.5g} -> {losses[-1]:.5g} in {len(losses)} steps\n"
                 + ", ".join(f"{v:.5g}" for v in losses))
         return io.NodeOutput(refiner, losses, ui={"text": [text], "noisecraft_losses": losses, **shown.ui()})

@@ -55,3 +55,29 @@ def test_checkpointing_gives_the_same_training_and_keeps_less(nc, tr, fam):
     # the MODEL is left as it was: its weights, and no block keeps a forward of ours
     assert all(torch.equal(before[k], v) for k, v in model.model.state_dict().items())
     assert not any("forward" in m.__dict__ for m in model.model.modules())
+
+
+def test_checkpoint_every_sets_the_named_runs_checkpoints(nc, tr, tmp_path, monkeypatch):
+    """checkpoint_every (default 50, as before): a named run writes its checkpoint at each multiple; 0 is refused."""
+    import folder_paths
+    from safetensors import safe_open
+
+    from noisecraft.train.loop import CHECKPOINT_NAME
+
+    monkeypatch.setattr(folder_paths, "get_output_directory", lambda: str(tmp_path))
+    model, cache = _cache(nc, tr, "sd15")
+    steps_seen = []
+    real = tr.run
+
+    def spy(method, data, out_dir, config, **kw):
+        steps_seen.append(config.checkpoint_every)
+        return real(method, data, out_dir, config, **kw)
+
+    monkeypatch.setattr(tr, "run", spy)
+    with torch.inference_mode():
+        tr.TrainRefiner.execute(model, cache, 3, 2, 2, 1e-3, 4, 0.0, 1, resume_from="ck", checkpoint_every=2)
+    assert steps_seen == [2]
+    with safe_open(str(tmp_path / "noisecraft_runs" / "ck" / CHECKPOINT_NAME), "pt") as f:
+        assert f.metadata()  # written (at step 2 and at the last step)
+    with pytest.raises(ValueError, match="checkpoint_every"), torch.inference_mode():
+        tr.TrainRefiner.execute(model, cache, 3, 2, 2, 1e-3, 4, 0.0, 1, resume_from="ck2", checkpoint_every=0)
