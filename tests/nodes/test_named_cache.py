@@ -1,0 +1,268 @@
+"""Named (on-disk) teacher caches in ComfyUI (issue 17): Build Teacher Cache with a ``cache_name``, Load Teacher
+Cache, and Train Refiner / Filter Teacher Cache on such a cache (nodes/train_store.py gives the design).
+
+Tier 2 (``COMFYUI_PATH``): tiny random-weight SD1.5- and SDXL-shaped models and tiny real ComfyUI CLIPs
+(``tiny_clip``: ComfyUI's own CLIP classes and tokenizers), everything under ``torch.inference_mode()`` like the
+server, ComfyUI's output folder pointed at a temporary one. ``SHARD_SIZE`` / ``CHUNK`` are set to 4 / 3 so that a
+cache of a few samples has several shards and several encoding chunks.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors import safe_open
+
+import comfy.model_management as mm
+import folder_paths
+from comfy_extras.nodes_custom_sampler import (BasicScheduler, CFGGuider, KSamplerSelect, Noise_RandomNoise,
+                                               SamplerCustomAdvanced)
+from comfy_extras.nodes_pag import PerturbedAttentionGuidance
+
+SEED, CFG, STEPS, PER_PROMPT, SIZE = 5, 7.0, 3, 2, 8
+F32_EPS = torch.finfo(torch.float32).eps
+LONG = "a photo of " + ", ".join(["a small red house"] * 25)  # over 75 tokens: ComfyUI encodes it as 154
+TEXTS = ["a cat on a mat", "a bowl of fruit", "a red car in the rain", LONG]  # the long one alone in chunk 1 (CHUNK 3)
+WIDTH = {"sd15": 768, "sdxl": 2048}
+FAMILY = {"sd15": "sd", "sdxl": "sdxl"}
+
+
+def pack(nc) -> str:
+    return nc.noise.__name__.split(".")[0]
+
+
+@pytest.fixture(scope="module")
+def ts(nc):
+    return importlib.import_module(f"{pack(nc)}.nodes.train_store")
+
+
+@pytest.fixture(scope="module")
+def cs(nc):
+    return importlib.import_module(f"{pack(nc)}.noisecraft.train.cond_store")
+
+
+@pytest.fixture(scope="module")
+def tcore(nc):
+    return importlib.import_module(f"{pack(nc)}.noisecraft.train.teacher_cache")
+
+
+@pytest.fixture(scope="module")
+def pr(nc):
+    return importlib.import_module(f"{pack(nc)}.nodes.nodes_prompts")
+
+
+@pytest.fixture(scope="module")
+def output(tmp_path_factory):
+    """ComfyUI's output folder, a temporary one for this module (caches in noisecraft_caches/, runs in
+    noisecraft_runs/)."""
+    out = tmp_path_factory.mktemp("output")
+    saved = folder_paths.get_output_directory()
+    folder_paths.set_output_directory(str(out))
+    try:
+        yield out
+    finally:
+        folder_paths.set_output_directory(saved)
+
+
+@pytest.fixture(autouse=True)
+def small_shards(ts, output, monkeypatch):
+    monkeypatch.setattr(ts, "SHARD_SIZE", 4)
+    monkeypatch.setattr(ts, "CHUNK", 3)
+
+
+class Tiny:
+    """The tiny models and CLIPs, built once each under inference mode (as ComfyUI loads checkpoints)."""
+
+    def __init__(self, nc):
+        self.nc, self._m = nc, {}
+
+    def _get(self, key, make):
+        if key not in self._m:
+            with torch.inference_mode():
+                self._m[key] = make()
+        return self._m[key]
+
+    def model(self, fam, seed=0):
+        return self._get(("model", fam, seed), lambda: self.nc.tiny.build(fam, seed=seed))
+
+    def clip(self, fam):
+        return self._get(("clip", fam), lambda: self.nc.tiny.tiny_clip(fam))
+
+    def encode(self, fam, text):
+        """ComfyUI's own encoding of one text (what CLIP Text Encode does): a one-entry CONDITIONING."""
+        clip = self.clip(fam)
+        with torch.inference_mode():
+            return clip.encode_from_tokens_scheduled(clip.tokenize(text))
+
+    def negative(self, fam):
+        return self.encode(fam, "")
+
+    def positive(self, fam, texts=TEXTS):
+        """The prompts as one CONDITIONING (CLIP Text Encode per prompt, joined by Conditioning (Combine))."""
+        return [e for t in texts for e in self.encode(fam, t)]
+
+
+@pytest.fixture(scope="module")
+def tiny(nc):
+    return Tiny(nc)
+
+
+def latent(batch=1):
+    return {"samples": torch.zeros(batch, 4, SIZE, SIZE)}
+
+
+def build(tr, model, neg, *, name="", positive=None, prompts=None, clip=None, per=PER_PROMPT, seed=SEED, cfg=CFG,
+          steps=STEPS, batch=1, sampler=None, gmin=0.0, gmax=0.0, scheduler="normal"):
+    """Build Teacher Cache as ComfyUI calls it (every input by name); returns the TEACHER_CACHE."""
+    with torch.inference_mode():
+        return tr.BuildTeacherCache.execute(model=model, positive=positive, negative=neg, latent=latent(batch),
+                                            samples_per_prompt=per, seed=seed, cfg=cfg, steps=steps,
+                                            scheduler=scheduler, sampler=sampler, prompts=prompts, clip=clip,
+                                            cache_name=name, guidance_min=gmin, guidance_max=gmax).args[0]
+
+
+def load_prompts(pr, folder: Path, texts) -> object:
+    """Load Prompts on a .txt file holding ``texts`` (one per line): an NC_PROMPTS."""
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"prompts_{len(texts)}_{abs(hash(tuple(texts))) % 10**8}.txt"
+    path.write_text("\n".join(texts) + "\n")
+    return pr.LoadPrompts.execute(path=str(path)).args[0]
+
+
+def train(tr, model, cache, steps=3, batch=4, **kw):
+    """Train Refiner as a graph calls it (the required inputs, then new ones by name); returns the NodeOutput."""
+    with torch.inference_mode():
+        return tr.TrainRefiner.execute(model, cache, steps, 2, batch, 3e-3, 4, 0.0, 1, **kw)
+
+
+def files(folder: Path) -> dict:
+    """Every file of a cache folder (the lock files aside) and its bytes."""
+    return {p.name: p.read_bytes() for p in sorted(Path(folder).iterdir())
+            if p.is_file() and not p.name.startswith(".noisecraft.lock")}
+
+
+def cache_files(n_shards, n_chunks):
+    return {"index.json", "conds.json", "conds_uncond.safetensors",
+            *(f"shard_{k:05d}.safetensors" for k in range(n_shards)),
+            *(f"conds_{j:05d}.safetensors" for j in range(n_chunks))}
+
+
+def snapshot(model):
+    return {k: v.detach().clone() for k, v in model.model.state_dict().items()}
+
+
+def same(a, b):
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def sampler_custom_advanced(model, positive, negative, noise, cfg=CFG, steps=STEPS):
+    """ComfyUI's own sampling of one sample: SamplerCustomAdvanced with CFGGuider(cfg), KSamplerSelect("euler"),
+    BasicScheduler("normal", steps); the result in the model's inner latent space (the space a cache stores)."""
+    with torch.inference_mode():
+        guider = CFGGuider().get_guider(model, positive, negative, cfg)[0]
+        sampler = KSamplerSelect().get_sampler("euler")[0]
+        sigmas = BasicScheduler().get_sigmas(model, "normal", steps, 1.0)[0]
+        out = SamplerCustomAdvanced().sample(noise, guider, sampler, sigmas, latent())[0]
+        return model.get_model_object("latent_format").process_in(out["samples"])
+
+
+def euler_tolerance(model, noise, cfg=CFG, steps=STEPS):
+    """How far the core's Euler may land from ComfyUI's on the same guided denoiser (as in test_pag_teacher):
+    only rounding differs (the start latent e * sqrt(1 + sigma_max^2) in double here, float32 there; each update
+    (x - D) / sigma * dt there, (x - D) * (dt / sigma) here: the last bit of values of size max|x_T|), and the
+    guided denoiser (coefficients summing to 1 + cfg) carries it into the next step: 16 such roundings per step
+    of (1 + cfg) max|x_T|."""
+    smax = float(model.get_model_object("model_sampling").sigma_max)
+    x_t = float(noise.abs().max()) * (1 + smax * smax) ** 0.5
+    return 16 * steps * (1 + cfg) * F32_EPS * x_t
+
+
+# -- 1. what a named cache holds ---------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def encoded(tr, pr, tiny, output, tmp_path_factory):
+    """``encoded(fam)``: the named caches of TEXTS built from Load Prompts + clip and from a positive
+    CONDITIONING of the same encodings (built once per family)."""
+    done = {}
+    folder = tmp_path_factory.mktemp("input")
+
+    def get(fam):
+        if fam not in done:  # (called inside a test: small_shards is in effect)
+            model, neg = tiny.model(fam), tiny.negative(fam)
+            prompts = load_prompts(pr, folder, TEXTS)
+            a = build(tr, model, neg, name=f"enc_{fam}_prompts", prompts=prompts, clip=tiny.clip(fam))
+            b = build(tr, model, neg, name=f"enc_{fam}_positive", positive=tiny.positive(fam))
+            done[fam] = (a, b)
+        return done[fam]
+
+    return get
+
+
+@pytest.mark.parametrize("fam", ["sd15", "sdxl"])
+def test_the_folder_holds_the_clis_files_and_comfyuis_encodings(fam, encoded, tiny, cs):
+    """Both sources give the CLI's files; each stored row is ComfyUI's own encoding of its prompt (through
+    rows_from_conditioning: SDXL's pooled output and size ids with it); a 154-token prompt is stored at 154
+    tokens, next to 77-token ones, and a batch mixing them repeats the 77-token rows (as ComfyUI batches)."""
+    by_prompts, by_positive = encoded(fam)
+    model = tiny.model(fam)
+    for cache in (by_prompts, by_positive):
+        assert cache.data.root.parent.name == "noisecraft_caches" and cache.folder == cache.data.root
+        assert set(files(cache.folder)) == cache_files(2, 2)  # 8 samples / 4 per shard; 4 prompts / 3 per chunk
+        assert len(cache) == len(TEXTS) * PER_PROMPT and cache.prompt_count == len(TEXTS) and cache.prompts is None
+        meta = cache.data.meta
+        assert (meta["family"], meta["cfg"], meta["steps"], meta["seed"], meta["sampler"]) == \
+            (FAMILY[fam], CFG, STEPS, SEED, "euler")
+        assert meta["guidance"] == "cfg" and meta["host"] == "comfyui" and meta["model_fingerprint"]
+    assert by_prompts.data.conds == TEXTS  # the texts name the prompts; CONDITIONING entries by their digest
+    assert all(c.startswith("conditioning sha256 ") for c in by_positive.data.conds)
+    assert len(set(by_positive.data.conds)) == len(TEXTS)
+
+    hw = (SIZE, SIZE)
+    encodings = [tiny.encode(fam, t) for t in TEXTS]
+    assert [e[0][0].shape[1] for e in encodings] == [77, 77, 77, 154]
+    keys = {"sd15": {"cond"}, "sdxl": {"cond", "text_embeds", "time_ids"}}[fam]
+    for cache in (by_prompts, by_positive):
+        store = cache.store
+        assert store.count == len(TEXTS) and store.num_chunks == 2 and set(store.keys) == keys
+        for i, enc in enumerate(encodings):
+            want = cs.rows_from_conditioning(enc, FAMILY[fam], hw)
+            got = store.rows([i])
+            assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want), (fam, i)
+        mixed = store.rows([0, 3])["cond"]
+        assert mixed.shape == (2, 154, WIDTH[fam])
+        assert torch.equal(mixed[0], encodings[0][0][0][0].repeat(2, 1)) and torch.equal(mixed[1], encodings[3][0][0][0])
+        unc = store.uncond()
+        want = cs.rows_from_conditioning(tiny.negative(fam), FAMILY[fam], hw)
+        assert unc.keys() == want.keys() and all(torch.equal(unc[k], want[k]) for k in want)
+        if fam == "sdxl":  # ComfyUI's sampling defaults for an entry without size keys: the latent's size x 8
+            assert store.rows([1])["time_ids"].tolist() == [[64.0, 64.0, 0.0, 0.0, 64.0, 64.0]]
+    assert model.model.get_dtype() == torch.float32 and by_prompts.store.dtype == torch.float32
+
+
+@pytest.mark.parametrize("fam", ["sd15", "sdxl"])
+def test_each_sample_is_comfyuis_own_sampling_of_its_seed_and_prompt(fam, encoded, tiny):
+    """Sample i: the noise of RandomNoise(seed + i) for a batch of one, prompt i % P, and x0 = what
+    SamplerCustomAdvanced gives for that noise and prompt (CFGGuider(cfg), euler, BasicScheduler); the cache from
+    the positive CONDITIONING (the same encodings) holds the same bytes."""
+    by_prompts, by_positive = encoded(fam)
+    model, neg = tiny.model(fam), tiny.negative(fam)
+    full = by_prompts.data.get(range(len(by_prompts)))
+    other = by_positive.data.get(range(len(by_positive)))
+    assert torch.equal(full.e, other.e) and torch.equal(full.x0, other.x0) and torch.equal(full.cond, other.cond)
+    assert full.cond.tolist() == [i % len(TEXTS) for i in range(len(by_prompts))]
+    for i in range(len(by_prompts)):
+        noise = Noise_RandomNoise(SEED + i)
+        assert torch.equal(full.e[i:i + 1], noise.generate_noise(latent())), i
+        ref = sampler_custom_advanced(model, tiny.encode(fam, TEXTS[i % len(TEXTS)]), neg, noise)
+        err, tol = float((full.x0[i:i + 1] - ref).abs().max()), euler_tolerance(model, full.e[i])
+        assert err <= tol, (fam, i, err, tol)
+    assert float((full.x0[0] - full.x0[len(TEXTS)]).abs().max()) > 100 * tol  # (the noises matter)
