@@ -266,3 +266,150 @@ def test_each_sample_is_comfyuis_own_sampling_of_its_seed_and_prompt(fam, encode
         err, tol = float((full.x0[i:i + 1] - ref).abs().max()), euler_tolerance(model, full.e[i])
         assert err <= tol, (fam, i, err, tol)
     assert float((full.x0[0] - full.x0[len(TEXTS)]).abs().max()) > 100 * tol  # (the noises matter)
+
+
+# -- 2. resume: an interrupt (Cancel) or a killed process leaves finished shards; the same node finishes it --------
+
+def watch_shards(tcore, monkeypatch, interrupt_after=None) -> list:
+    """The shard numbers the core writes from now on; ``interrupt_after``: press Cancel (ComfyUI's interrupt
+    flag) once that many shards are written (the build's next progress call raises, as the server's does)."""
+    written = []
+    write = tcore.TeacherCache.write_shard
+
+    def write_shard(self, k, x0, noise=None):
+        path = write(self, k, x0, noise)
+        written.append(k)
+        if interrupt_after is not None and len(written) == interrupt_after:
+            mm.interrupt_current_processing(True)
+        return path
+
+    monkeypatch.setattr(tcore.TeacherCache, "write_shard", write_shard)
+    return written
+
+
+def count_model_calls(model, monkeypatch) -> list:
+    """The batch size of every call of the model's network from now on."""
+    calls = []
+    net = model.model.diffusion_model
+    forward = net.forward
+
+    def counted(x, *args, **kwargs):
+        calls.append(int(x.shape[0]))
+        return forward(x, *args, **kwargs)
+
+    monkeypatch.setattr(net, "forward", counted)
+    return calls
+
+
+SIX = [f"prompt {i}: a {c} bird on a {t}" for i, (c, t) in enumerate(zip(
+    ["red", "blue", "green", "black", "white", "grey"], ["tree", "roof", "fence", "rock", "boat", "wire"]))]
+
+
+def test_an_interrupted_build_resumes_with_only_the_missing_shards(tr, tcore, tiny, monkeypatch):
+    """Cancel after the first of 3 shards: that shard stays; queuing the same node again samples only shards 1
+    and 2 (2/3 of the model calls of a whole build) and the folder is byte for byte the one an uninterrupted build
+    makes under another name; once finished, the node only opens it."""
+    model, neg, pos = tiny.model("sd15"), tiny.negative("sd15"), tiny.positive("sd15", SIX)
+    kw = dict(positive=pos, per=2, batch=2)  # 12 samples: 3 shards of 4, sampled 2 at a time
+    calls = count_model_calls(model, monkeypatch)
+    written = watch_shards(tcore, monkeypatch)
+    whole = build(tr, model, neg, name="resume_whole", **kw)
+    assert written == [0, 1, 2] and len(whole) == 12
+    whole_calls = sum(calls)
+
+    calls.clear()
+    written = watch_shards(tcore, monkeypatch, interrupt_after=1)
+    with pytest.raises(mm.InterruptProcessingException):
+        build(tr, model, neg, name="resume_cut", **kw)
+    folder = Path(folder_paths.get_output_directory()) / "noisecraft_caches" / "resume_cut"
+    assert written == [0] and set(files(folder)) == cache_files(1, 2)  # the encodings are all there, one shard
+    assert sum(calls) * 12 == whole_calls * (4 + 2)  # shard 0 and shard 1's first micro-batch (then Cancel)
+
+    mm.interrupt_current_processing(False)  # (the server clears it before the next prompt)
+    calls.clear()
+    written = watch_shards(tcore, monkeypatch)
+    done = build(tr, model, neg, name="resume_cut", **kw)
+    assert written == [1, 2] and sum(calls) * 3 == whole_calls * 2
+    assert files(folder) == files(whole.folder) and not done.data.missing_shards()
+    assert torch.equal(done.x0, whole.x0)
+
+    calls.clear()
+    written = watch_shards(tcore, monkeypatch)
+    again = build(tr, model, neg, name="resume_cut", **kw)  # finished: opened, nothing sampled or written
+    assert written == [] and calls == [] and len(again) == 12 and files(folder) == files(whole.folder)
+
+
+KILL_SCRIPT = r"""
+import os, sys, time
+from pathlib import Path
+sys.path.insert(0, os.environ["COMFYUI_PATH"])
+sys.path.insert(0, os.environ["NC_TESTS"])
+import torch
+torch.set_num_threads(1)
+from comfy.cli_args import args
+args.cpu = True
+args.use_pytorch_cross_attention = True
+import comfy.model_management, comfy.utils, folder_paths
+comfy.utils.PROGRESS_BAR_ENABLED = False
+import conftest
+conftest.load_pack()
+import importlib
+tr = importlib.import_module(conftest.PACK_NAME + ".nodes.nodes_train")
+ts = importlib.import_module(conftest.PACK_NAME + ".nodes.train_store")
+pr = importlib.import_module(conftest.PACK_NAME + ".nodes.nodes_prompts")
+tiny = conftest.load_tiny_models()
+folder_paths.set_output_directory(os.environ["NC_OUT"])
+ts.SHARD_SIZE, ts.CHUNK = 4, 3
+
+def hook(value, total, preview, node_id=None):  # the build's progress: samples done of the work
+    if value > 8:  # shard 2's first micro-batch is sampled (shards 0 and 1 are on disk): wait to be killed
+        Path(os.environ["NC_OUT"], "in_shard_2").touch()
+        time.sleep(600)
+
+comfy.utils.set_progress_bar_global_hook(hook)
+with torch.inference_mode():
+    model = tiny.build("sd15", seed=0)
+    clip = tiny.tiny_clip("sd15")
+    neg = clip.encode_from_tokens_scheduled(clip.tokenize(""))
+    prompts = pr.LoadPrompts.execute(path=os.environ["NC_PROMPTS"]).args[0]
+    tr.BuildTeacherCache.execute(model=model, positive=None, negative=neg, latent={"samples": torch.zeros(2, 4, 8, 8)},
+                                 samples_per_prompt=2, seed=5, cfg=7.0, steps=3, scheduler="normal", prompts=prompts,
+                                 clip=clip, cache_name="killed")
+print("the build finished: it should have been killed")
+"""
+
+
+def test_a_build_killed_mid_shard_is_finished_by_the_same_node_byte_for_byte(tr, pr, tcore, tiny, output, tmp_path,
+                                                                             monkeypatch):
+    """A subprocess runs Build Teacher Cache (Load Prompts + CLIP, 3 shards) and is SIGKILLed while it samples
+    shard 2; the same build in this process writes only shard 2, and the folder equals an uninterrupted build's."""
+    assert (SEED, CFG, STEPS, PER_PROMPT) == (5, 7.0, 3, 2)  # (the script's settings)
+    prompts_file = tmp_path / "six.txt"
+    prompts_file.write_text("\n".join(SIX) + "\n")
+    script = tmp_path / "kill_me.py"
+    script.write_text(KILL_SCRIPT)
+    marker = output / "in_shard_2"
+    env = {**os.environ, "NC_TESTS": str(Path(__file__).parent), "NC_OUT": str(output), "NC_PROMPTS": str(prompts_file),
+           "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen([sys.executable, str(script)], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 300
+        while not marker.is_file():
+            assert proc.poll() is None, proc.stdout.read().decode()[-3000:]
+            assert time.monotonic() < deadline, "the build did not reach shard 2 within 300 s"
+            time.sleep(0.02)
+        proc.send_signal(signal.SIGKILL)
+    finally:
+        proc.wait()
+    assert proc.returncode == -signal.SIGKILL
+    folder = output / "noisecraft_caches" / "killed"
+    assert set(files(folder)) == cache_files(2, 2)  # shards 0 and 1; shard 2 was being sampled
+
+    model, neg, clip = tiny.model("sd15"), tiny.negative("sd15"), tiny.clip("sd15")
+    prompts = pr.LoadPrompts.execute(path=str(prompts_file)).args[0]
+    kw = dict(prompts=prompts, clip=clip, batch=2)
+    written = watch_shards(tcore, monkeypatch)
+    finished = build(tr, model, neg, name="killed", **kw)  # (the dead process's lock is gone with it)
+    assert written == [2] and not finished.data.missing_shards()
+    whole = build(tr, model, neg, name="killed_whole", **kw)
+    assert written == [2, 0, 1, 2] and files(folder) == files(whole.folder)
