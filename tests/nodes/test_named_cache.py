@@ -413,3 +413,39 @@ def test_a_build_killed_mid_shard_is_finished_by_the_same_node_byte_for_byte(tr,
     assert written == [2] and not finished.data.missing_shards()
     whole = build(tr, model, neg, name="killed_whole", **kw)
     assert written == [2, 0, 1, 2] and files(folder) == files(whole.folder)
+
+
+# -- 3. the same cache_name with another definition is refused, the folder untouched -------------------------
+
+def folder_state(folder: Path) -> dict:
+    """Every file of the folder (lock files aside) with its bytes and modification time."""
+    return {name: (data, (Path(folder) / name).stat().st_mtime_ns) for name, data in files(folder).items()}
+
+
+def test_a_changed_setting_prompt_set_or_model_is_refused_naming_it(tr, pr, tiny, tmp_path):
+    model, neg, clip = tiny.model("sd15"), tiny.negative("sd15"), tiny.clip("sd15")
+    base = dict(name="defined", prompts=load_prompts(pr, tmp_path, TEXTS[:3]), clip=clip, per=1, steps=2)
+    cache = build(tr, model, neg, **base)
+    before = folder_state(cache.folder)
+    assert set(before) == cache_files(1, 1)
+    changes = [
+        ("cfg", dict(cfg=6.0), "cfg 7.0 there, 6.0 asked"),
+        ("steps", dict(steps=3), "steps 2 there, 3 asked"),
+        ("samples_per_prompt", dict(per=2), "samples_per_prompt 1 there, 2 asked"),
+        ("seed", dict(seed=6), "seed 5 there, 6 asked"),
+        ("scheduler", dict(scheduler="karras"), "scheduler 'normal' there, 'karras' asked"),
+        ("prompt set", dict(prompts=load_prompts(pr, tmp_path, [*TEXTS[:2], "another prompt"])),
+         "the prompts (3 there, 3 asked)"),
+        ("prompt count", dict(prompts=load_prompts(pr, tmp_path, TEXTS)), "the prompts (3 there, 4 asked)"),
+        ("model", dict(model=tiny.model("sd15", seed=1)), "model weights (fingerprint)"),
+    ]
+    for what, change, named in changes:
+        args = {**base, **change}
+        with pytest.raises(ValueError) as err:
+            build(tr, args.pop("model", model), neg, **args)
+        msg = str(err.value)
+        assert msg.startswith("Build Teacher Cache: ") and str(cache.folder) in msg and "\n" not in msg, (what, msg)
+        assert f"[differs: {named}" in msg and "choose another cache_name" in msg, (what, msg)
+        assert folder_state(cache.folder) == before, what
+    assert len(build(tr, model, neg, **base)) == 3  # the unchanged graph still opens it
+    assert folder_state(cache.folder) == before
