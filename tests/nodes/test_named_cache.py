@@ -449,3 +449,182 @@ def test_a_changed_setting_prompt_set_or_model_is_refused_naming_it(tr, pr, tiny
         assert folder_state(cache.folder) == before, what
     assert len(build(tr, model, neg, **base)) == 3  # the unchanged graph still opens it
     assert folder_state(cache.folder) == before
+
+
+# -- 4. Load Teacher Cache -------------------------------------------------------------------------------------
+
+def same_refiner(a, b):
+    return a.pairs.keys() == b.pairs.keys() and all(
+        torch.equal(a.pairs[k][0], b.pairs[k][0]) and torch.equal(a.pairs[k][1], b.pairs[k][1]) for k in a.pairs)
+
+
+def test_load_teacher_cache_by_name_and_by_path_trains_like_the_built_one(tr, ts, encoded, tiny):
+    """Batches of 4 mix the 154-token prompt with 77-token ones (read from disk per batch)."""
+    built = encoded("sd15")[0]
+    model = tiny.model("sd15")
+    name = built.folder.name
+    assert name in ts.cache_names()
+    assert name in next(i for i in ts.LoadTeacherCache.define_schema().inputs if i.id == "cache_name").options
+    ref, ref_losses = train(tr, model, built, steps=3).args
+    assert len(ref_losses) == 3 and all(torch.isfinite(torch.tensor(ref_losses)))
+    for how in (dict(cache_name=name), dict(path=str(built.folder)), dict(path=name), dict(cache_name="x", path=name)):
+        out = ts.LoadTeacherCache.execute(**how)
+        loaded = out.args[0]
+        assert isinstance(loaded, type(built)) and loaded.folder == built.folder and loaded.prompts is None, how
+        assert len(loaded) == len(built) and loaded.prompt_count == len(TEXTS), how
+        assert out.ui["text"] == [f"8 teacher samples (4 prompts) in {built.folder}"]
+        assert torch.equal(loaded.x0, built.x0) and torch.equal(loaded.noise, built.noise)
+        refiner, losses = train(tr, model, loaded, steps=3).args
+        assert losses == ref_losses and same_refiner(refiner, ref), how
+    stamp = ts.LoadTeacherCache.fingerprint_inputs(cache_name=name)
+    assert isinstance(stamp, str) and stamp == ts.LoadTeacherCache.fingerprint_inputs(path=str(built.folder))
+
+
+def test_load_teacher_cache_refuses_an_unfinished_cache_and_other_folders_in_one_line(ts, tr, tcore, tiny, encoded,
+                                                                                        tmp_path, monkeypatch):
+    model, neg = tiny.model("sd15"), tiny.negative("sd15")
+    watch_shards(tcore, monkeypatch, interrupt_after=1)
+    with pytest.raises(mm.InterruptProcessingException):
+        build(tr, model, neg, name="unfinished", positive=tiny.positive("sd15"), batch=4)  # 2 shards, 1 written
+    mm.interrupt_current_processing(False)
+    folder = Path(folder_paths.get_output_directory()) / "noisecraft_caches" / "unfinished"
+
+    def refused(**how) -> str:
+        with pytest.raises(ValueError) as err:
+            ts.LoadTeacherCache.execute(**how)
+        msg = str(err.value)
+        assert msg.startswith("Load Teacher Cache: ") and "\n" not in msg, msg
+        return msg
+
+    for how in (dict(cache_name="unfinished"), dict(path=str(folder))):
+        msg = refused(**how)
+        assert "is not finished: 1 of 2 shards missing" in msg and "queue the Build Teacher Cache graph" in msg, msg
+        assert "continues where it stopped" in msg
+    assert ts.LoadTeacherCache.fingerprint_inputs(cache_name="unfinished") != \
+        ts.LoadTeacherCache.fingerprint_inputs(cache_name="unfinished")  # (nan: it runs, and says so, every time)
+    (tmp_path / "pictures").mkdir()
+    (tmp_path / "pictures" / "a.png").write_bytes(b"not a cache")
+    for how in (dict(path=str(tmp_path / "pictures")), dict(cache_name="no_such_cache")):
+        msg = refused(**how)
+        assert "is not a teacher cache (no index.json)" in msg and "build one with Build Teacher Cache" in msg, msg
+    msg = refused()
+    assert "no cache: choose a cache_name" in msg
+    no_conds = tmp_path / "toy_cache"  # a CLI cache without prompt encodings (--toy / --prompt-embeds)
+    no_conds.mkdir()
+    for p in encoded("sd15")[0].folder.iterdir():
+        if p.name.startswith(("index", "shard_")):
+            (no_conds / p.name).write_bytes(p.read_bytes())
+    msg = refused(path=str(no_conds))
+    assert "holds no prompt encodings (conds.json)" in msg and "--model" in msg, msg
+
+
+# -- 5. Train Refiner on a named cache ----------------------------------------------------------------------------
+
+@pytest.fixture()
+def temp_dir(tmp_path, monkeypatch):
+    monkeypatch.setattr(folder_paths, "get_temp_directory", lambda: str(tmp_path / "temp"))
+    return tmp_path / "temp"
+
+
+class interrupt_at:
+    """A progress hook like the server's (it raises when Cancel was pressed) that presses Cancel at ``step``."""
+
+    def __init__(self, step):
+        self.step = step
+
+    def hook(self, value, total, preview, node_id=None):
+        mm.throw_exception_if_processing_interrupted()
+        if value == self.step:
+            mm.interrupt_current_processing(True)
+
+    def __enter__(self):
+        import comfy.utils
+
+        comfy.utils.set_progress_bar_global_hook(self.hook)
+
+    def __exit__(self, *exc):
+        import comfy.utils
+
+        comfy.utils.set_progress_bar_global_hook(None)
+
+
+def test_train_refiner_on_a_named_cache_leaves_the_model_unchanged_and_resumes(tr, encoded, tiny, output,
+                                                                               monkeypatch):
+    cache = encoded("sd15")[0]
+    model = tiny.model("sd15")
+    before, uuid = snapshot(model), model.patches_uuid
+    monkeypatch.setattr(tr, "CHECKPOINT_EVERY", 100)  # only the interrupt writes a checkpoint
+    full, full_losses = train(tr, model, cache, steps=4, resume_from="named_full").args
+    assert same(before, snapshot(model)) and model.patches_uuid == uuid and not model.patches
+    params = list(model.model.parameters())
+    assert all(p.grad is None for p in params) and all(p.requires_grad for p in params)
+    assert full_losses[-1] < full_losses[0], full_losses
+    training = json.loads(full.metadata["noisecraft.training"])
+    assert training["prompts"] == 4 and training["samples"] == 8 and training["teacher"]["cfg"] == CFG
+    with interrupt_at(2), pytest.raises(mm.InterruptProcessingException):
+        train(tr, model, cache, steps=4, resume_from="named_cut")
+    run = output / "noisecraft_runs" / "named_cut"
+    assert (run / "checkpoint.safetensors").is_file() and not (run / "refiner.safetensors").exists()
+    resumed, losses = train(tr, model, cache, steps=4, resume_from="named_cut").args
+    assert same_refiner(resumed, full) and losses == full_losses
+    assert same(before, snapshot(model)) and not model.patches
+
+
+def test_validation_runs_on_a_named_cache(tr, encoded, tiny, temp_dir):
+    """validate_every with held-out prompts (prepared entries after the cache's prompts) and without (the
+    cache's own prompts, read from disk): the curve starts at exactly 0 (a fresh LoRA's residual is 0)."""
+    cache = encoded("sd15")[0]
+    model = tiny.model("sd15")
+    plain, plain_losses = train(tr, model, cache, steps=2).args
+    held = tiny.positive("sd15", ["a held out prompt", "another held out prompt"])
+    for kw, samples in ((dict(validation_prompts=held), 2 * 2), ({}, 4 * 2)):
+        out = train(tr, model, cache, steps=2, validate_every=1, validation_seeds=2, **kw)
+        refiner, losses = out.args
+        assert losses == plain_losses and same_refiner(refiner, plain)  # validation does not touch the training
+        curve = out.ui["noisecraft_validation"]
+        assert [s for s, _ in curve] == [0, 1, 2] and curve[0][1] == 0.0, curve
+        assert all(torch.isfinite(torch.tensor([g for _, g in curve])))
+        assert json.loads(refiner.metadata["noisecraft.validation"])["samples"] == samples
+        assert (temp_dir / out.ui["images"][0]["filename"]).is_file()
+
+
+def _tensor_bytes(obj, seen=None) -> int:
+    """Bytes of every tensor reachable from ``obj`` through attributes, dicts, lists and tuples (modules skipped;
+    as tests/core/test_families.py counts them)."""
+    seen = set() if seen is None else seen
+    if id(obj) in seen or isinstance(obj, torch.nn.Module):
+        return 0
+    seen.add(id(obj))
+    if torch.is_tensor(obj):
+        return obj.numel() * obj.element_size()
+    if isinstance(obj, dict):
+        return sum(_tensor_bytes(v, seen) for v in obj.values())
+    if isinstance(obj, (list, tuple)):
+        return sum(_tensor_bytes(v, seen) for v in obj)
+    if hasattr(obj, "__dict__") and not isinstance(obj, type):
+        return _tensor_bytes(vars(obj), seen)
+    return 0
+
+
+def test_the_teacher_cache_holds_the_same_tensor_bytes_for_6_and_60_prompts(tr, ts, pr, tiny, tmp_path):
+    """The prompts' encodings stay on disk: the TEACHER_CACHE (built, or loaded) holds the negative's row
+    (77 x 768 float32) and nothing per prompt or sample, also after training on it (a batch's rows are read when
+    training asks for them; the samples read sit in the core's LRU of at most 4 open shards)."""
+    model, neg, clip = tiny.model("sd15"), tiny.negative("sd15"), tiny.clip("sd15")
+    held, on_disk, trained = [], [], []
+    for p in (6, 60):
+        texts = [f"prompt {i} of {p}: a {i % 7} legged table" for i in range(p)]
+        cache = build(tr, model, neg, name=f"count_{p}", prompts=load_prompts(pr, tmp_path, texts), clip=clip, per=1,
+                      steps=2, batch=4)
+        assert len(cache) == p and cache.store.num_chunks == p // 3
+        loaded = ts.LoadTeacherCache.execute(cache_name=f"count_{p}").args[0]
+        held += [_tensor_bytes(cache), _tensor_bytes(loaded)]
+        on_disk.append(sum(f.stat().st_size for f in cache.folder.glob("conds_0*.safetensors")))
+        _, losses = train(tr, model, loaded, steps=2, batch=4).args
+        assert len(losses) == 2 and all(torch.isfinite(torch.tensor(losses)))
+        trained.append(_tensor_bytes(loaded))
+        lru = loaded.data._load_shard.cache_info()  # the samples read: the core's few open shards, a fixed bound
+        assert 0 < lru.currsize <= lru.maxsize == 4
+    assert held[0] == held[1] == held[2] == held[3] == 77 * 768 * 4, held  # the negative's row, float32
+    assert on_disk[1] > 9 * on_disk[0] and on_disk[0] > held[0]  # (the encodings are what stayed on disk)
+    assert trained[0] == trained[1], trained
