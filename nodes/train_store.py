@@ -282,7 +282,8 @@ def build_named(model, *, name: str, node: str, texts: Optional[list], entries: 
                   entries_encoder(entries, labels, fam, negative, hw))
         if not store_ready or not all(p.is_file() for p in _chunk_paths(root)):
             log.info("%s: encoding %d prompts into %s", node, len(labels), root)
-        store = build_conds(root, labels, encode, chunk=CHUNK, dtype=dtype)
+        cancel = comfy.model_management.throw_exception_if_processing_interrupted  # Cancel: finished chunks stay
+        store = build_conds(root, labels, encode, chunk=CHUNK, dtype=dtype, progress=lambda done, count: cancel())
         cache = TeacherCache(root)
         if cache.complete:
             return cache, store

@@ -239,7 +239,8 @@ def test_the_folder_holds_the_clis_files_and_comfyuis_encodings(fam, encoded, ti
             assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want), (fam, i)
         mixed = store.rows([0, 3])["cond"]
         assert mixed.shape == (2, 154, WIDTH[fam])
-        assert torch.equal(mixed[0], encodings[0][0][0][0].repeat(2, 1)) and torch.equal(mixed[1], encodings[3][0][0][0])
+        assert torch.equal(mixed[0], encodings[0][0][0][0].repeat(2, 1))
+        assert torch.equal(mixed[1], encodings[3][0][0][0])
         unc = store.uncond()
         want = cs.rows_from_conditioning(tiny.negative(fam), FAMILY[fam], hw)
         assert unc.keys() == want.keys() and all(torch.equal(unc[k], want[k]) for k in want)
@@ -266,6 +267,7 @@ def test_each_sample_is_comfyuis_own_sampling_of_its_seed_and_prompt(fam, encode
         err, tol = float((full.x0[i:i + 1] - ref).abs().max()), euler_tolerance(model, full.e[i])
         assert err <= tol, (fam, i, err, tol)
     assert float((full.x0[0] - full.x0[len(TEXTS)]).abs().max()) > 100 * tol  # (the noises matter)
+
 
 
 # -- 2. resume: an interrupt (Cancel) or a killed process leaves finished shards; the same node finishes it --------
@@ -337,6 +339,37 @@ def test_an_interrupted_build_resumes_with_only_the_missing_shards(tr, tcore, ti
     written = watch_shards(tcore, monkeypatch)
     again = build(tr, model, neg, name="resume_cut", **kw)  # finished: opened, nothing sampled or written
     assert written == [] and calls == [] and len(again) == 12 and files(folder) == files(whole.folder)
+
+
+
+def test_cancel_while_the_prompts_are_encoded_keeps_the_finished_chunks(tr, pr, cs, encoded, tiny, tmp_path,
+                                                                       monkeypatch):
+    """Cancel right after the first of 2 encoding chunks: the build stops there (no teacher sample); queued again
+    it encodes only chunk 1, then samples, and the folder equals the uninterrupted build's (encoded("sd15"))."""
+    whole = encoded("sd15")[0]
+    model, neg, clip = tiny.model("sd15"), tiny.negative("sd15"), tiny.clip("sd15")
+    written, write = [], cs.write_safetensors
+
+    def watched(tensors, path, *args, **kwargs):
+        out = write(tensors, path, *args, **kwargs)
+        written.append(Path(path).name)
+        if Path(path).name == "conds_00000.safetensors":
+            mm.interrupt_current_processing(True)
+        return out
+
+    monkeypatch.setattr(cs, "write_safetensors", watched)
+    kw = dict(name="cancel_encoding", prompts=load_prompts(pr, tmp_path, TEXTS), clip=clip)
+    with pytest.raises(mm.InterruptProcessingException):
+        build(tr, model, neg, **kw)
+    folder = whole.folder.parent / "cancel_encoding"
+    assert written == ["conds_uncond.safetensors", "conds_00000.safetensors"]
+    assert set(files(folder)) == {"index.json", "conds.json", "conds_uncond.safetensors", "conds_00000.safetensors"}
+    mm.interrupt_current_processing(False)
+    written.clear()
+    done = build(tr, model, neg, **kw)
+    assert written == ["conds_00001.safetensors"] and len(done) == 8
+    want = files(whole.folder)
+    assert files(folder) == {k: want[k] for k in cache_files(2, 2)}
 
 
 KILL_SCRIPT = r"""
