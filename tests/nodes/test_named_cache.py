@@ -270,6 +270,20 @@ def test_each_sample_is_comfyuis_own_sampling_of_its_seed_and_prompt(fam, encode
 
 
 
+@pytest.mark.parametrize("fam", ["sd15", "sdxl"])
+def test_micro_batches_mixing_token_counts_give_the_same_samples(fam, encoded, tr, tiny):
+    """The LATENT's batch (4) is how many samples the teacher samples at once: a micro-batch then holds the
+    154-token prompt with 77-token ones (repeated to 154 tokens, as ComfyUI batches them); only rounding differs
+    from sampling one at a time (softmax sums over twice the tokens, other batch sizes in the network's kernels)."""
+    one_at_a_time = encoded(fam)[0]
+    model, neg = tiny.model(fam), tiny.negative(fam)
+    four = build(tr, model, neg, name=f"enc_{fam}_batch4", positive=tiny.positive(fam), batch=4)
+    assert torch.equal(four.noise, one_at_a_time.noise)
+    for i in range(len(four)):
+        err = float((four.x0[i] - one_at_a_time.x0[i]).abs().max())
+        assert err <= euler_tolerance(model, four.noise[i]), (fam, i, err)
+
+
 # -- 2. resume: an interrupt (Cancel) or a killed process leaves finished shards; the same node finishes it --------
 
 def watch_shards(tcore, monkeypatch, interrupt_after=None) -> list:
@@ -661,3 +675,117 @@ def test_the_teacher_cache_holds_the_same_tensor_bytes_for_6_and_60_prompts(tr, 
     assert held[0] == held[1] == held[2] == held[3] == 77 * 768 * 4, held  # the negative's row, float32
     assert on_disk[1] > 9 * on_disk[0] and on_disk[0] > held[0]  # (the encodings are what stayed on disk)
     assert trained[0] == trained[1], trained
+
+
+# -- 6. PAG teachers and guidance ranges --------------------------------------------------------------------------
+
+def read_shard(folder: Path, k: int) -> dict:
+    with safe_open(str(Path(folder) / f"shard_{k:05d}.safetensors"), "pt") as f:
+        return {key: f.get_tensor(key) for key in f.keys()}
+
+
+def test_a_pag_model_is_recorded_in_the_index_and_samples_the_pag_teacher(tr, tiny):
+    """ComfyUI's PerturbedAttentionGuidance on the MODEL: the index's meta says guidance cfg+pag and its scale,
+    each x0 is SamplerCustomAdvanced on the PAG model (the tolerance of euler_tolerance with PAG's coefficient
+    added), and another PAG scale under the same name is refused naming pag_scale."""
+    model, neg = tiny.model("sd15"), tiny.negative("sd15")
+    with torch.inference_mode():
+        pag = PerturbedAttentionGuidance.execute(model, 3.0).args[0]
+        pag2 = PerturbedAttentionGuidance.execute(model, 2.0).args[0]
+    pos = tiny.positive("sd15", TEXTS[:2])
+    cache = build(tr, pag, neg, name="pag", positive=pos, per=1)
+    meta = json.loads((cache.folder / "index.json").read_text())["meta"]
+    assert (meta["guidance"], meta["pag_scale"], meta["pag"]) == ("cfg+pag", 3.0, "ComfyUI PerturbedAttentionGuidance")
+    assert cache.settings["guidance"] == "cfg+pag" and cache.settings["pag_scale"] == 3.0
+    plain = build(tr, model, neg, name="pag_off", positive=pos, per=1)
+    assert json.loads((plain.folder / "index.json").read_text())["meta"]["guidance"] == "cfg"
+    for i in range(2):
+        ref = sampler_custom_advanced(pag, [pos[i]], neg, Noise_RandomNoise(SEED + i))
+        tol = euler_tolerance(model, cache.noise[i], cfg=CFG + 3.0)
+        assert float((cache.x0[i:i + 1] - ref).abs().max()) <= tol, i
+        assert float((plain.x0[i] - cache.x0[i]).abs().max()) > 100 * tol  # PAG changed the teacher
+    with pytest.raises(ValueError, match=r"\[differs: pag_scale 3\.0 there, 2\.0 asked"):
+        build(tr, pag2, neg, name="pag", positive=pos, per=1)
+    with pytest.raises(ValueError, match=r"Build Teacher Cache: guidance_min/guidance_max .*PerturbedAttention"):
+        build(tr, pag, neg, name="pag_range", positive=pos, per=1, gmin=2.0, gmax=6.0)
+    _, losses = train(tr, model, cache, steps=2, batch=2).args
+    assert len(losses) == 2 and all(torch.isfinite(torch.tensor(losses)))
+
+
+def test_a_guidance_range_stores_each_samples_scale_and_train_refiner_refuses_it(tr, nc, tiny):
+    gemb = importlib.import_module(f"{pack(nc)}.noisecraft.guidance_embed")
+    model, neg = tiny.model("sd15"), tiny.negative("sd15")
+    pos = tiny.positive("sd15", TEXTS[:3])
+    cache = build(tr, model, neg, name="grange", positive=pos, per=2, gmin=2.0, gmax=6.0)  # 6 samples: shards 4 + 2
+    index = json.loads((cache.folder / "index.json").read_text())
+    assert index["meta"]["guidance_range"] == [2.0, 6.0] and index["meta"]["cfg"] == [2.0, 6.0]
+    scales = []
+    for k, idx in ((0, [0, 1, 2, 3]), (1, [4, 5])):
+        shard = read_shard(cache.folder, k)
+        want = gemb.scale_draws(idx, SEED, (2.0, 6.0))
+        assert torch.equal(shard["guidance"], want) and shard["seed"].tolist() == [SEED + i for i in idx], k
+        scales += want.tolist()
+    assert all(2.0 <= s <= 6.0 for s in scales) and len(set(scales)) == 6
+    for i in (0, 5):  # each sample is CFG at its own scale (its two passes run apart here, batched there: the
+        # denoiser rounds as differently as an Euler step does; measured 5% of the tolerance)
+        ref = sampler_custom_advanced(model, [pos[i % 3]], neg, Noise_RandomNoise(SEED + i), cfg=scales[i])
+        err, tol = float((cache.x0[i:i + 1] - ref).abs().max()), euler_tolerance(model, cache.noise[i], cfg=scales[i])
+        assert err <= tol, (i, err, tol)
+    with pytest.raises(ValueError) as err:
+        train(tr, model, cache, steps=1)
+    msg = str(err.value)
+    assert msg.startswith("Train Refiner: ") and "--guidance-range 2 6" in msg and str(cache.folder) in msg, msg
+    with pytest.raises(ValueError, match=r"Build Teacher Cache: guidance_min/guidance_max .* need a cache_name"):
+        build(tr, model, neg, positive=pos, per=1, gmin=2.0, gmax=6.0)
+
+
+# -- 7. Filter Teacher Cache on a named cache ---------------------------------------------------------------------
+
+def test_filter_teacher_cache_on_a_named_cache_then_train_refiner(tr, ts, nc, encoded, tiny):
+    tf = importlib.import_module(f"{pack(nc)}.nodes.nodes_teacher_filter")
+    built = encoded("sd15")[0]
+    model = tiny.model("sd15")
+    before = files(built.folder)
+    for cache in (built, ts.LoadTeacherCache.execute(cache_name=built.folder.name).args[0]):
+        with torch.inference_mode():
+            out = tf.FilterTeacherCache.execute(cache, 5, "sharpness").args[0]
+        kept = out.data.kept_from
+        assert len(out) == 5 and len(cache) == 8 and out.store is cache.store and out.folder == built.folder
+        assert torch.equal(out.x0, built.x0[kept]) and torch.equal(out.noise, built.noise[kept])
+        assert torch.equal(out.prompt_ids, torch.tensor([i % 4 for i in kept.tolist()]))
+        assert out.settings["filter"]["kept"] == 5 and out.settings["filter"]["of"] == 8
+        refiner, losses = train(tr, model, out, steps=2, batch=4).args
+        assert len(losses) == 2 and all(torch.isfinite(torch.tensor(losses)))
+        training = json.loads(refiner.metadata["noisecraft.training"])
+        assert training["samples"] == 5 and training["teacher"]["filter"]["scorer"] == "sharpness"
+    after = files(built.folder)  # a view: no sample copied; the scores are kept next to the shards (the core's)
+    assert {k: v for k, v in after.items() if k in before} == before
+    assert [k.startswith("scores_sharpness") for k in after if k not in before] == [True]  # one, used twice
+
+
+# -- 8. old graphs ------------------------------------------------------------------------------------------------
+
+def test_old_graphs_positional_call_still_gives_the_in_memory_cache(tr, tiny, output):
+    """Build Teacher Cache called as graphs saved before the new inputs call it (model, positive, negative,
+    latent, samples_per_prompt, seed, cfg, steps, scheduler): the in-memory cache as before (noises prompt-major
+    from one torch.Generator(seed), each x0 ComfyUI's own sampling of its noise), no folder written."""
+    model, neg = tiny.model("sd15"), tiny.negative("sd15")
+    pos = tiny.positive("sd15", TEXTS[:2])
+    caches = output / "noisecraft_caches"
+    listed = sorted(p.name for p in caches.iterdir()) if caches.is_dir() else []
+    with torch.inference_mode():
+        out = tr.BuildTeacherCache.execute(model, pos, neg, latent(), 2, SEED, CFG, STEPS, "normal")
+    cache = out.args[0]
+    assert out.ui["text"] == ["4 teacher samples (2 prompts)"]
+    assert cache.data.is_in_memory and cache.folder is None and cache.store is None and len(cache.prompts) == 2
+    assert (sorted(p.name for p in caches.iterdir()) if caches.is_dir() else []) == listed
+    want = torch.randn((4, 4, SIZE, SIZE), generator=torch.Generator().manual_seed(SEED))
+    assert torch.equal(cache.noise, want) and cache.prompt_ids.tolist() == [0, 0, 1, 1]
+    assert cache.settings == {"cfg": CFG, "steps": STEPS, "scheduler": "normal", "sampler": "euler", "seed": SEED,
+                              "samples_per_prompt": 2}
+    for i in range(4):
+        from_noise = tiny.nc.noise.FixedNoise(cache.noise[i:i + 1], seed=SEED)
+        ref = sampler_custom_advanced(model, [pos[i // 2]], neg, from_noise)
+        assert float((cache.x0[i:i + 1] - ref).abs().max()) <= euler_tolerance(model, cache.noise[i]), i
+    _, losses = train(tr, model, cache, steps=2).args
+    assert len(losses) == 2 and all(torch.isfinite(torch.tensor(losses)))
