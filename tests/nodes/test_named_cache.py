@@ -565,6 +565,20 @@ def test_load_teacher_cache_refuses_an_unfinished_cache_and_other_folders_in_one
     assert "holds no prompt encodings (conds.json)" in msg and "--model" in msg, msg
 
 
+def test_train_refiner_refuses_a_loaded_cache_of_another_models_text_inputs(tr, ts, encoded, tiny):
+    """SD1.5 and SDXL share the prediction kind, sigma_max and latent channels (what Train Refiner checked), not
+    their text inputs: a cache loaded by name for the other model is refused in one line, not a shape error."""
+    for built, fam, other in ((encoded("sdxl")[0], "sdxl", "sd15"), (encoded("sd15")[0], "sd15", "sdxl")):
+        loaded = ts.LoadTeacherCache.execute(cache_name=built.folder.name).args[0]
+        with pytest.raises(ValueError) as err:
+            train(tr, tiny.model(other), loaded, steps=1)
+        msg = str(err.value)
+        assert msg.startswith("Train Refiner: teacher_cache: its prompts are encoded for another model") and \
+            f"text width {WIDTH[fam]}" in msg and "train with the model the cache was built with" in msg, msg
+        assert "\n" not in msg
+
+
+
 # -- 5. Train Refiner on a named cache ----------------------------------------------------------------------------
 
 @pytest.fixture()
