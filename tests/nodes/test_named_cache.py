@@ -9,6 +9,7 @@ cache of a few samples has several shards and several encoding chunks.
 
 from __future__ import annotations
 
+import hashlib
 import importlib
 import json
 import os
@@ -133,7 +134,7 @@ def build(tr, model, neg, *, name="", positive=None, prompts=None, clip=None, pe
 def load_prompts(pr, folder: Path, texts) -> object:
     """Load Prompts on a .txt file holding ``texts`` (one per line): an NC_PROMPTS."""
     folder.mkdir(parents=True, exist_ok=True)
-    path = folder / f"prompts_{len(texts)}_{abs(hash(tuple(texts))) % 10**8}.txt"
+    path = folder / f"prompts_{hashlib.sha256(repr(list(texts)).encode()).hexdigest()[:12]}.txt"
     path.write_text("\n".join(texts) + "\n")
     return pr.LoadPrompts.execute(path=str(path)).args[0]
 
@@ -755,10 +756,10 @@ def test_a_guidance_range_stores_each_samples_scale_and_train_refiner_refuses_it
 
 # -- 7. Filter Teacher Cache on a named cache ---------------------------------------------------------------------
 
-def test_filter_teacher_cache_on_a_named_cache_then_train_refiner(tr, ts, nc, encoded, tiny):
+def test_filter_teacher_cache_on_a_named_cache_then_train_refiner(tr, ts, nc, tiny):
     tf = importlib.import_module(f"{pack(nc)}.nodes.nodes_teacher_filter")
-    built = encoded("sd15")[0]
     model = tiny.model("sd15")
+    built = build(tr, model, tiny.negative("sd15"), name="to_filter", positive=tiny.positive("sd15"))  # 8 samples
     before = files(built.folder)
     for cache in (built, ts.LoadTeacherCache.execute(cache_name=built.folder.name).args[0]):
         with torch.inference_mode():
