@@ -37,7 +37,8 @@ Choices where the issue was silent:
   keeps no function of ours, also when training is interrupted.
 * A teacher cache from another model is refused by Train Refiner (:func:`check_cache_fits`): a
   flow model's cache with an eps/v model, or the reverse, gets its own message (the families
-  differ, not just the checkpoint); another kind, sigma_max or channel count the general one.
+  differ, not just the checkpoint); another kind, sigma_max or channel count the general one; a
+  cache on disk whose prompt encodings are another family's or text width (SD1.5 vs SDXL) its own.
   Defaults are the node's behaviour before the engine: fp32, constant lr, no warmup, no clipping,
   no accumulation, weight decay 0; ``batch_size`` is capped at the cache size.
 * ComfyUI runs nodes under ``torch.inference_mode()``: the training runs in
@@ -226,6 +227,22 @@ def check_cache_fits(model, cache: NodeTeacherCache) -> None:
             f"({name}: {kind.value}, sigma_max {smax:g}, {channels} channels); build the cache "
             f"with the model you train"
         )
+    if cache.store is not None:  # on disk: its prompt encodings must be this MODEL's text inputs (a loaded cache)
+        from .train_store import family
+
+        try:
+            fam = family(model, TRAIN_NAME)
+        except ValueError:
+            fam = None
+        keys = cache.store.keys
+        want = {"sd": {"cond"}, "sdxl": {"cond", "text_embeds", "time_ids"}, "sd3": {"cond", "pooled_projections"}}
+        width = (getattr(getattr(model.model, "model_config", None), "unet_config", None) or {}).get("context_dim")
+        if set(keys) != want.get(fam) or (width is not None and keys["cond"][-1] != width):
+            raise ValueError(
+                f"{TRAIN_NAME}: teacher_cache: its prompts are encoded for another model ({cache.model_name}: "
+                f"{sorted(keys)}, text width {keys['cond'][-1]}) than this MODEL ({name}: {fam or 'no cache family'}"
+                f"{f', text width {width}' if width else ''}); train with the model the cache was built with"
+            )
 
 
 def train(model, cache: NodeTeacherCache, *, steps: int, student_steps: int, batch_size: int, learning_rate: float,

@@ -268,17 +268,22 @@ def build_named(model, *, name: str, node: str, texts: Optional[list], entries: 
     hw = tuple(shape[-2:])
     with folder_lock(root, what="teacher cache", fix=_BUSY_FIX):
         # the definition first: a changed model, prompt set or setting is refused before any work
-        TeacherCache.create(root, shape=shape, conds=labels, base_seed=int(seed), total=total,
-                            meta={**meta, "teacher_steps": int(steps), "sigma_max": float(sigmas[0]), "kind": kind.value,
-                                  **({"teacher_sampler": sampler_name} if sampler_name != "euler" else {}),
-                                  **({"guidance_range": list(guidance_range)} if guidance_range else {})},
-                            shard_size=SHARD_SIZE)
+        try:
+            TeacherCache.create(root, shape=shape, conds=labels, base_seed=int(seed), total=total,
+                                meta={**meta, "teacher_steps": int(steps), "sigma_max": float(sigmas[0]),
+                                      "kind": kind.value,
+                                      **({"teacher_sampler": sampler_name} if sampler_name != "euler" else {}),
+                                      **({"guidance_range": list(guidance_range)} if guidance_range else {})},
+                                shard_size=SHARD_SIZE)
+        except ValueError as e:
+            raise ValueError(_refused(root, e, meta, labels, shape)) from None
         bar = comfy.utils.ProgressBar(max(total, 1), node_id=node_id)
         encode = (clip_encoder(clip, fam, negative, hw) if texts is not None else
                   entries_encoder(entries, labels, fam, negative, hw))
         if not store_ready or not all(p.is_file() for p in _chunk_paths(root)):
             log.info("%s: encoding %d prompts into %s", node, len(labels), root)
-        store = build_conds(root, labels, encode, chunk=CHUNK, dtype=dtype)
+        cancel = comfy.model_management.throw_exception_if_processing_interrupted  # Cancel: finished chunks stay
+        store = build_conds(root, labels, encode, chunk=CHUNK, dtype=dtype, progress=lambda done, count: cancel())
         cache = TeacherCache(root)
         if cache.complete:
             return cache, store
@@ -297,6 +302,29 @@ def build_named(model, *, name: str, node: str, texts: Optional[list], entries: 
         cache = bridge.run_core(model, [first], negative, torch.zeros((int(micro_batch), *shape)), fn,
                                 sigmas=sigmas, cfg=float(cfg if guidance_range is None else 1.0), seed=int(seed))
     return cache, store
+
+
+_DEFINING = ("samples_per_prompt", "seed", "cfg", "steps", "scheduler", "sampler", "model", "model_fingerprint",
+             "guidance", "pag_scale")
+
+
+def _refused(root: Path, err: ValueError, meta: dict, labels: list, shape) -> str:
+    """The core's refusal of a changed definition, with the node's inputs that differ by their names (the core
+    names its index keys: ``total`` for samples_per_prompt, ``conds`` for the prompts) and the node's fix."""
+    msg = str(err).replace("use another folder or delete that one",
+                           "choose another cache_name, or delete that folder to build it anew")
+    try:
+        old = json.loads((root / INDEX_NAME).read_text())
+    except (OSError, ValueError):
+        return msg
+    was = old.get("meta") or {}
+    diff = [f"{'model weights (fingerprint)' if k == 'model_fingerprint' else k} {was.get(k)!r} there, "
+            f"{meta.get(k)!r} asked" for k in _DEFINING if was.get(k) != meta.get(k)]
+    if old.get("conds") != list(labels):
+        diff.append(f"the prompts ({len(old.get('conds') or [])} there, {len(labels)} asked)")
+    if list(old.get("shape") or []) != list(shape):
+        diff.append(f"the latent ({old.get('shape')} there, {list(shape)} asked)")
+    return f"{msg} [differs: {'; '.join(diff)}]" if diff else msg
 
 
 def _chunk_paths(root: Path):
