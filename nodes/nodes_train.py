@@ -95,7 +95,7 @@ from .nodes_refine import FOLDER as REFINER_FOLDER, LORA_FOLDER, Refiner, Refine
 from .train_cache import (CACHE_NAME, NodeTeacherCache, build_teacher_cache, clone_conditioning,  # noqa: F401 - public
                           split_prompts)
 from .train_checkpointing import ComfyCheckpointing
-from .train_store import LoadTeacherCache, stored_denoiser
+from .train_store import LoadTeacherCache, fingerprint_digest, stored_denoiser
 
 log = logging.getLogger(__name__)
 
@@ -227,6 +227,11 @@ def check_cache_fits(model, cache: NodeTeacherCache) -> None:
             f"({name}: {kind.value}, sigma_max {smax:g}, {channels} channels); build the cache "
             f"with the model you train"
         )
+    want = cache.data.meta.get("model_fingerprint")  # a named cache records the weights it was sampled with
+    if want and fingerprint_digest(model) not in (None, want):
+        log.warning("%s: the teacher cache (%s) was sampled with other weights of this architecture than this MODEL "
+                    "(%s): a fine-tune or another checkpoint? The refiner learns that model's teacher; connect the "
+                    "MODEL the cache was built with", TRAIN_NAME, cache.folder or "in memory", name)
     if cache.store is not None:  # on disk: its prompt encodings must be this MODEL's text inputs (a loaded cache)
         from .train_store import family
 

@@ -125,6 +125,14 @@ def post_cfg_record(model) -> dict:
     return rec
 
 
+def fingerprint_digest(model) -> Optional[str]:
+    """A short digest of the MODEL's weight fingerprint (:mod:`nodes.fingerprint`), recorded in a named cache."""
+    from .fingerprint import model_fingerprint
+
+    fp = model_fingerprint(model)
+    return hashlib.sha256(json.dumps(fp, sort_keys=True).encode()).hexdigest()[:16] if fp else None
+
+
 def _digest(entry) -> str:
     h = hashlib.sha256()
     h.update(entry[0].detach().float().cpu().contiguous().numpy().tobytes())
@@ -221,8 +229,6 @@ def build_named(model, *, name: str, node: str, texts: Optional[list], entries: 
                 shape, micro_batch: int, samples_per_prompt: int, seed: int, cfg: float, steps: int, scheduler: str,
                 sampler_name: str, guidance_range, node_id=None):
     """Build (or finish, or just open) the named cache; returns ``(TeacherCache, CondStore)`` of its folder."""
-    from .fingerprint import model_fingerprint
-
     root = cache_folder(name, node)
     fam = family(model, node)
     if sampler_name not in TEACHER_SAMPLERS:
@@ -249,11 +255,10 @@ def build_named(model, *, name: str, node: str, texts: Optional[list], entries: 
             if len(sizes) > 1:
                 raise ValueError(f"{node}: the prompts carry different SDXL size conditioning ({len(sizes)} kinds): "
                                  f"a named cache needs one size for all prompts (use one CLIPTextEncodeSDXL setting)")
-    fp = model_fingerprint(model)
     dtype = model.model.get_dtype()
     dtype = dtype if dtype in (torch.float16, torch.bfloat16) else torch.float32
     meta = {"model": bridge.model_name(model), "model_name": bridge.model_name(model), "host": "comfyui",
-            "model_fingerprint": hashlib.sha256(json.dumps(fp, sort_keys=True).encode()).hexdigest()[:16] if fp else None,
+            "model_fingerprint": fingerprint_digest(model),
             "cfg": float(cfg), "scheduler": scheduler, "steps": int(steps), "seed": int(seed), "family": fam,
             "samples_per_prompt": int(samples_per_prompt), "sampler": sampler_name, **post}
     if guidance_range is not None:

@@ -7,7 +7,7 @@ the latent-MSE gap closed, ``validation.jsonl``, ``refiner_best.safetensors`` in
 only puts it on the ComfyUI host:
 
 * Held-out prompts: ``validation_prompts`` (a CONDITIONING, one entry per prompt as for Build Teacher Cache), else
-  the training prompts, each with ``validation_seeds`` seeds from
+  the first :data:`TRAIN_PROMPTS` (32) training prompts (a paper-scale cache has 50K+), each with ``validation_seeds`` seeds from
   :data:`~noisecraft.train.validation.VALIDATION_SEED_BASE` (the cache's noises come from one generator seeded
   with the cache's seed, so these are other noises). Their entries and the cache's negative are prepared by
   ComfyUI in the same sampler run as the training prompts (appended after them).
@@ -52,10 +52,13 @@ def validation_inputs() -> list:
                      "only when validate_every > 0."),
         io.Conditioning.Input("validation_prompts", optional=True,
                               tooltip="Held-out prompts (CLIP Text Encode, several joined with Conditioning (Combine)). "
-                              "Not connected: the training prompts with held-out seeds."),
+                              "Not connected: the first 32 training prompts with held-out seeds."),
         io.Vae.Input("vae", optional=True, tooltip="Decodes the validation grid. Not connected: the latents are "
                      "shown directly."),
     ]
+
+
+TRAIN_PROMPTS = 32  # training prompts validated on when no validation_prompts are connected
 
 
 class NodeValidation:
@@ -90,7 +93,8 @@ class NodeValidation:
             return
         p = cache.prompt_count
         neg = p
-        ids = list(range(p + 1, p + 1 + len(self.held_out))) if self.held_out else list(range(p))
+        # without held-out prompts: the first TRAIN_PROMPTS training prompts (a paper-scale cache has 50K+)
+        ids = list(range(p + 1, p + 1 + len(self.held_out))) if self.held_out else list(range(min(p, TRAIN_PROMPTS)))
         idx, seeds = held_out_seeds(len(ids), self.seeds)
         cond_ids = torch.tensor([ids[i] for i in idx])
         cfg = float(cache.settings.get("cfg", 1.0))
