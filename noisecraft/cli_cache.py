@@ -92,8 +92,9 @@ class ComfyCache:
         m = self.meta
         r = m.get("guidance_range")
         return {"cfg": self.cfg, "pag_scale": self.pag_scale, "guidance_range": None if r is None else list(r),
-                "samples": int(self.cache.total), "teacher_steps": int(m["teacher_steps"]),
-                "teacher_sampler": str(m.get("teacher_sampler", "euler")), "scheduler": str(m["scheduler"]),
+                "samples": int(self.cache.total), "teacher_steps": int(m.get("teacher_steps", m.get("steps", 0))),
+                "teacher_sampler": str(m.get("teacher_sampler", m.get("sampler", "euler"))),
+                "scheduler": str(m.get("scheduler", "normal")),
                 "seed_base": int(self.cache._index["base_seed"]), "latent_shape": list(self.cache.shape)}
 
 

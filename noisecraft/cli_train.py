@@ -102,11 +102,11 @@ def _train_refiner(args: argparse.Namespace) -> int:
         return 2
     _check_toy_prompts(args)
     comfy = open_comfy_cache(args)  # --cache built in ComfyUI: its teacher flags (noisecraft/cli_cache.py)
+    if comfy is None and args.seed_base is None:
+        args.seed_base = SEED_BASE_DEFAULT
     check_preset(args, log)  # --preset fills the flags not given (noisecraft/presets.py)
     if comfy is not None:
-        adopt_comfy_cache(args, comfy, log)
-    elif args.seed_base is None:
-        args.seed_base = SEED_BASE_DEFAULT
+        adopt_comfy_cache(args, comfy, log)  # (and its seed base)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     # several processes (accelerate launch): the Accelerator joins the launcher's group (gloo for the toy
     # model, which trains on CPU; nccl for a --model on CUDA, each process on cuda:LOCAL_RANK)
@@ -465,7 +465,10 @@ def add_train_commands(sub) -> None:
                     "needed)",
                     "the unconditional prompt for the teacher's CFG (default empty)")
     tr.add_argument("--out", default="refiner_out", help="output folder (default refiner_out)")
-    tr.add_argument("--cache", help="teacher cache folder (default <out>/teacher_cache); may be shared between runs")
+    tr.add_argument("--cache", help="teacher cache folder (default <out>/teacher_cache); may be shared between runs. "
+                                    "A cache ComfyUI's Build Teacher Cache wrote (output/noisecraft_caches/<name>) "
+                                    "trains as it is: its prompts and teacher settings (--prompts not needed; a "
+                                    "teacher flag given with another value is refused)")
     tr.add_argument("--resume", action="store_true", help="continue from <out>/checkpoint.safetensors")
     tr.add_argument("--steps", type=positive_int, default=300, help="optimizer steps (default 300)")
     tr.add_argument("--rank", type=positive_int, default=4,
