@@ -12,8 +12,9 @@ becomes one CONDITIONING entry with :func:`~noisecraft.train.cond_store.conditio
 * A cache written in ComfyUI's layout (rows from ComfyUI-shaped entries, 77- and 154-token prompts, one chunk
   mixing both; meta ``host: comfyui`` as Build Teacher Cache writes it) trains from ``python -m noisecraft
   train-refiner --model DIR --cache CACHE`` with no ``--prompts`` (a subprocess: rc 0, the refiner written, the
-  cache untouched); a guidance-range one trains a guidance-conditioned refiner; ``--validate-every`` works with
-  ``--prompts`` whose training prompts are the cache's.
+  cache untouched); a guidance-range one trains a guidance-conditioned refiner, a PAG one with its PAG scale;
+  ``--validate-every`` works with ``--prompts`` whose training prompts are the cache's. The guided teacher over
+  154-token rows and a 77-token negative runs them at one token count (ComfyUI's batching).
 * The refusals (one line, rc 2, no traceback): a model of another kind, another conditioning width, other
   ``--prompts``, a teacher flag with another value than the cache's, an unfinished cache.
 
@@ -167,6 +168,31 @@ def test_a_comfyui_layout_cache_gives_the_node_batches_its_entries(tmp_path):
                 assert entry[1] == {}
 
 
+def test_the_guided_teacher_meets_a_77_token_negative_at_the_rows_token_count(pipelines, tmp_path):
+    """The CLI host's guided denoiser over stored rows of 154 tokens and a 77-token negative runs cond and uncond
+    at one token count (154: the negative repeated, as ComfyUI batches them) in one forward; the result is the
+    two-forward one (cross-attention over a prompt repeated twice is the same) to float rounding."""
+    from noisecraft.hosts.diffusers import DiffusersDenoiser, diffusers_host
+    from noisecraft.train.cond_store import build_conds, rows_from_conditioning
+
+    entries, neg = _comfy_entries(32, (77, 154)), _comfy_entries(32, (77,), seed=1)
+    store = build_conds(tmp_path / "c", ["a", "b"], lambda t: (
+        rows_from_conditioning([entries[0 if x == "a" else 1] for x in t], "sd", (8, 8)),
+        rows_from_conditioning(neg, "sd", (8, 8))), chunk=2)
+    host = diffusers_host(pipelines("sd1"), ["a", "b"], encode_now=False)
+    host.use_conds(store)
+    d = host.denoiser(torch.tensor([0, 1]), cfg=CFG)
+    assert d.cond.shape[1] == d.uncond.shape[1] == 154
+    assert torch.equal(d.uncond, neg[0][0].repeat(1, 2, 1))
+    x = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(0)) * 5
+    two = DiffusersDenoiser(host.unet, host.table, d.cond, host.uncond, cfg=CFG)  # 77-token uncond: two forwards
+    with torch.no_grad():
+        one_out, two_out = d(x, torch.full((2,), 5.0)), two(x, torch.full((2,), 5.0))
+    assert d.passes == two.passes == 2
+    # float32 rounding of another attention length (2x the keys), x CFG 5 on outputs of size ~5: measured 1.8e-5
+    torch.testing.assert_close(one_out, two_out, rtol=1e-4, atol=1e-4)
+
+
 # -- a ComfyUI-built cache trains from the shell ----------------------------------------------------------------
 
 COMFY_META = {"model": "BaseModel", "model_name": "BaseModel", "host": "comfyui", "model_fingerprint": None,
@@ -175,7 +201,7 @@ COMFY_META = {"model": "BaseModel", "model_name": "BaseModel", "host": "comfyui"
 
 
 def comfy_cache(root: Path, model: Path, labels, entries, negative, *, kind=None, guidance_range=None,
-                teacher: str = "model") -> Path:
+                teacher: str = "model", meta: dict | None = None) -> Path:
     """A teacher cache written as Build Teacher Cache with a cache_name writes it (``nodes/train_store.py``
     ``build_named``): rows from the entries in chunks of 2, the teacher sampled on the stored rows with CFG, the
     meta of a ComfyUI build. ``teacher="zero"``: a stand-in teacher (for caches that only get refused)."""
@@ -197,7 +223,7 @@ def comfy_cache(root: Path, model: Path, labels, entries, negative, *, kind=None
         guided = per_sample_teacher(host)
     else:
         guided = lambda c: host.denoiser(c, cfg=CFG)  # noqa: E731
-    meta = dict(COMFY_META)
+    meta = {**COMFY_META, **(meta or {})}
     if guidance_range is not None:
         meta["cfg"] = list(guidance_range)
     build_teacher_cache(root, guided, shape=(4, 8, 8), conds=list(labels), total=len(labels) * PER_PROMPT,
@@ -260,6 +286,19 @@ def test_a_comfyui_guidance_range_cache_trains_a_guidance_conditioned_refiner(pi
                  "--guidance-range", "2", "6", *map(str, TRAIN)]) == 0
     _, meta = read_refiner_pairs(tmp_path / "a" / "refiner.safetensors")
     assert json.loads(meta["noisecraft.training"])["guidance_range"] == [2.0, 6.0]
+
+
+def test_a_comfyui_pag_cache_trains_and_its_pag_scale_is_the_caches(pipelines, tmp_path, capsys):
+    """A cache whose teacher ran ComfyUI's Perturbed Attention Guidance (meta guidance cfg+pag, pag_scale, no
+    layers) trains; --pag-scale other than its scale, and --pag-layers, are refused."""
+    model = pipelines("sd1")
+    meta = {"guidance": "cfg+pag", "pag_scale": 3.0, "pag": "ComfyUI PerturbedAttentionGuidance"}
+    root = comfy_cache(tmp_path / "pag", model, TEXTS[:2], _comfy_entries(32, (77, 77)),
+                       _comfy_entries(32, (77,), seed=1), teacher="zero", meta=meta)
+    base = ["train-refiner", "--model", str(model), "--cache", str(root), *map(str, TRAIN)]
+    assert main([*base, "--out", str(tmp_path / "a"), "--pag-scale", "3"]) == 0
+    assert "--pag-scale 3" in _refused(capsys, *base, "--out", tmp_path / "b", "--pag-scale", 0)
+    assert "--pag-layers" in _refused(capsys, *base, "--out", tmp_path / "c", "--pag-layers", "mid")
 
 
 def test_validation_on_a_comfyui_cache_holds_out_prompts_encoded_by_the_folders_encoders(sd1_cache, tmp_path, capsys):
