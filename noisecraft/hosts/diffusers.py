@@ -50,7 +50,7 @@ from torch import nn
 
 from ..lora import DEFAULT_TARGETS, TRANSFORMER_TARGETS
 from ..sigmas import ModelKind, SigmaTable
-from .families import takes_pooled_projections
+from .families import same_token_count, takes_pooled_projections
 
 __all__ = [
     "DiffusersDenoiser",
@@ -500,9 +500,7 @@ class RefinerHost:
         guided = float(cfg) != 1.0
         uncond = self.uncond if guided else None
         if uncond is not None and cond.shape[1] != uncond.shape[1] and _lcm_ratio(cond, uncond) <= 4:
-            from ..train.cond_store import same_token_count  # ComfyUI's batching of a 154- with a 77-token prompt
-
-            cond, uncond = same_token_count([cond, uncond])
+            cond, uncond = same_token_count([cond, uncond])  # ComfyUI's batching of a 154- with a 77-token prompt
         return DiffusersDenoiser(self.unet, self.table, cond, uncond, cfg=cfg,
                                  added_cond_kwargs=added,
                                  uncond_added_cond_kwargs=self.uncond_added if guided else None)
