@@ -31,8 +31,8 @@ Choices where the issue left one open:
   (the cache's ``model_fingerprint`` is ComfyUI's digest); train with the checkpoint the cache was built with.
 * ``--validate-every``: the held-out prompts are ``--prompt-validation N`` prompts of ``--prompts FILE``
   (whose training prompts must be the cache's), encoded by the folder's text encoders; the validation's
-  teacher is the cache's (its cfg, PAG scale on diffusers' default PAG layers, steps, schedule) with the
-  cache's negative-prompt encoding. Refused for a cache built from CONDITIONING entries (no texts), for a
+  teacher is the cache's (its cfg, PAG scale on diffusers' default PAG layers, steps, schedule; Euler, as every
+  CLI validation's teacher) with the cache's negative-prompt encoding. Refused for a cache built from CONDITIONING entries (no texts), for a
   guidance-range cache (as for any), and for a model carrying other post-CFG functions (the CLI cannot
   reproduce that teacher).
 """
