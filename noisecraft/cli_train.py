@@ -20,6 +20,7 @@ from pathlib import Path
 from .cli_args import (Refused, add_prompt_args, check_out, every_5s, every_10_steps, finite_float, interrupted_resume,
                        margin_float, non_negative_float, non_negative_int, one_writer, positive_float, positive_int,
                        read_prompt_flags, two_or_more_int)
+from .cli_cache import SEED_BASE_DEFAULT, adopt_comfy_cache, check_model_fits, open_comfy_cache, use_comfy_cache
 from .cli_filter import filter_teacher, keep_value, teacher_scorer
 from .cli_validation import add_validation_args, check_preset, validation_for, validation_line
 
@@ -100,7 +101,12 @@ def _train_refiner(args: argparse.Namespace) -> int:
         sys.stderr.write("noisecraft train-refiner: give either --toy or --model DIR (a local diffusers folder)\n")
         return 2
     _check_toy_prompts(args)
+    comfy = open_comfy_cache(args)  # --cache built in ComfyUI: its teacher flags (noisecraft/cli_cache.py)
+    if comfy is None and args.seed_base is None:
+        args.seed_base = SEED_BASE_DEFAULT
     check_preset(args, log)  # --preset fills the flags not given (noisecraft/presets.py)
+    if comfy is not None:
+        adopt_comfy_cache(args, comfy, log)  # (and its seed base)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     # several processes (accelerate launch): the Accelerator joins the launcher's group (gloo for the toy
     # model, which trains on CPU; nccl for a --model on CUDA, each process on cuda:LOCAL_RANK)
@@ -115,7 +121,7 @@ def _train_refiner(args: argparse.Namespace) -> int:
         device = str(acc.device)
     try:
         with one_writer(check_out(args.out), "--out", acc):
-            return _train_refiner_run(args, device, acc, log)
+            return _train_refiner_run(args, device, acc, log, comfy)
     finally:
         if acc.num_processes > 1:
             acc.end_training()  # leaves the process group
@@ -154,7 +160,7 @@ def _guidance_teacher(args: argparse.Namespace, host):
     return per_sample_teacher(host), {"guidance": "cfg, one scale per sample", "cfg": [lo, hi]}
 
 
-def _train_refiner_run(args: argparse.Namespace, device: str, acc, log: logging.Logger) -> int:
+def _train_refiner_run(args: argparse.Namespace, device: str, acc, log: logging.Logger, comfy=None) -> int:
     from .sigmas import get_sigmas
     from .hosts.toy import toy_host
     from .train import RefinerTrainConfig, TeacherCache, build_teacher_cache, train_refiner
@@ -175,6 +181,9 @@ def _train_refiner_run(args: argparse.Namespace, device: str, acc, log: logging.
         if args.toy:
             host = toy_host()
             cfg_scale = 3.0 if args.cfg is None else args.cfg
+        elif comfy is not None:  # the prompts and the teacher are the cache's
+            host = _model_host(args, comfy.prompts, device, lazy=True)
+            cfg_scale = 1.0 if args.cfg is None else args.cfg
         else:
             if not args.prompts:
                 sys.stderr.write("noisecraft train-refiner: --model needs --prompts FILE (one prompt per line)\n")
@@ -188,13 +197,15 @@ def _train_refiner_run(args: argparse.Namespace, device: str, acc, log: logging.
     except (ImportError, FileNotFoundError, ValueError, OSError) as exc:
         sys.stderr.write(f"noisecraft train-refiner: {exc}\n")
         return 2
+    if comfy is not None:
+        check_model_fits(comfy, host, comfy.cache.shape, args)
     shape = _latent_shape(args, host)
     _check_cache_kind(cache_dir, host, args)
     t0 = time.perf_counter()
     cache_progress = every_5s(log, "teacher cache: %d / %d samples")
 
     try:
-        if getattr(host, "encoder", None) is not None:
+        if comfy is None and getattr(host, "encoder", None) is not None:
             _cache_conds(host, cache_dir, acc, log)
 
         def build(shards=None):
@@ -207,7 +218,9 @@ def _train_refiner_run(args: argparse.Namespace, device: str, acc, log: logging.
                 shard_size=args.shard_size, batch_size=args.batch, progress=cache_progress, shards=shards,
                 guidance_range=args.guidance_range, sampler=args.teacher_sampler)
 
-        if acc.num_processes > 1:
+        if comfy is not None:  # complete: read as it is, by every process
+            cache = use_comfy_cache(comfy, host)
+        elif acc.num_processes > 1:
             # the main process defines the cache, every process samples its share of the shards, the main
             # process indexes them; the main process holds the cache's one-writer lock throughout
             with one_writer(cache_dir, "teacher cache", acc):
@@ -452,7 +465,10 @@ def add_train_commands(sub) -> None:
                     "needed)",
                     "the unconditional prompt for the teacher's CFG (default empty)")
     tr.add_argument("--out", default="refiner_out", help="output folder (default refiner_out)")
-    tr.add_argument("--cache", help="teacher cache folder (default <out>/teacher_cache); may be shared between runs")
+    tr.add_argument("--cache", help="teacher cache folder (default <out>/teacher_cache); may be shared between runs. "
+                                    "A cache ComfyUI's Build Teacher Cache wrote (output/noisecraft_caches/<name>) "
+                                    "trains as it is: its prompts and teacher settings (--prompts not needed; a "
+                                    "teacher flag given with another value is refused)")
     tr.add_argument("--resume", action="store_true", help="continue from <out>/checkpoint.safetensors")
     tr.add_argument("--steps", type=positive_int, default=300, help="optimizer steps (default 300)")
     tr.add_argument("--rank", type=positive_int, default=4,
@@ -486,7 +502,7 @@ def add_train_commands(sub) -> None:
                     help="sigma schedule: normal, karras, exponential, sgm_uniform, simple or ddim_uniform (default normal)")
     tr.add_argument("--samples", type=positive_int, default=1024, help="teacher-cache size (default 1024)")
     tr.add_argument("--shard-size", type=positive_int, default=256)
-    tr.add_argument("--seed-base", type=non_negative_int, default=10_000, help="sample i starts from seed seed_base + i")
+    tr.add_argument("--seed-base", type=non_negative_int, help="sample i starts from seed seed_base + i (default 10000)")
     tr.add_argument("--seed", type=non_negative_int, default=0, help="data-order seed")
     tr.add_argument("--precision", choices=["auto", "fp32", "bf16", "fp16"], default="auto",
                     help="autocast: auto = fp32 on CPU, bf16 (else fp16) on CUDA")

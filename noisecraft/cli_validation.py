@@ -82,8 +82,10 @@ def _seeds_per_prompt(args: argparse.Namespace) -> int:
     return args.validation_seeds or (10 if args.toy else 2)
 
 
-def encoded_host(host, texts: list[str]):
-    """A copy of ``host`` whose conditions are ``texts``, encoded now with its text encoders (``host.encoder``)."""
+def encoded_host(host, texts: list[str], keep_uncond: bool = False):
+    """A copy of ``host`` whose conditions are ``texts``, encoded now with its text encoders (``host.encoder``);
+    ``keep_uncond``: with the host's own unconditional rows (a ComfyUI cache's negative prompt,
+    :mod:`noisecraft.cli_cache`) instead of the encoder's."""
     from .hosts.diffusers import _module_device_dtype
 
     if getattr(host, "encoder", None) is None:
@@ -94,6 +96,8 @@ def encoded_host(host, texts: list[str]):
     rows = {k: v.to(device=device, dtype=dtype) for k, v in rows.items()}
     unc = {k: v.to(device=device, dtype=dtype) for k, v in unc.items()}
     cond, uncond = rows.pop("cond"), unc.pop("cond")
+    if keep_uncond:
+        uncond, unc = host.uncond, dict(host.uncond_added or {})
     return dataclasses.replace(host, conds=cond, uncond=uncond, added=rows or None, uncond_added=unc or None,
                                cond_labels=list(texts), encoder=None)
 
@@ -117,7 +121,7 @@ def validation_for(args: argparse.Namespace, host, teacher_for, shape, out: Path
             vhost, texts = host, [f"digit {i}" for i in range(host.conds.shape[0])]
         else:
             texts = list(getattr(args, "validation_prompts", None) or [])
-            vhost = encoded_host(host, texts)
+            vhost = encoded_host(host, texts, keep_uncond=getattr(args, "_comfy_cache", False))
         idx, seeds = held_out_seeds(len(texts), _seeds_per_prompt(args), args.validation_seed_base)
         check_held_out(seeds, args.seed_base, args.samples)
         decode = None if args.toy else diffusers_vae_decoder(args.model, device=device, config=args.config)

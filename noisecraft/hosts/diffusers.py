@@ -50,7 +50,7 @@ from torch import nn
 
 from ..lora import DEFAULT_TARGETS, TRANSFORMER_TARGETS
 from ..sigmas import ModelKind, SigmaTable
-from .families import takes_pooled_projections
+from .families import same_token_count, takes_pooled_projections
 
 __all__ = [
     "DiffusersDenoiser",
@@ -149,6 +149,13 @@ def _batch_kwargs(kw: Optional[Mapping[str, torch.Tensor]], b: int, name: str) -
     if kw is None:
         return None
     return {k: _batch(v, b, f"{name}[{k!r}]") for k, v in kw.items()}
+
+
+def _lcm_ratio(a: torch.Tensor, b: torch.Tensor) -> int:
+    """How many times the shorter of two token-state batches repeats to reach their common token count (ComfyUI
+    batches cond with uncond that way up to 4, ``CONDCrossAttn.can_concat``; beyond, in two forwards)."""
+    la, lb = int(a.shape[1]), int(b.shape[1])
+    return math.lcm(la, lb) // min(la, lb)
 
 
 def _to(t: Optional[torch.Tensor], device, dtype) -> Optional[torch.Tensor]:
@@ -491,7 +498,10 @@ class RefinerHost:
             cond = rows.pop("cond")
             added = rows or None
         guided = float(cfg) != 1.0
-        return DiffusersDenoiser(self.unet, self.table, cond, self.uncond if guided else None, cfg=cfg,
+        uncond = self.uncond if guided else None
+        if uncond is not None and cond.shape[1] != uncond.shape[1] and _lcm_ratio(cond, uncond) <= 4:
+            cond, uncond = same_token_count([cond, uncond])  # ComfyUI's batching of a 154- with a 77-token prompt
+        return DiffusersDenoiser(self.unet, self.table, cond, uncond, cfg=cfg,
                                  added_cond_kwargs=added,
                                  uncond_added_cond_kwargs=self.uncond_added if guided else None)
 

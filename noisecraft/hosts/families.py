@@ -51,7 +51,7 @@ from ..io import load_safetensors
 from .single_file import has_weights, t5_in_single_file, text_encoder_from_single_file
 
 __all__ = ["FAMILIES", "Conditioning", "detect_family", "load_network", "encode_prompts", "read_prompt_embeds",
-           "sdxl_time_ids", "vae_scale_factor", "takes_pooled_projections"]
+           "sdxl_time_ids", "vae_scale_factor", "takes_pooled_projections", "same_token_count"]
 
 logger = logging.getLogger(__name__)
 
@@ -136,6 +136,19 @@ def vae_scale_factor(root: Path) -> int:
     if not path.is_file():
         return 8
     return 2 ** (len(_read_json(path).get("block_out_channels", [0] * 4)) - 1)
+
+
+def same_token_count(conds: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+    """Token-state rows ``[n, L_i, D]`` brought to one token count, the least common multiple of the ``L_i``, by
+    repeating each row's tokens whole (ComfyUI's ``CONDCrossAttn.concat`` batches prompts of other lengths so:
+    cross-attention over a prompt repeated k times gives the same result as over the prompt)."""
+    import math
+
+    lengths = {int(c.shape[1]) for c in conds}
+    if len(lengths) < 2:
+        return list(conds)
+    target = math.lcm(*lengths)
+    return [c.repeat(1, target // int(c.shape[1]), 1) for c in conds]
 
 
 def sdxl_time_ids(latent_hw: Sequence[int], scale: int) -> torch.Tensor:

@@ -28,6 +28,7 @@ from typing import Callable, Optional, Sequence
 
 import torch
 
+from ..hosts.families import same_token_count  # (here for the nodes and the store's readers: one function)
 from ..io import (ChecksumError, atomic_write_json, ensure_dir, read_json, verify_json, verify_safetensors,
                   write_safetensors)
 
@@ -220,19 +221,6 @@ def conds_for(root: str | os.PathLike, prompts: Sequence[str], encode: Encoder, 
                                                      "runs can train from the cache at the same time), or give "
                                                      "another cache folder"):
         return build_conds(root, prompts, encode, chunk=chunk, dtype=dtype, progress=progress)
-
-
-def same_token_count(conds: Sequence[torch.Tensor]) -> list[torch.Tensor]:
-    """Token-state rows ``[n, L_i, D]`` brought to one token count, the least common multiple of the ``L_i``, by
-    repeating each row's tokens whole (ComfyUI's ``CONDCrossAttn.concat`` batches prompts of other lengths so:
-    cross-attention over a prompt repeated k times gives the same result as over the prompt)."""
-    import math
-
-    lengths = {int(c.shape[1]) for c in conds}
-    if len(lengths) < 2:
-        return list(conds)
-    target = math.lcm(*lengths)
-    return [c.repeat(1, target // int(c.shape[1]), 1) for c in conds]
 
 
 # -- ComfyUI's CONDITIONING <-> stored rows ----------------------------------------------------------------

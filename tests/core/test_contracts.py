@@ -143,7 +143,8 @@ def test_layers_point_one_way():
     assert uses(TOY_MODULES, "noisecraft.demo") and uses(TOY_MODULES, "noisecraft.cli_train")  # the check can see them
     # the algorithm files never import the trainers or the hosts; the hosts never import the trainers
     upper = {"noisecraft.train", "noisecraft.hosts", "noisecraft.demo", "noisecraft.__main__", "noisecraft.cli_train",
-             "noisecraft.cli_validation", "noisecraft.cli_filter"}  # (the CLI: train-refiner's validation set-up)
+             "noisecraft.cli_validation", "noisecraft.cli_filter",
+             "noisecraft.cli_cache"}  # (the CLI: train-refiner's validation set-up, its ComfyUI caches)
     algorithms = [m for m in graph if m.startswith("noisecraft") and not any(m == u or m.startswith(u + ".") for u in upper)]
     assert {m: uses(upper, m) for m in algorithms if uses(upper, m)} == {}
     hosts = [m for m in graph if m.startswith("noisecraft.hosts")]
