@@ -39,10 +39,12 @@ def _examples():
 
 
 EX = _examples()
-npnet_files, refiner_files = EX.npnet_files, EX.refiner_files  # the same model files, made the same way
+# the same model, prompt and scorer files, made the same way
+npnet_files, refiner_files, prompt_file, aesthetic_weights = (EX.npnet_files, EX.refiner_files, EX.prompt_file,
+                                                              EX.aesthetic_weights)
 WORKFLOWS = EX.WORKFLOWS
 TINY = {"train_refiner": EX.TRAIN_OVERRIDES, "train_refiner_pag": EX.TRAIN_OVERRIDES,
-        "collect_npnet_pairs": EX.NPNET_TRAIN_OVERRIDES}
+        "train_refiner_paper": EX.PAPER_OVERRIDES, "collect_npnet_pairs": EX.NPNET_TRAIN_OVERRIDES}
 LABEL = r"node (\d+) \((\w+)(?: '[^\n]*')?\)"  # node 8 (CFGGuider 'CFGGuider (cfg 1: refined)')
 PROGRESS = re.compile(rf"^{LABEL}: (\d+)/(\d+)$", re.MULTILINE)
 OUTPUT_FILE = re.compile(rf"^  {LABEL}: output/(\S+)$", re.MULTILINE)
@@ -74,7 +76,8 @@ def _sets(ui: dict, tiny: dict) -> list[str]:
 
 
 @pytest.mark.parametrize("path", WORKFLOWS, ids=[p.stem for p in WORKFLOWS])
-def test_run_graph_runs_every_example_workflow(server, npnet_files, refiner_files, path, tmp_path):
+def test_run_graph_runs_every_example_workflow(server, npnet_files, refiner_files, prompt_file, aesthetic_weights,
+                                              path, tmp_path):
     file, ui = _write_stand_in(path, tmp_path)
     proc = run_graph(str(file), "--server", server.url, *_sets(ui, TINY.get(path.stem, {})))
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -98,6 +101,11 @@ def test_run_graph_runs_every_example_workflow(server, npnet_files, refiner_file
     if path.stem.startswith("train_refiner"):
         (saved,) = re.findall(r"NC_SaveRefiner[^\n]*: noisecraft_saved: (\S+)$", out, re.MULTILINE)
         assert (server.base / "models" / "loras" / saved).is_file()
+    if path.stem == "train_refiner_paper":  # its named teacher cache and run folder, on disk
+        from noisecraft.train import TeacherCache
+
+        assert TeacherCache(server.base / "output" / "noisecraft_caches" / "sdxl_paper").complete
+        assert (server.base / "output" / "noisecraft_runs" / "sdxl_paper" / "refiner.safetensors").is_file()
     if path.stem == "collect_npnet_pairs":
         (saved,) = re.findall(r"NC_SaveNPNet[^\n]*: noisecraft_npnet_file: (\S+)$", out, re.MULTILINE)
         assert (server.base / "models" / "npnet" / saved).is_file()
