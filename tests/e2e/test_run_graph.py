@@ -91,8 +91,10 @@ def test_run_graph_runs_every_example_workflow(server, npnet_files, refiner_file
     nc_progress = [m for m in PROGRESS.finditer(out) if m.group(2).startswith("NC_")]
     if ran & {"NC_BuildTeacherCache", "NC_TrainRefiner", "NC_InversionStabilitySelect", "NC_OptimizeNoise"}:
         assert nc_progress, f"no progress line of a NoiseCraft node:\n{out}"
-    for m in nc_progress:
-        assert 1 <= int(m.group(3)) <= int(m.group(4))
+    for m in nc_progress:  # (0/N: Train Refiner's validation preview at step 0)
+        assert 0 <= int(m.group(3)) <= int(m.group(4))
+    for node in {m.group(1) for m in nc_progress}:
+        assert max(int(m.group(3)) for m in nc_progress if m.group(1) == node) >= 1, out
     saves = [n for n in ui["nodes"] if n["type"] == "SaveImage" and n.get("mode", 0) == 0]
     files = OUTPUT_FILE.findall(out)
     assert {str(n["id"]) for n in saves} <= {node for node, _, _ in files}, out
