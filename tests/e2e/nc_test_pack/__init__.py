@@ -124,9 +124,28 @@ class TinyVAEDecode(io.ComfyNode):
         return io.NodeOutput(vae.decode(samples["samples"]))
 
 
+class TeacherCacheInfo(io.ComfyNode):
+    """An output node that makes a graph run Build Teacher Cache alone (nothing after it is an output otherwise):
+    reports the cache's sample and prompt counts and its folder as UI data ``noisecraft_cache``."""
+
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="NC_Test_TeacherCacheInfo", display_name="NC Test Teacher Cache Info", category="noisecraft/test",
+            inputs=[io.Custom("TEACHER_CACHE").Input("teacher_cache", tooltip="From Build Teacher Cache.")],
+            outputs=[], is_output_node=True,
+        )
+
+    @classmethod
+    def execute(cls, teacher_cache) -> io.NodeOutput:
+        folder = teacher_cache.folder
+        return io.NodeOutput(ui={"noisecraft_cache": [len(teacher_cache), teacher_cache.prompt_count,
+                                                      str(folder) if folder is not None else None]})
+
+
 class TestPackExtension(ComfyExtension):
     async def get_node_list(self) -> list[type[io.ComfyNode]]:
-        return [TinyCheckpoint, TinyTextEncode, TinyVAEDecode]
+        return [TinyCheckpoint, TinyTextEncode, TinyVAEDecode, TeacherCacheInfo]
 
 
 async def comfy_entrypoint() -> TestPackExtension:
