@@ -43,8 +43,14 @@ EX = _examples()
 npnet_files, refiner_files, prompt_file, aesthetic_weights = (EX.npnet_files, EX.refiner_files, EX.prompt_file,
                                                               EX.aesthetic_weights)
 WORKFLOWS = EX.WORKFLOWS
-TINY = {"train_refiner": EX.TRAIN_OVERRIDES, "train_refiner_pag": EX.TRAIN_OVERRIDES,
-        "train_refiner_paper": EX.PAPER_OVERRIDES, "collect_npnet_pairs": EX.NPNET_TRAIN_OVERRIDES}
+# the paper example under its own cache and run names (the README's headless command sets the same inputs), so that
+# it builds and trains here even after test_example_workflows.py finished "sdxl_paper" on this server
+PAPER_NAME = "sdxl_paper_run_graph"
+PAPER = {**EX.PAPER_OVERRIDES, "NC_LoadPrompts": {"file": EX.PROMPT_FILE},
+         "NC_BuildTeacherCache": {**EX.PAPER_OVERRIDES["NC_BuildTeacherCache"], "cache_name": PAPER_NAME},
+         "NC_TrainRefiner": {**EX.PAPER_OVERRIDES["NC_TrainRefiner"], "resume_from": PAPER_NAME}}
+TINY = {"train_refiner": EX.TRAIN_OVERRIDES, "train_refiner_pag": EX.TRAIN_OVERRIDES, "train_refiner_paper": PAPER,
+        "collect_npnet_pairs": EX.NPNET_TRAIN_OVERRIDES}
 LABEL = r"node (\d+) \((\w+)(?: '[^\n]*')?\)"  # node 8 (CFGGuider 'CFGGuider (cfg 1: refined)')
 PROGRESS = re.compile(rf"^{LABEL}: (\d+)/(\d+)$", re.MULTILINE)
 OUTPUT_FILE = re.compile(rf"^  {LABEL}: output/(\S+)$", re.MULTILINE)
@@ -106,8 +112,9 @@ def test_run_graph_runs_every_example_workflow(server, npnet_files, refiner_file
     if path.stem == "train_refiner_paper":  # its named teacher cache and run folder, on disk
         from noisecraft.train import TeacherCache
 
-        assert TeacherCache(server.base / "output" / "noisecraft_caches" / "sdxl_paper").complete
-        assert (server.base / "output" / "noisecraft_runs" / "sdxl_paper" / "refiner.safetensors").is_file()
+        assert {"NC_BuildTeacherCache", "NC_FilterTeacherCache", "NC_TrainRefiner"} <= ran, out
+        assert TeacherCache(server.base / "output" / "noisecraft_caches" / PAPER_NAME).complete
+        assert (server.base / "output" / "noisecraft_runs" / PAPER_NAME / "refiner.safetensors").is_file()
     if path.stem == "collect_npnet_pairs":
         (saved,) = re.findall(r"NC_SaveNPNet[^\n]*: noisecraft_npnet_file: (\S+)$", out, re.MULTILINE)
         assert (server.base / "models" / "npnet" / saved).is_file()
