@@ -7,11 +7,14 @@ config. Checks: the checkpointed LoRA pass gives the same loss and LoRA gradient
 falls) with the LoRA and AdamW state in float32; a rank-256 LoRA on layers narrower than 256 trains and
 round-trips; AdamW on CPU is torch's default (the checkpoint's param_groups are unchanged) and a
 checkpoint written by a fused (CUDA) run resumes on CPU to the same bytes; the benchmark's fake-tensor
-byte counts equal the real ones and its batch extrapolation is exact.
+byte counts equal the real ones and its batch extrapolation is exact. bench_train_scale.py's ComfyUI half: its
+table and ratios, and (with COMFYUI_PATH) its children at tiny counts: the named cache's encodings on disk, none
+written by the unnamed one.
 """
 
 import importlib.util
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -269,3 +272,43 @@ def test_cli_scale_flags_on_a_diffusers_folder(model, tmp_path):
     assert all(v.dtype == torch.float32 for v in state.values())  # the LoRA stays fp32 on a bf16 network
     training = json.loads(meta["noisecraft.training"])
     assert training["gradient_checkpointing"] is True and training["precision"] == "bf16"
+
+
+# -- benchmarks/bench_train_scale.py's ComfyUI half ----------------------------------------------------------------
+
+SCALE_BENCH = Path(__file__).resolve().parents[2] / "benchmarks" / "bench_train_scale.py"
+
+
+def _scale_bench():
+    spec = importlib.util.spec_from_file_location("noisecraft_bench_train_scale", SCALE_BENCH)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_scale_benchmark_comfy_table_and_ratios():
+    rows = {(m, p): {"peak_rss_mib": r, "step_s": s, "loop_step_s": s / 2, "build_s": 10.0}
+            for (m, p, r, s) in [("named", 10, 1000.0, 0.1), ("named", 40, 1100.0, 0.1),
+                                 ("unnamed", 10, 1000.0, 0.2), ("unnamed", 40, 3000.0, 0.3)]}
+    table = _scale_bench().comfy_table(rows, (10, 40)).splitlines()
+    assert table[2] == "| 10 | named: on disk (now) | 1000 MiB | 10 s | 100 ms | 50 ms |"
+    assert table[5] == "| 40 | unnamed: in memory (before) | 3000 MiB | 10 s | 300 ms | 150 ms |"
+    assert table[6] == "named: 40 / 10 prompts: peak RSS x1.10, time per step x1.00 (loop step x1.00)"
+    assert table[7] == "unnamed: 40 / 10 prompts: peak RSS x3.00, time per step x1.50 (loop step x1.50)"
+
+
+@pytest.mark.skipif(not os.environ.get("COMFYUI_PATH"), reason="COMFYUI_PATH not set: the ComfyUI half needs ComfyUI")
+def test_scale_benchmark_comfy_half_runs_the_nodes(tmp_path):
+    """The ComfyUI half at tiny counts (a full-size random CLIP-L, so a few seconds a child): the named cache holds
+    every prompt's 77 x 768 float32 encoding on disk, the unnamed one writes nothing; both train the asked steps."""
+    bench = _scale_bench()
+    python = os.environ.get("COMFYUI_PYTHON") or sys.executable
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    rows = bench.run_comfy(os.environ["COMFYUI_PATH"], python, (3, 6), 2, env)
+    for p in (3, 6):
+        named, unnamed = rows[("named", p)], rows[("unnamed", p)]
+        assert named["prompts"] == unnamed["prompts"] == p and named["samples"] == unnamed["samples"] == p
+        assert named["folder_bytes"] > p * 77 * 768 * 4 and unnamed["folder_bytes"] == 0
+        for r in (named, unnamed):
+            assert r["peak_rss_mib"] > 500 and r["step_s"] > 0 and r["loop_step_s"] > 0 and r["build_s"] > 0
+    assert len(bench.comfy_table(rows, (3, 6)).splitlines()) == 8

@@ -4,6 +4,7 @@ Without ``COMFYUI_PATH`` the folder is skipped with one line in the summary. The
 the CPU, bound to 127.0.0.1 on a free port, with ``--base-directory`` pointing at a temporary
 folder whose ``custom_nodes`` holds links to this repository and to the test-only pack
 ``nc_test_pack`` (the ComfyUI checkout is not modified; its outputs go to the temp folder).
+``start_server`` / ``stop_server`` start and stop more servers (tests that kill and restart one).
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import time
 import urllib.error
 import urllib.request
 from pathlib import Path
+from typing import Optional
 
 import pytest
 
@@ -26,6 +28,7 @@ COMFYUI_PYTHON = os.environ.get("COMFYUI_PYTHON", sys.executable)
 SKIP_LINE = "COMFYUI_PATH not set: skipping ComfyUI end-to-end tests (tier 3)"
 PACK_FOLDER = "ComfyUI-NoiseCraft"  # not "noisecraft": ComfyUI registers a pack under its folder name
 STARTUP_TIMEOUT_S = float(os.environ.get("NOISECRAFT_E2E_STARTUP_S", "180"))
+AESTHETIC_FOLDER = "aesthetic_weights"  # in the base folder: the test server's $NOISECRAFT_AESTHETIC
 
 if not COMFYUI_PATH:
     collect_ignore_glob = ["test_*.py"]
@@ -44,6 +47,7 @@ class Server:
     def __init__(self, base: Path, port: int, proc: subprocess.Popen, log_path: Path):
         self.base, self.port, self.proc, self.log_path = base, port, proc, log_path
         self.url = f"http://127.0.0.1:{port}"
+        self.aesthetic = base / AESTHETIC_FOLDER  # its $NOISECRAFT_AESTHETIC
 
     def get(self, path: str, timeout: float = 30):
         with urllib.request.urlopen(self.url + path, timeout=timeout) as r:
@@ -61,12 +65,16 @@ class Server:
     def log_tail(self, n: int = 60) -> str:
         return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-n:])
 
-    def run_prompt(self, prompt: dict, workflow: dict, timeout: float = 600) -> dict:
-        res = self.post("/prompt", {"prompt": prompt, "client_id": "noisecraft-e2e",
-                                    "extra_data": {"extra_pnginfo": {"workflow": workflow}}})
+    def queue_prompt(self, prompt: dict, workflow: Optional[dict] = None) -> str:
+        """POST the API-format ``prompt``; returns its prompt id (the server must accept it)."""
+        extra = {"extra_pnginfo": {"workflow": workflow}} if workflow is not None else {}
+        res = self.post("/prompt", {"prompt": prompt, "client_id": "noisecraft-e2e", "extra_data": extra})
         if "prompt_id" not in res:
             raise AssertionError(f"/prompt rejected the workflow: {json.dumps(res)[:2000]}")
-        pid = res["prompt_id"]
+        return res["prompt_id"]
+
+    def wait_prompt(self, pid: str, timeout: float = 600) -> dict:
+        """The history entry of prompt ``pid`` once it has finished (success or error)."""
         end = time.monotonic() + timeout
         while time.monotonic() < end:
             if self.proc.poll() is not None:
@@ -76,25 +84,37 @@ class Server:
                 entry = hist[pid]
                 if entry["status"].get("status_str") in ("success", "error") or entry["status"].get("completed"):
                     return entry
-            time.sleep(0.5)
+            time.sleep(0.2)
         raise AssertionError(f"prompt {pid} did not finish in {timeout} s:\n{self.log_tail()}")
 
+    def run_prompt(self, prompt: dict, workflow: Optional[dict] = None, timeout: float = 600) -> dict:
+        """Queue ``prompt`` and wait for it: its history entry."""
+        return self.wait_prompt(self.queue_prompt(prompt, workflow), timeout)
 
-@pytest.fixture(scope="session")
-def server(tmp_path_factory):
-    base = tmp_path_factory.mktemp("comfy_base")
+
+
+def make_base(base: Path) -> Path:
+    """A ComfyUI base folder whose ``custom_nodes`` links this repository and the test pack."""
     custom = base / "custom_nodes"
-    custom.mkdir()
+    custom.mkdir(parents=True)
     (custom / PACK_FOLDER).symlink_to(REPO, target_is_directory=True)
     (custom / "nc_test_pack").symlink_to(REPO / "tests" / "e2e" / "nc_test_pack", target_is_directory=True)
+    return base
+
+
+def start_server(base: Path, log_name: str = "server.log") -> Server:
+    """ComfyUI on the CPU on a free 127.0.0.1 port with ``base`` as its base directory, up and answering
+    (its log in ``base/log_name``, appended to). The aesthetic scorer's weights are looked for in
+    ``base/aesthetic_weights`` (never the user's). Stop it with :func:`stop_server`."""
     port = _free_port()
-    log_path = base / "server.log"
-    env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"), PYTHONUNBUFFERED="1")
+    log_path = base / log_name
+    env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"), PYTHONUNBUFFERED="1",
+               NOISECRAFT_AESTHETIC=str(base / AESTHETIC_FOLDER))
     cmd = [COMFYUI_PYTHON, "main.py", "--cpu", "--listen", "127.0.0.1", "--port", str(port),
            "--use-pytorch-cross-attention", "--base-directory", str(base), "--disable-auto-launch"]
     if os.environ.get("NOISECRAFT_FRONTEND_ROOT"):  # another frontend build (tier 4: tests/js/conftest.py)
         cmd += ["--front-end-root", os.environ["NOISECRAFT_FRONTEND_ROOT"]]
-    with open(log_path, "wb") as log:
+    with open(log_path, "ab") as log:
         proc = subprocess.Popen(cmd, cwd=COMFYUI_PATH, stdout=log, stderr=subprocess.STDOUT, env=env)
     srv = Server(base, port, proc, log_path)
     try:
@@ -109,14 +129,31 @@ def server(tmp_path_factory):
                 if time.monotonic() > end:
                     raise RuntimeError(f"ComfyUI did not answer within {STARTUP_TIMEOUT_S} s:\n{srv.log_tail()}")
                 time.sleep(0.5)
-        yield srv
-    finally:
+    except BaseException:
+        stop_server(srv)
+        raise
+    return srv
+
+
+def stop_server(srv: Server) -> None:
+    """Stop the server's process (terminate, then kill after 30 s) and wait for it."""
+    proc = srv.proc
+    if proc.poll() is None:
         proc.terminate()
         try:
             proc.wait(timeout=30)
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
+
+
+@pytest.fixture(scope="session")
+def server(tmp_path_factory):
+    srv = start_server(make_base(tmp_path_factory.mktemp("comfy_base")))
+    try:
+        yield srv
+    finally:
+        stop_server(srv)
 
 
 @pytest.fixture(scope="session")

@@ -7,7 +7,9 @@ and outputs) and shrinks the empty latent to 128x128 so a CPU run takes seconds;
 is the workflow's own.
 (For the NPNet example the tiny model is SDXL-shaped, with 2048-wide text, and NPNet Golden Noise
 runs on a 16x16 latent through its any-resolution policy.) The NPNet files the examples load are
-written into the server's models/npnet with seeded random weights (nothing is downloaded).
+written into the server's models/npnet with seeded random weights (nothing is downloaded), the prompt
+file of the paper-scale example into its input folder, and a tiny random LAION aesthetic scorer (a
+transformers CLIP vision model + the head) into the folder the server's $NOISECRAFT_AESTHETIC names.
 """
 
 from __future__ import annotations
@@ -33,18 +35,32 @@ SUBSTITUTE = {
 OVERRIDES = {"EmptyLatentImage": {"width": 128, "height": 128}}
 NC_NODES = {"NC_InversionStabilitySelect", "NC_OptimizeNoise", "NC_NoiseToLatent", "NC_LoadNPNet",
             "NC_NPNetGoldenNoise", "NC_LoadRefiner", "NC_RefineNoise", "NC_BuildTeacherCache",
-            "NC_TrainRefiner", "NC_SaveRefiner", "NC_FilterTeacherCache", "NC_LoadPrompts"}
+            "NC_TrainRefiner", "NC_SaveRefiner", "NC_FilterTeacherCache", "NC_LoadPrompts",
+            "NC_LoadTeacherCache"}
 REPORTING_NODES = {"NC_InversionStabilitySelect", "NC_OptimizeNoise"}  # the nodes that send UI data
 NPNET_FILES = {"sdxl.safetensors": "sdxl"}  # file name in the examples -> preset of the random stand-in
 # file name in the examples -> tiny model family (its refiner records the fingerprint of that tiny model, seed 0)
 REFINER_FILES = {"sd15_refiner.safetensors": "sd15", "sdxl_base_refiner.safetensors": "sdxl"}
-HEADLESS = {"train_refiner", "train_refiner_pag"}  # training workflows: they save a model file, not images (tested below)
+HEADLESS = {"train_refiner", "train_refiner_pag", "train_refiner_paper"}  # training workflows: they save a model file, not images (tested below)
 IMAGE_WORKFLOWS = [p for p in WORKFLOWS if p.stem not in HEADLESS]
 # Tiny step counts for the training example (its own values are for real use).
 TRAIN_OVERRIDES = {
     "NC_BuildTeacherCache": {"samples_per_prompt": 1, "steps": 3},
     "NC_TrainRefiner": {"steps": 3, "student_steps": 2, "rank": 2, "batch_size": 2, "learning_rate": 1e-3},
 }
+# The paper-scale example (train_refiner_paper.json): tiny teacher steps, training steps and rank, and a keep that
+# fits the tiny prompt file below; its other values (2 samples per prompt, micro-batch 2, PAG 3, the aesthetic
+# filter, bf16, grad_accum 4, warmup, validation, the cache and run names) run as shipped.
+PAPER_OVERRIDES = {
+    "NC_BuildTeacherCache": {"steps": 3},
+    "NC_FilterTeacherCache": {"keep": 8},
+    "NC_TrainRefiner": TRAIN_OVERRIDES["NC_TrainRefiner"],
+}
+# input/prompts.jsonl for it: 26 lines, 24 distinct prompts (dedupe drops 2); Load Prompts holds 16 out for
+# validation, so the teacher cache has 8 prompts x 2 samples = 16, of which the filter keeps 8
+PROMPT_FILE = "prompts.jsonl"
+PAPER_PROMPTS = [f"a {c} {t} on a {w} day, photograph" for c in ("red", "blue", "green", "yellow")
+                 for t in ("boat", "house", "bicycle") for w in ("sunny", "rainy")]
 
 
 def stand_in(ui: dict) -> dict:
@@ -108,6 +124,40 @@ def npnet_files(server):
         if not (folder / name).is_file():
             save_npnet_safetensors(random_npnet(preset, seed=0), folder / name)
     return folder
+
+
+@pytest.fixture(scope="session")
+def prompt_file(server):
+    """input/prompts.jsonl of the server: the paper example's prompts (JSONL, two lines repeated)."""
+    folder = server.base / "input"
+    folder.mkdir(parents=True, exist_ok=True)
+    text = "".join(json.dumps({"prompt": t}) + "\n" for t in PAPER_PROMPTS + PAPER_PROMPTS[:2])
+    path = folder / PROMPT_FILE
+    if not path.is_file() or path.read_text() != text:  # (unchanged: Load Prompts' fingerprint, the mtime, stays)
+        path.write_text(text)
+    return path
+
+
+@pytest.fixture(scope="session")
+def aesthetic_weights(server):
+    """A tiny random LAION aesthetic scorer (noisecraft.train.aesthetic's layout: ``clip/`` in Hugging Face format and
+    ``head.safetensors``) where the test server's $NOISECRAFT_AESTHETIC points (conftest.start_server)."""
+    import torch
+    import transformers
+    from safetensors.torch import save_file
+
+    from noisecraft.train.aesthetic import AestheticHead
+
+    root = server.aesthetic
+    if not (root / "head.safetensors").is_file():
+        cfg = transformers.CLIPVisionConfig(hidden_size=32, intermediate_size=37, num_attention_heads=4,
+                                            num_hidden_layers=2, image_size=32, patch_size=8, projection_dim=768)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(0)
+            transformers.CLIPVisionModelWithProjection(cfg).save_pretrained(str(root / "clip"))
+            head = AestheticHead(768)
+        save_file({k: v.contiguous() for k, v in head.state_dict().items()}, str(root / "head.safetensors"))
+    return root
 
 
 def _tiny_models():
@@ -308,6 +358,105 @@ def test_pag_training_example_samples_the_teacher_through_pag_and_trains_the_pla
     assert all(np.isfinite(v).all() for v in _ui_values(entry, "noisecraft_losses"))
     with safe_open(str(server.base / "models" / "loras" / saved), "pt") as f:
         assert f.metadata()["noisecraft.kind"] == "refiner" and len(list(f.keys())) > 0
+
+
+def _paper_graph(prompt: dict) -> dict:
+    """The paper example's API prompt by class type ({type: (node id, node)}; one node of each type but the
+    stand-in text encoder)."""
+    return {n["class_type"]: (key, n) for key, n in prompt.items()}
+
+
+def test_paper_example_is_the_papers_sdxl_recipe(object_info):
+    """train_refiner_paper.json as shipped: an SDXL single file; PAG 3 on the teacher's MODEL only; Load Prompts
+    (shuffled, deduped, a validation split) encoded by the checkpoint's CLIP into a named cache, an empty negative,
+    1024x1024 with batch 2, cfg 7, 20 steps; the aesthetic filter decoding with the checkpoint's VAE; Train Refiner
+    at rank 256, bf16, batch 2, 10 student steps, a run name, validation decoded with the VAE."""
+    ui = json.loads((REPO / "example_workflows" / "train_refiner_paper.json").read_text())
+    from noisecraft.workflow_api import ui_to_api
+
+    g = _paper_graph(ui_to_api(ui, object_info))
+    ckpt_id, ckpt = g["CheckpointLoaderSimple"]
+    assert ckpt["inputs"]["ckpt_name"] == "sd_xl_base_1.0.safetensors"
+    pag_id, pag = g["PerturbedAttentionGuidance"]
+    assert pag["inputs"] == {"scale": 3.0, "model": [ckpt_id, 0]}
+    prompts_id, prompts = g["NC_LoadPrompts"]
+    assert prompts["inputs"]["file"] == PROMPT_FILE and prompts["inputs"]["dedupe"] is True
+    assert prompts["inputs"]["shuffle_seed"] >= 0 and prompts["inputs"]["validation"] > 0
+    neg_id, neg = g["CLIPTextEncode"]
+    assert neg["inputs"] == {"text": "", "clip": [ckpt_id, 1]}
+    lat_id, lat = g["EmptyLatentImage"]
+    assert lat["inputs"] == {"width": 1024, "height": 1024, "batch_size": 2}
+    btc_id, btc = g["NC_BuildTeacherCache"]
+    b = btc["inputs"]
+    assert (b["model"], b["prompts"], b["clip"], b["negative"], b["latent"]) == \
+        ([pag_id, 0], [prompts_id, 0], [ckpt_id, 1], [neg_id, 0], [lat_id, 0])
+    assert "positive" not in b and "sampler" not in b  # Load Prompts replaces positive; Euler (the paper's DDIM)
+    assert (b["cfg"], b["steps"], b["scheduler"], b["cache_name"]) == (7.0, 20, "normal", "sdxl_paper")
+    assert (b["guidance_min"], b["guidance_max"]) == (0.0, 0.0)
+    flt_id, flt = g["NC_FilterTeacherCache"]
+    assert flt["inputs"]["scorer"] == "aesthetic" and flt["inputs"]["custom_scorer"] == ""
+    assert (flt["inputs"]["teacher_cache"], flt["inputs"]["vae"], flt["inputs"]["model"]) == \
+        ([btc_id, 0], [ckpt_id, 2], [ckpt_id, 0])
+    assert (b["samples_per_prompt"], flt["inputs"]["keep"]) == (2, 181_000)  # the top half: the paper's N = 181K
+    train_id, train = g["NC_TrainRefiner"]
+    t = train["inputs"]
+    assert (t["model"], t["teacher_cache"], t["vae"]) == ([ckpt_id, 0], [flt_id, 0], [ckpt_id, 2])
+    assert (t["rank"], t["precision"], t["batch_size"], t["student_steps"]) == (256, "bf16", 2, 10)
+    assert t["resume_from"] == "sdxl_paper" and t["validate_every"] > 0
+    assert g["NC_SaveRefiner"][1]["inputs"]["refiner"] == [train_id, 0]
+
+
+def test_paper_example_builds_a_named_cache_filters_trains_and_saves(server, object_info, prompt_file,
+                                                                      aesthetic_weights):
+    """train_refiner_paper.json on the tiny SDXL-shaped model and its tiny real CLIP (tiny steps, rank and keep):
+    the prompts of input/prompts.jsonl, deduped and with 16 held out, are encoded by the checkpoint's CLIP into
+    output/noisecraft_caches/sdxl_paper with the PAG teacher's samples; the aesthetic filter (tiny random weights)
+    keeps 8 of 16; Train Refiner trains in bf16 with validation in output/noisecraft_runs/sdxl_paper; Save Refiner
+    writes a refiner whose metadata records the PAG teacher and the filter."""
+    from safetensors import safe_open
+
+    from noisecraft.train import TeacherCache
+    from noisecraft.train.cond_store import CondStore
+
+    ui = json.loads((REPO / "example_workflows" / "train_refiner_paper.json").read_text())
+    entry = _run_ok(server, _prompt(ui, object_info, **PAPER_OVERRIDES), ui)
+    texts = " ".join(t for v in _ui_values(entry, "text") for t in v)
+    assert "16 teacher samples (8 prompts)" in texts, texts
+    assert "kept 8 of 16 teacher samples by aesthetic" in texts, texts
+
+    root = server.base / "output" / "noisecraft_caches" / "sdxl_paper"
+    cache = TeacherCache(root)
+    assert cache.complete and cache.total == 16 and len(cache.conds) == 8
+    assert set(cache.conds) <= set(PAPER_PROMPTS) and len(set(cache.conds)) == 8  # deduped, 16 held out
+    meta = cache.meta
+    assert (meta["guidance"], meta["pag_scale"], meta["cfg"], meta["family"]) == ("cfg+pag", 3.0, 7.0, "sdxl")
+    assert meta["samples_per_prompt"] == 2 and tuple(cache.shape) == (4, 16, 16)
+    store = CondStore(root)
+    rows = store.rows([0, 7])
+    assert all(torch_isfinite(v) for v in rows.values()) and store.count == 8
+    assert list(root.glob("scores_aesthetic*.safetensors")), "the filter's scores are not next to the shards"
+
+    losses = _ui_values(entry, "noisecraft_losses")
+    assert len(losses) == 1 and len(losses[0]) == 3 and all(np.isfinite(losses[0]))
+    curve = _ui_values(entry, "noisecraft_validation")
+    assert curve and [s for s, _ in curve[0]] == [0, 3]  # held-out validation at step 0 and the last step
+    run = server.base / "output" / "noisecraft_runs" / "sdxl_paper"
+    assert (run / "refiner.safetensors").is_file() and (run / "loss.jsonl").is_file()
+    (saved,) = sum(_ui_values(entry, "noisecraft_saved"), [])
+    assert saved.startswith("sdxl_refiner_paper_")
+    with safe_open(str(server.base / "models" / "loras" / saved), "pt") as f:
+        meta = f.metadata()
+        assert any(k.endswith(".lora_up.weight") for k in f.keys())
+    training = json.loads(meta["noisecraft.training"])
+    assert training["precision"] == "bf16" and training["grad_accum"] == 4 and training["prompts"] == 8
+    assert training["teacher"]["pag_scale"] == 3.0 and training["teacher"]["filter"]["scorer"] == "aesthetic"
+    assert training["teacher"]["filter"]["kept"] == 8 and training["samples"] == 8
+
+
+def torch_isfinite(t) -> bool:
+    import torch
+
+    return bool(torch.isfinite(t.float()).all())
 
 
 # -- NPNet training example (collect_npnet_pairs.json) ----------------------------------------------------

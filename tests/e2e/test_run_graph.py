@@ -39,9 +39,17 @@ def _examples():
 
 
 EX = _examples()
-npnet_files, refiner_files = EX.npnet_files, EX.refiner_files  # the same model files, made the same way
+# the same model, prompt and scorer files, made the same way
+npnet_files, refiner_files, prompt_file, aesthetic_weights = (EX.npnet_files, EX.refiner_files, EX.prompt_file,
+                                                              EX.aesthetic_weights)
 WORKFLOWS = EX.WORKFLOWS
-TINY = {"train_refiner": EX.TRAIN_OVERRIDES, "train_refiner_pag": EX.TRAIN_OVERRIDES,
+# the paper example under its own cache and run names (the README's headless command sets the same inputs), so that
+# it builds and trains here even after test_example_workflows.py finished "sdxl_paper" on this server
+PAPER_NAME = "sdxl_paper_run_graph"
+PAPER = {**EX.PAPER_OVERRIDES, "NC_LoadPrompts": {"file": EX.PROMPT_FILE},
+         "NC_BuildTeacherCache": {**EX.PAPER_OVERRIDES["NC_BuildTeacherCache"], "cache_name": PAPER_NAME},
+         "NC_TrainRefiner": {**EX.PAPER_OVERRIDES["NC_TrainRefiner"], "resume_from": PAPER_NAME}}
+TINY = {"train_refiner": EX.TRAIN_OVERRIDES, "train_refiner_pag": EX.TRAIN_OVERRIDES, "train_refiner_paper": PAPER,
         "collect_npnet_pairs": EX.NPNET_TRAIN_OVERRIDES}
 LABEL = r"node (\d+) \((\w+)(?: '[^\n]*')?\)"  # node 8 (CFGGuider 'CFGGuider (cfg 1: refined)')
 PROGRESS = re.compile(rf"^{LABEL}: (\d+)/(\d+)$", re.MULTILINE)
@@ -74,7 +82,8 @@ def _sets(ui: dict, tiny: dict) -> list[str]:
 
 
 @pytest.mark.parametrize("path", WORKFLOWS, ids=[p.stem for p in WORKFLOWS])
-def test_run_graph_runs_every_example_workflow(server, npnet_files, refiner_files, path, tmp_path):
+def test_run_graph_runs_every_example_workflow(server, npnet_files, refiner_files, prompt_file, aesthetic_weights,
+                                              path, tmp_path):
     file, ui = _write_stand_in(path, tmp_path)
     proc = run_graph(str(file), "--server", server.url, *_sets(ui, TINY.get(path.stem, {})))
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -88,8 +97,10 @@ def test_run_graph_runs_every_example_workflow(server, npnet_files, refiner_file
     nc_progress = [m for m in PROGRESS.finditer(out) if m.group(2).startswith("NC_")]
     if ran & {"NC_BuildTeacherCache", "NC_TrainRefiner", "NC_InversionStabilitySelect", "NC_OptimizeNoise"}:
         assert nc_progress, f"no progress line of a NoiseCraft node:\n{out}"
-    for m in nc_progress:
-        assert 1 <= int(m.group(3)) <= int(m.group(4))
+    for m in nc_progress:  # (0/N: Train Refiner's validation preview at step 0)
+        assert 0 <= int(m.group(3)) <= int(m.group(4))
+    for node in {m.group(1) for m in nc_progress}:
+        assert max(int(m.group(3)) for m in nc_progress if m.group(1) == node) >= 1, out
     saves = [n for n in ui["nodes"] if n["type"] == "SaveImage" and n.get("mode", 0) == 0]
     files = OUTPUT_FILE.findall(out)
     assert {str(n["id"]) for n in saves} <= {node for node, _, _ in files}, out
@@ -98,6 +109,12 @@ def test_run_graph_runs_every_example_workflow(server, npnet_files, refiner_file
     if path.stem.startswith("train_refiner"):
         (saved,) = re.findall(r"NC_SaveRefiner[^\n]*: noisecraft_saved: (\S+)$", out, re.MULTILINE)
         assert (server.base / "models" / "loras" / saved).is_file()
+    if path.stem == "train_refiner_paper":  # its named teacher cache and run folder, on disk
+        from noisecraft.train import TeacherCache
+
+        assert {"NC_BuildTeacherCache", "NC_FilterTeacherCache", "NC_TrainRefiner"} <= ran, out
+        assert TeacherCache(server.base / "output" / "noisecraft_caches" / PAPER_NAME).complete
+        assert (server.base / "output" / "noisecraft_runs" / PAPER_NAME / "refiner.safetensors").is_file()
     if path.stem == "collect_npnet_pairs":
         (saved,) = re.findall(r"NC_SaveNPNet[^\n]*: noisecraft_npnet_file: (\S+)$", out, re.MULTILINE)
         assert (server.base / "models" / "npnet" / saved).is_file()
