@@ -269,7 +269,6 @@ def build_named(model, *, name: str, node: str, texts: Optional[list], entries: 
     args = dict(shape=tuple(shape), conds=labels, total=total, sigmas=sigmas, kind=kind.value, base_seed=int(seed),
                 meta=meta, shard_size=SHARD_SIZE, batch_size=int(micro_batch), guidance_range=guidance_range,
                 sampler=sampler_name)
-    store_ready = (root / CONDS_INDEX).is_file()
     hw = tuple(shape[-2:])
     with folder_lock(root, what="teacher cache", fix=_BUSY_FIX):
         # the definition first: a changed model, prompt set or setting is refused before any work
@@ -285,10 +284,13 @@ def build_named(model, *, name: str, node: str, texts: Optional[list], entries: 
         bar = comfy.utils.ProgressBar(max(total, 1), node_id=node_id)
         encode = (clip_encoder(clip, fam, negative, hw) if texts is not None else
                   entries_encoder(entries, labels, fam, negative, hw))
-        if not store_ready or not all(p.is_file() for p in _chunk_paths(root)):
-            log.info("%s: encoding %d prompts into %s", node, len(labels), root)
-        cancel = comfy.model_management.throw_exception_if_processing_interrupted  # Cancel: finished chunks stay
-        store = build_conds(root, labels, encode, chunk=CHUNK, dtype=dtype, progress=lambda done, count: cancel())
+        log.info("%s: %s: %d prompts, %d samples", node, root, len(labels), total)
+
+        def encoded(done, count):
+            comfy.model_management.throw_exception_if_processing_interrupted()  # Cancel: finished chunks stay
+            bar.update_absolute(done, count)
+
+        store = build_conds(root, labels, encode, chunk=CHUNK, dtype=dtype, progress=encoded)
         cache = TeacherCache(root)
         if cache.complete:
             return cache, store
@@ -330,14 +332,6 @@ def _refused(root: Path, err: ValueError, meta: dict, labels: list, shape) -> st
     if list(old.get("shape") or []) != list(shape):
         diff.append(f"the latent ({old.get('shape')} there, {list(shape)} asked)")
     return f"{msg} [differs: {'; '.join(diff)}]" if diff else msg
-
-
-def _chunk_paths(root: Path):
-    try:
-        store = CondStore(root)
-    except (ValueError, OSError):
-        return [root / "missing"]
-    return [store.chunk_path(j) for j in range(store.num_chunks)]
 
 
 # -- Load Teacher Cache ---------------------------------------------------------------------------------------
