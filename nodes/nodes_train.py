@@ -313,6 +313,8 @@ def train(model, cache: NodeTeacherCache, *, steps: int, student_steps: int, bat
     with torch.inference_mode(False):
         lora = TrainableLoRA(model, rank, alpha, seed)
         meta = _metadata(lora.pairs(), model, kind, smax, training, targets)
+        if validation is not None and validation.held_out is None and cache.held_out:
+            validation.held_out = cache.held_out  # Load Prompts' validation split (Build Teacher Cache encoded it)
         extra = validation.entries(cache) if validation else []  # the negative and held-out prompts
         if cache.store is None:  # in memory: every prompt prepared once, ids 0..P-1
             prompts = [clone_conditioning(p) for p in cache.prompts]

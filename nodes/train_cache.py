@@ -65,6 +65,7 @@ class NodeTeacherCache:
         self.data = data
         self.prompts = prompts
         self.store = store
+        self.held_out: Optional[list] = None  # Load Prompts' validation split, encoded (one CONDITIONING each)
         if negative is None:
             from ..noisecraft.train.cond_store import conditioning_from_rows
 
@@ -93,7 +94,9 @@ class NodeTeacherCache:
 
     def with_data(self, data: TeacherCache) -> "NodeTeacherCache":
         """The same prompts with other samples (a filtered view of ``data``)."""
-        return NodeTeacherCache(data, self.prompts, self.negative, self.store)
+        out = NodeTeacherCache(data, self.prompts, self.negative, self.store)
+        out.held_out = self.held_out
+        return out
 
     def __len__(self) -> int:
         return self.data.total
@@ -133,6 +136,15 @@ def _check_prompts(positive, prompts, clip) -> Optional[list]:
     return texts
 
 
+def _with_held_out(cache: "NodeTeacherCache", prompts, clip) -> "NodeTeacherCache":
+    """Load Prompts' held-out (validation) prompts, encoded by the clip as CLIP Text Encode would, carried with the
+    cache: Train Refiner validates on them when its validation_prompts input is not connected."""
+    held = list(getattr(prompts, "validation", None) or [])
+    if held:
+        cache.held_out = [clone_conditioning([clip.encode_from_tokens_scheduled(clip.tokenize(t))[0]]) for t in held]
+    return cache
+
+
 def build_teacher_cache(model, positive, negative, latent, *, samples_per_prompt: int, seed: int, cfg: float,
                         steps: int, scheduler: str, node_id=None, sampler=None, prompts=None, clip=None,
                         cache_name: str = "", guidance_min: float = 0.0, guidance_max: float = 0.0) -> NodeTeacherCache:
@@ -146,10 +158,15 @@ def build_teacher_cache(model, positive, negative, latent, *, samples_per_prompt
                          f"a cache trains a guidance-conditioned refiner from the shell (train-refiner --cache "
                          f"output/noisecraft_caches/<name> --guidance-range); or set both to 0")
     if name:
-        return _build_named(model, positive, negative, latent, texts, clip, name, samples_per_prompt, seed, cfg,
-                            steps, scheduler, node_id, sampler, grange)
+        cache = _build_named(model, positive, negative, latent, texts, clip, name, samples_per_prompt, seed, cfg,
+                             steps, scheduler, node_id, sampler, grange)
+        return _with_held_out(cache, prompts, clip)
     if texts is not None:  # in memory, encoded here as CLIP Text Encode would
         positive = [clip.encode_from_tokens_scheduled(clip.tokenize(t))[0] for t in texts]
+        return _with_held_out(build_teacher_cache(model, positive, negative, latent,
+                                                  samples_per_prompt=samples_per_prompt, seed=seed, cfg=cfg,
+                                                  steps=steps, scheduler=scheduler, node_id=node_id, sampler=sampler),
+                              prompts, clip)
     prompts = split_prompts(positive, CACHE_NAME)
     lora_targets(model, CACHE_NAME)  # before the teacher runs: a model Train Refiner cannot train
     bridge.check_conditioning(positive, "positive", CACHE_NAME, model)

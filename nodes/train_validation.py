@@ -7,7 +7,9 @@ the latent-MSE gap closed, ``validation.jsonl``, ``refiner_best.safetensors`` in
 only puts it on the ComfyUI host:
 
 * Held-out prompts: ``validation_prompts`` (a CONDITIONING, one entry per prompt as for Build Teacher Cache), else
-  the first :data:`TRAIN_PROMPTS` (32) training prompts (a paper-scale cache has 50K+), each with ``validation_seeds`` seeds from
+  Load Prompts' validation split (encoded by Build Teacher Cache and carried on its TEACHER_CACHE), else the
+  first :data:`TRAIN_PROMPTS` (32) training prompts (a paper-scale cache has 50K+), each with ``validation_seeds``
+  seeds from
   :data:`~noisecraft.train.validation.VALIDATION_SEED_BASE` (the cache's noises come from one generator seeded
   with the cache's seed, so these are other noises). Their entries and the cache's negative are prepared by
   ComfyUI in the same sampler run as the training prompts (appended after them).
@@ -52,7 +54,8 @@ def validation_inputs() -> list:
                      "only when validate_every > 0."),
         io.Conditioning.Input("validation_prompts", optional=True,
                               tooltip="Held-out prompts (CLIP Text Encode, several joined with Conditioning (Combine)). "
-                              "Not connected: the first 32 training prompts with held-out seeds."),
+                              "Not connected: the held-out prompts of Load Prompts (its validation split, encoded by Build "
+                              "Teacher Cache), else the first 32 training prompts with held-out seeds."),
         io.Vae.Input("vae", optional=True, tooltip="Decodes the validation grid. Not connected: the latents are "
                      "shown directly."),
     ]

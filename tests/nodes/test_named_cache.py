@@ -804,3 +804,28 @@ def test_old_graphs_positional_call_still_gives_the_in_memory_cache(tr, tiny, ou
         assert float((cache.x0[i:i + 1] - ref).abs().max()) <= euler_tolerance(model, cache.noise[i]), i
     _, losses = train(tr, model, cache, steps=2).args
     assert len(losses) == 2 and all(torch.isfinite(torch.tensor(losses)))
+
+
+def test_load_prompts_held_out_split_is_what_train_refiner_validates_on(tr, pr, tiny, output):
+    """Load Prompts' validation split reaches Train Refiner through the TEACHER_CACHE: Build Teacher Cache encodes
+    the held-out prompts with its clip (CLIP Text Encode's encoding) and Train Refiner validates on them when its
+    validation_prompts input is not connected (named and in-memory caches alike); a connected validation_prompts
+    still wins."""
+    texts = [f"split prompt {i}" for i in range(6)]
+    folder = output / "split_prompts"
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / "split.txt"
+    path.write_text("\n".join(texts) + "\n")
+    prompts = pr.LoadPrompts.execute(path=str(path), validation=2.0).args[0]
+    assert len(prompts.train) == 4 and len(prompts.validation) == 2
+    model, clip = tiny.model("sd15"), tiny.clip("sd15")
+    for name in ("split_named", ""):
+        cache = build(tr, model, tiny.negative("sd15"), name=name, prompts=prompts, clip=clip, per=1)
+        assert cache.prompt_count == 4 and len(cache.held_out) == 2
+        for held, want in zip(cache.held_out, prompts.validation):
+            assert torch.equal(held[0][0], tiny.encode("sd15", want)[0][0])
+        out = train(tr, model, cache, steps=1, validate_every=1, validation_seeds=3)
+        assert json.loads(out.args[0].metadata["noisecraft.validation"])["samples"] == 2 * 3
+        other = tiny.positive("sd15", ["one connected held-out prompt"])
+        out = train(tr, model, cache, steps=1, validate_every=1, validation_seeds=3, validation_prompts=other)
+        assert json.loads(out.args[0].metadata["noisecraft.validation"])["samples"] == 1 * 3
