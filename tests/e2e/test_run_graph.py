@@ -180,7 +180,8 @@ def test_ctrl_c_interrupts_the_run_on_the_server_and_exits_130(server, tmp_path)
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
     proc = subprocess.Popen([COMFYUI_PYTHON, "-m", "noisecraft", "run-graph", str(file), "--server", server.url,
                              *flags], cwd=str(REPO), env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True)
+                            text=True,  # a shell starts background jobs with SIGINT ignored, and Python keeps it
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))  # so: the default
     prompt_id, seen = None, []
     try:
         for line in proc.stdout:  # wait (by events, not time) until training runs
