@@ -56,7 +56,7 @@ from ..noisecraft.solvers import TEACHER_SAMPLERS
 from ..noisecraft.train.cond_store import (CONDS_INDEX, CondStore, build_conds, conditioning_from_rows,
                                            rows_from_conditioning)
 from ..noisecraft.train.shards import INDEX_NAME
-from ..noisecraft.train.teacher_cache import TeacherCache, build_teacher_cache as core_build
+from ..noisecraft.train.teacher_cache import TeacherCache, build_teacher_cache as core_build, teacher_meta
 from . import bridge
 from .common import check_save_name, inside
 
@@ -274,10 +274,7 @@ def build_named(model, *, name: str, node: str, texts: Optional[list], entries: 
         # the definition first: a changed model, prompt set or setting is refused before any work
         try:
             TeacherCache.create(root, shape=shape, conds=labels, base_seed=int(seed), total=total,
-                                meta={**meta, "teacher_steps": int(steps), "sigma_max": float(sigmas[0]),
-                                      "kind": kind.value,
-                                      **({"teacher_sampler": sampler_name} if sampler_name != "euler" else {}),
-                                      **({"guidance_range": list(guidance_range)} if guidance_range else {})},
+                                meta=teacher_meta(meta, sigmas, kind.value, sampler_name, guidance_range),
                                 shard_size=SHARD_SIZE)
         except ValueError as e:
             raise ValueError(_refused(root, e, meta, labels, shape)) from None

@@ -63,8 +63,8 @@ from ..msd import check_schedule, teacher_x0
 from ..solvers import DEFAULT_SAMPLER, check_sampler
 from .shards import INDEX_NAME, ShardedStore, check_split, epoch_generator, positioned_batches, write_safetensors
 
-__all__ = ["TeacherCache", "TeacherBatch", "build_teacher_cache", "per_sample_teacher", "write_safetensors", "INDEX_NAME",
-           "CACHE_VERSION"]
+__all__ = ["TeacherCache", "TeacherBatch", "build_teacher_cache", "teacher_meta", "per_sample_teacher",
+           "write_safetensors", "INDEX_NAME", "CACHE_VERSION"]
 
 logger = logging.getLogger(__name__)
 
@@ -383,13 +383,8 @@ def build_teacher_cache(
     from ..guidance_embed import check_guidance_range
 
     s = check_schedule(sigmas, "teacher")
-    meta = {**dict(meta or {}), "teacher_steps": int(len(s) - 1), "sigma_max": float(s[0]), "kind": str(kind)}
-    sampler = check_sampler(sampler)
-    if sampler != DEFAULT_SAMPLER:
-        meta["teacher_sampler"] = sampler
-    guidance_range = check_guidance_range(guidance_range)
-    if guidance_range is not None:
-        meta["guidance_range"] = list(guidance_range)
+    meta = teacher_meta(meta, s, kind, sampler, guidance_range)
+    sampler, guidance_range = check_sampler(sampler), check_guidance_range(guidance_range)
     if shards is None:  # a finished, sound cache is only read: no lock, so several runs can share it
         ready = TeacherCache.ready(root, shape=shape, conds=conds, base_seed=base_seed, total=total, meta=meta,
                                    shard_size=shard_size)
@@ -422,6 +417,24 @@ def build_teacher_cache(
             cache.write_shard(k, torch.cat(outs), noise)
             logger.debug("teacher cache %s: shard %d written", cache.root, k)
         return TeacherCache(cache.root)
+
+
+def teacher_meta(meta: Optional[Mapping[str, Any]], sigmas, kind: str, sampler: str = DEFAULT_SAMPLER,
+                 guidance_range: Optional[Sequence[float]] = None) -> dict:
+    """The cache definition's ``meta`` that :func:`build_teacher_cache` records for a teacher: ``meta`` plus the
+    schedule's step count and sigma_max, the model kind, the sampler (when not euler) and the guidance range (when
+    given). A caller that defines the cache before building it (ComfyUI's named caches) uses the same."""
+    from ..guidance_embed import check_guidance_range
+
+    s = check_schedule(sigmas, "teacher")
+    out = {**dict(meta or {}), "teacher_steps": int(len(s) - 1), "sigma_max": float(s[0]), "kind": str(kind)}
+    sampler = check_sampler(sampler)
+    if sampler != DEFAULT_SAMPLER:
+        out["teacher_sampler"] = sampler
+    guidance_range = check_guidance_range(guidance_range)
+    if guidance_range is not None:
+        out["guidance_range"] = list(guidance_range)
+    return out
 
 
 def per_sample_teacher(host) -> Callable[[torch.Tensor, torch.Tensor], Callable]:
